@@ -1,0 +1,286 @@
+//! Typed configuration: built-in defaults, then a TOML file, then `KEYGATE_*` environment
+//! variables (`KEYGATE_DATA_DIR`, `KEYGATE_SERVER__LISTEN`, ...), then validated with every
+//! problem listed at once. The environment comes in as a map so tests never touch the process's.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where the SQLite store, the generated certificate and other state live.
+    pub data_dir: PathBuf,
+    pub server: Server,
+    pub store: StoreCfg,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Server {
+    /// HTTPS listen address; port 0 picks a free port (printed at start).
+    pub listen: String,
+    /// PEM certificate chain; when unset a self-signed one is generated in `data_dir/tls`.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// Subject names of the generated certificate.
+    pub tls_names: Vec<String>,
+    /// The address recorded as this node's "proxy IP"; the local socket address when unset.
+    pub proxy_ip: Option<String>,
+    pub max_body_bytes: usize,
+    pub header_read_timeout_ms: u64,
+    pub body_read_timeout_ms: u64,
+    pub tls_handshake_timeout_ms: u64,
+    pub max_connections: usize,
+    pub drain_timeout_ms: u64,
+    /// Tokio worker threads; 0 = one per core.
+    pub worker_threads: usize,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreCfg {
+    /// SQLite database; `data_dir/keygate.db` when unset.
+    pub sqlite_path: Option<PathBuf>,
+    /// How often a node polls the control-plane change feed.
+    pub sync_interval_ms: u64,
+    /// A batch is written when it holds this many rows...
+    pub batch_rows: usize,
+    /// ...or when its oldest row is this old.
+    pub flush_interval_ms: u64,
+    /// Request-log rows waiting for the writer; more are counted as dropped.
+    pub log_queue_rows: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: PathBuf::from("keygate-data"),
+            server: Server::default(),
+            store: StoreCfg::default(),
+        }
+    }
+}
+
+impl Default for Server {
+    fn default() -> Self {
+        Server {
+            listen: "127.0.0.1:8443".into(),
+            tls_cert: None,
+            tls_key: None,
+            tls_names: vec!["localhost".into(), "127.0.0.1".into(), "::1".into()],
+            proxy_ip: None,
+            max_body_bytes: 16 * 1024,
+            header_read_timeout_ms: 10_000,
+            body_read_timeout_ms: 10_000,
+            tls_handshake_timeout_ms: 10_000,
+            max_connections: 10_000,
+            drain_timeout_ms: 20_000,
+            worker_threads: 0,
+        }
+    }
+}
+
+impl Default for StoreCfg {
+    fn default() -> Self {
+        StoreCfg {
+            sqlite_path: None,
+            sync_interval_ms: 200,
+            batch_rows: 1000,
+            flush_interval_ms: 200,
+            log_queue_rows: 100_000,
+        }
+    }
+}
+
+/// All the problems found, one per line.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration:\n  - {}", problems.join("\n  - "))]
+pub struct ConfigError {
+    pub problems: Vec<String>,
+}
+
+const ENV_PREFIX: &str = "KEYGATE_";
+/// Top-level keys settable from the environment without a section.
+const ENV_TOP: [&str; 1] = ["DATA_DIR"];
+
+impl Config {
+    /// Defaults, then `file` (if any), then the `KEYGATE_*` entries of `env`.
+    pub fn load(file: Option<&Path>, env: &BTreeMap<String, String>) -> Result<Config, ConfigError> {
+        let mut problems = Vec::new();
+        let mut merged = toml::Table::try_from(Config::default()).expect("defaults serialize");
+        if let Some(path) = file {
+            match std::fs::read_to_string(path) {
+                Ok(text) => match text.parse::<toml::Table>() {
+                    Ok(t) => merge(&mut merged, t),
+                    Err(e) => problems.push(format!("{}: {e}", path.display())),
+                },
+                Err(e) => problems.push(format!("{}: {e}", path.display())),
+            }
+        }
+        for (k, v) in env {
+            let Some(rest) = k.strip_prefix(ENV_PREFIX) else { continue };
+            let path: Vec<String> = if rest.contains("__") {
+                rest.split("__").map(str::to_ascii_lowercase).collect()
+            } else if ENV_TOP.contains(&rest) {
+                vec![rest.to_ascii_lowercase()]
+            } else {
+                continue;
+            };
+            set_path(&mut merged, &path, env_value(v));
+        }
+        let cfg = match Config::deserialize(toml::Value::Table(merged)) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                problems.push(e.to_string().trim().to_owned());
+                None
+            }
+        };
+        if let Some(c) = &cfg {
+            problems.extend(c.problems());
+        }
+        match cfg {
+            Some(c) if problems.is_empty() => Ok(c),
+            _ => Err(ConfigError { problems }),
+        }
+    }
+
+    /// Checks the values that types alone cannot.
+    pub fn problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        let s = &self.server;
+        if s.listen.parse::<SocketAddr>().is_err() {
+            p.push(format!("server.listen: {:?} is not an address like 127.0.0.1:8443", s.listen));
+        }
+        if s.tls_cert.is_some() != s.tls_key.is_some() {
+            p.push("server.tls_cert and server.tls_key must be set together".into());
+        }
+        if let Some(ip) = &s.proxy_ip {
+            if ip.parse::<std::net::IpAddr>().is_err() {
+                p.push(format!("server.proxy_ip: {ip:?} is not an IP address"));
+            }
+        }
+        if !(256..=1 << 20).contains(&s.max_body_bytes) {
+            p.push("server.max_body_bytes must be between 256 and 1048576".into());
+        }
+        for (name, v) in [
+            ("server.header_read_timeout_ms", s.header_read_timeout_ms),
+            ("server.body_read_timeout_ms", s.body_read_timeout_ms),
+            ("server.tls_handshake_timeout_ms", s.tls_handshake_timeout_ms),
+            ("store.sync_interval_ms", self.store.sync_interval_ms),
+            ("store.flush_interval_ms", self.store.flush_interval_ms),
+        ] {
+            if v == 0 {
+                p.push(format!("{name} must be greater than 0"));
+            }
+        }
+        if s.max_connections == 0 {
+            p.push("server.max_connections must be greater than 0".into());
+        }
+        if self.store.batch_rows == 0 || self.store.log_queue_rows == 0 {
+            p.push("store.batch_rows and store.log_queue_rows must be greater than 0".into());
+        }
+        if s.tls_cert.is_none() && s.tls_names.is_empty() {
+            p.push("server.tls_names must not be empty when no certificate is configured".into());
+        }
+        p
+    }
+
+    pub fn sqlite_path(&self) -> PathBuf {
+        self.store
+            .sqlite_path
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("keygate.db"))
+    }
+}
+
+fn merge(into: &mut toml::Table, from: toml::Table) {
+    for (k, v) in from {
+        match (into.get_mut(&k), v) {
+            (Some(toml::Value::Table(a)), toml::Value::Table(b)) => merge(a, b),
+            (_, v) => {
+                into.insert(k, v);
+            }
+        }
+    }
+}
+
+fn set_path(t: &mut toml::Table, path: &[String], v: toml::Value) {
+    match path {
+        [] => {}
+        [last] => {
+            t.insert(last.clone(), v);
+        }
+        [first, rest @ ..] => {
+            let e = t
+                .entry(first.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            if let toml::Value::Table(inner) = e {
+                set_path(inner, rest, v);
+            } else {
+                *e = toml::Value::Table(toml::Table::new());
+                if let toml::Value::Table(inner) = e {
+                    set_path(inner, rest, v);
+                }
+            }
+        }
+    }
+}
+
+/// Environment values are TOML literals when they parse as one (`5`, `true`, `["a"]`), else strings.
+fn env_value(v: &str) -> toml::Value {
+    format!("v = {v}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(v.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = Config::load(None, &env(&[])).unwrap();
+        assert_eq!(c, Config::default());
+        assert_eq!(c.sqlite_path(), PathBuf::from("keygate-data/keygate.db"));
+    }
+
+    #[test]
+    fn env_overrides_file_and_defaults() {
+        let dir = std::env::temp_dir().join(format!("kg-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("k.toml");
+        std::fs::write(&f, "data_dir = \"/srv/kg\"\n[server]\nlisten = \"0.0.0.0:443\"\nmax_connections = 5\n").unwrap();
+        let c = Config::load(
+            Some(&f),
+            &env(&[("KEYGATE_SERVER__MAX_CONNECTIONS", "7"), ("KEYGATE_BIN", "/ignored"), ("PATH", "/bin")]),
+        )
+        .unwrap();
+        assert_eq!(c.data_dir, PathBuf::from("/srv/kg"));
+        assert_eq!(c.server.listen, "0.0.0.0:443");
+        assert_eq!(c.server.max_connections, 7);
+    }
+
+    #[test]
+    fn every_problem_is_listed() {
+        let e = Config::load(
+            None,
+            &env(&[
+                ("KEYGATE_SERVER__LISTEN", "nowhere"),
+                ("KEYGATE_SERVER__TLS_CERT", "/x.pem"),
+                ("KEYGATE_STORE__FLUSH_INTERVAL_MS", "0"),
+            ]),
+        )
+        .unwrap_err();
+        assert_eq!(e.problems.len(), 3, "{e}");
+        let unknown = Config::load(None, &env(&[("KEYGATE_SERVER__LISTN", "1")])).unwrap_err();
+        assert!(unknown.to_string().contains("listn"), "{unknown}");
+    }
+}

@@ -1,0 +1,293 @@
+//! The control plane behind the CLI: tenants (with their RSA keys), products, customers,
+//! license keys and access tokens, written straight to the main store. Running nodes pick the
+//! changes up from the store's change feed.
+
+use crate::domain::{Features, Machine, Method, Scope, DAY_SECONDS};
+use crate::signing::{self, Signer};
+use crate::store::{KeyRow, NewKey, Store, StoreError};
+use base64::Engine;
+use serde_json::{json, Value};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+type Result<T> = std::result::Result<T, ControlError>;
+
+fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut b = [0u8; N];
+    aws_lc_rs::rand::fill(&mut b).expect("system random source");
+    b
+}
+
+/// A Cryptolens-style key string `AAAAA-BBBBB-CCCCC-DDDDD` (26^20 ≈ 2^94 possibilities).
+pub fn random_key_string() -> String {
+    let mut letters = String::with_capacity(23);
+    let mut n = 0;
+    while n < 20 {
+        for b in random_bytes::<32>() {
+            // Reject the top of the byte range so every letter is equally likely.
+            if b < 234 && n < 20 {
+                if n > 0 && n % 5 == 0 {
+                    letters.push('-');
+                }
+                letters.push((b'A' + b % 26) as char);
+                n += 1;
+            }
+        }
+    }
+    letters
+}
+
+/// A new access token (256 random bits); only its hash is stored.
+pub fn new_token() -> String {
+    format!(
+        "kg_{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(random_bytes::<32>())
+    )
+}
+
+pub fn now() -> i64 {
+    crate::http::unix_now()
+}
+
+pub fn create_tenant(store: &mut Store, name: &str) -> Result<Value> {
+    let der = signing::generate_pkcs8().map_err(|e| ControlError::Invalid(e.to_string()))?;
+    let signer = Signer::from_pkcs8(&der).map_err(|e| ControlError::Invalid(e.to_string()))?;
+    let id = store.create_tenant(name, &der, signer.public_key_xml(), now())?;
+    Ok(json!({"tenant_id": id, "name": name, "public_key": signer.public_key_xml()}))
+}
+
+pub fn list_tenants(store: &Store) -> Result<Value> {
+    let rows: Vec<Value> = store
+        .tenants()?
+        .into_iter()
+        .map(|t| json!({"tenant_id": t.id, "name": t.name, "public_key": t.public_key_xml, "created": t.created}))
+        .collect();
+    Ok(json!({"tenants": rows}))
+}
+
+fn check_feature(name: &str, f: Option<u8>) -> Result<()> {
+    match f {
+        Some(n) if !(1..=8).contains(&n) => Err(ControlError::Invalid(format!("{name} must be 1..8"))),
+        _ => Ok(()),
+    }
+}
+
+pub fn create_product(
+    store: &mut Store,
+    tenant: i64,
+    name: &str,
+    trial_feature: Option<u8>,
+    time_limited_feature: Option<u8>,
+) -> Result<Value> {
+    check_feature("--trial-feature", trial_feature)?;
+    check_feature("--time-limited-feature", time_limited_feature)?;
+    let id = store.create_product(tenant, name, trial_feature, time_limited_feature, now())?;
+    Ok(json!({"product_id": id, "tenant_id": tenant, "name": name}))
+}
+
+pub fn list_products(store: &Store, tenant: Option<i64>) -> Result<Value> {
+    let rows: Vec<Value> = store
+        .products(tenant)?
+        .into_iter()
+        .map(|p| {
+            json!({"product_id": p.id, "tenant_id": p.tenant_id, "name": p.name,
+                   "trial_feature": p.trial_feature, "time_limited_feature": p.time_limited_feature})
+        })
+        .collect();
+    Ok(json!({"products": rows}))
+}
+
+pub fn create_customer(store: &mut Store, tenant: i64, name: &str, email: &str, company: &str) -> Result<Value> {
+    let id = store.create_customer(tenant, name, email, company, now())?;
+    Ok(json!({"customer_id": id}))
+}
+
+/// Options of `key create`.
+#[derive(Clone, Debug, Default)]
+pub struct KeySpec {
+    pub product_id: i64,
+    /// Days; 0 = no period (Expires = Created).
+    pub period: i64,
+    pub expires: Option<i64>,
+    pub features: Features,
+    pub notes: Option<String>,
+    pub block: bool,
+    pub trial_activation: bool,
+    pub max_no_of_machines: i64,
+    pub allowed_machines: Vec<String>,
+    pub customer_id: Option<i64>,
+    /// Creates a customer of the product's tenant for this key.
+    pub new_customer: Option<(String, String, String)>,
+    /// `NAME=STRING:INT` items.
+    pub data_objects: Vec<String>,
+}
+
+/// Parses `NAME=STRING:INT` (the last `:` splits the integer; both parts after `=` optional).
+pub fn parse_data_object(s: &str) -> Result<(String, String, i64)> {
+    let bad = || ControlError::Invalid(format!("--data-object {s:?}: expected NAME=STRING:INT"));
+    let (name, rest) = s.split_once('=').unwrap_or((s, ""));
+    if name.is_empty() {
+        return Err(bad());
+    }
+    let (sv, iv) = match rest.rsplit_once(':') {
+        Some((sv, iv)) if !iv.is_empty() => (sv, iv.parse().map_err(|_| bad())?),
+        Some((sv, _)) => (sv, 0),
+        None => (rest, 0),
+    };
+    Ok((name.to_owned(), sv.to_owned(), iv))
+}
+
+pub fn create_key(store: &mut Store, spec: &KeySpec) -> Result<Value> {
+    if spec.period < 0 || spec.max_no_of_machines < 0 {
+        return Err(ControlError::Invalid("--period and --max-machines must not be negative".into()));
+    }
+    if spec.notes.as_ref().is_some_and(|n| n.chars().count() > 500) {
+        return Err(ControlError::Invalid("The notes field cannot be more than 500 characters.".into()));
+    }
+    let product = store.product(spec.product_id)?;
+    let customer_id = match &spec.new_customer {
+        Some((n, e, c)) => Some(store.create_customer(product.tenant_id, n, e, c, now())?),
+        None => spec.customer_id,
+    };
+    let data_objects = spec
+        .data_objects
+        .iter()
+        .map(|d| parse_data_object(d))
+        .collect::<Result<Vec<_>>>()?;
+    let created = now();
+    let key = random_key_string();
+    let new = NewKey {
+        product_id: spec.product_id,
+        key: key.clone(),
+        created,
+        expires: spec.expires.unwrap_or(created + spec.period * DAY_SECONDS),
+        period: spec.period,
+        features: spec.features,
+        notes: spec.notes.clone(),
+        block: spec.block,
+        customer_id,
+        trial_activation: spec.trial_activation,
+        max_no_of_machines: spec.max_no_of_machines,
+        allowed_machines: spec.allowed_machines.join("\n"),
+        data_objects,
+        trial_machine_code: None,
+        machines: Vec::new(),
+    };
+    let (id, gid) = store.create_key(&new)?;
+    Ok(json!({"key": key, "id": id, "global_id": gid, "product_id": spec.product_id}))
+}
+
+fn machine_json(m: &Machine) -> Value {
+    json!({"mid": m.mid(), "ip": m.ip, "proxy_ip": m.proxy_ip, "time": m.time,
+           "friendly_name": m.friendly_name, "floating_expires": m.floating_expires})
+}
+
+pub fn key_json(k: &KeyRow) -> Value {
+    let l = &k.license;
+    json!({
+        "key": l.key, "id": l.id, "global_id": l.global_id, "product_id": l.product_id,
+        "created": l.created, "expires": l.expires, "period": l.period,
+        "features": (1..=8u8).filter(|n| l.features.get(*n)).collect::<Vec<_>>(),
+        "notes": l.notes, "blocked": l.block, "trial_activation": l.trial_activation,
+        "max_machines": l.max_no_of_machines,
+        "allowed_machines": l.allowed_machines.split('\n').filter(|s| !s.is_empty()).collect::<Vec<_>>(),
+        "customer": l.customer.as_ref().map(|c| json!({"id": c.id, "name": c.name, "email": c.email, "company": c.company_name})),
+        "data_objects": l.data_objects.iter().map(|d| json!({"id": d.id, "name": d.name, "string_value": d.string_value, "int_value": d.int_value})).collect::<Vec<_>>(),
+        "activations": l.machines.iter().map(machine_json).collect::<Vec<_>>(),
+    })
+}
+
+pub fn list_keys(store: &Store, product: i64) -> Result<Value> {
+    store.product(product)?;
+    Ok(json!({"keys": store.keys(Some(product))?.iter().map(key_json).collect::<Vec<_>>()}))
+}
+
+pub fn show_key(store: &Store, product: i64, key: &str) -> Result<Value> {
+    Ok(key_json(&store.key_by_string(product, key)?))
+}
+
+pub fn set_block(store: &mut Store, product: i64, key: &str, block: bool) -> Result<Value> {
+    store.set_block(product, key, block)?;
+    Ok(json!({"key": key, "product_id": product, "blocked": block}))
+}
+
+/// Options of `token create`.
+#[derive(Clone, Debug, Default)]
+pub struct TokenSpec {
+    pub tenant_id: i64,
+    /// Method names; empty = all client methods.
+    pub methods: Vec<String>,
+    pub product_lock: Option<i64>,
+    pub key_lock: Option<i64>,
+    pub feature_lock: i64,
+    pub description: String,
+}
+
+pub fn create_token(store: &mut Store, spec: &TokenSpec) -> Result<Value> {
+    let mut methods = 0i64;
+    for m in &spec.methods {
+        let parsed = Method::parse(m).ok_or_else(|| {
+            ControlError::Invalid(format!(
+                "unknown method {m:?}; expected one of {}",
+                Method::ALL.map(Method::name).join(", ")
+            ))
+        })?;
+        methods |= parsed as i64;
+    }
+    if spec.methods.is_empty() {
+        methods = Method::all_bits();
+    }
+    if spec.key_lock.is_some_and(|k| k < -1 || k == 0) {
+        return Err(ControlError::Invalid("--key-lock must be a key ID or -1".into()));
+    }
+    let scope = Scope {
+        tenant_id: spec.tenant_id,
+        methods,
+        product_lock: spec.product_lock,
+        key_lock: spec.key_lock,
+        feature_lock: spec.feature_lock,
+    };
+    let token = new_token();
+    let id = store.create_token(&crate::state::token_hash(&token), &scope, &spec.description, now())?;
+    Ok(json!({"token": token, "token_id": id, "methods": method_names(methods)}))
+}
+
+fn method_names(bits: i64) -> Vec<&'static str> {
+    Method::ALL
+        .into_iter()
+        .filter(|m| bits & *m as i64 != 0)
+        .map(Method::name)
+        .collect()
+}
+
+pub fn list_tokens(store: &Store, tenant: Option<i64>) -> Result<Value> {
+    let rows: Vec<Value> = store
+        .tokens(tenant)?
+        .into_iter()
+        .map(|t| {
+            json!({"token_id": t.id, "tenant_id": t.scope.tenant_id, "methods": method_names(t.scope.methods),
+                   "product_lock": t.scope.product_lock, "key_lock": t.scope.key_lock,
+                   "feature_lock": t.scope.feature_lock, "description": t.description, "created": t.created})
+        })
+        .collect();
+    Ok(json!({"tokens": rows}))
+}
+
+pub fn list_log(store: &Store, product: Option<i64>, limit: i64) -> Result<Value> {
+    let rows: Vec<Value> = store
+        .log_rows(product, limit)?
+        .into_iter()
+        .map(|(id, l)| {
+            json!({"id": id, "tenant_id": l.tenant_id, "product_id": l.product_id, "key_id": l.key_id,
+                   "client_ip": l.client_ip, "proxy_ip": l.proxy_ip, "time": l.time, "machine_code": l.machine_code,
+                   "friendly_name": l.friendly_name, "state": l.state, "floating_expires": l.floating_expires})
+        })
+        .collect();
+    Ok(json!({"logs": rows}))
+}

@@ -1,0 +1,241 @@
+//! The HTTPS edge: accept loop, TLS handshake, HTTP/1.1 and HTTP/2 (hyper-util auto), body
+//! limits, routing, and turning every outcome into a response and a log row. The only module
+//! that knows hyper.
+
+pub mod error;
+pub mod handlers;
+
+use crate::request::{self, Params, Request, Route};
+use crate::state::State;
+use crate::store::writer::WriterSender;
+use crate::store::Store;
+use bytes::Bytes;
+use error::{ApiError, Failure};
+use handlers::LogCtx;
+use http::{header, Method as HttpMethod, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+/// Limits that protect the edge from slow or oversized clients.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    pub max_body_bytes: usize,
+    pub body_read_timeout: Duration,
+    pub header_read_timeout: Duration,
+    pub tls_handshake_timeout: Duration,
+    pub max_connections: usize,
+    pub drain_timeout: Duration,
+}
+
+/// Shared request context.
+pub struct Ctx {
+    pub state: Arc<State>,
+    pub writer: WriterSender,
+    /// Used only by CreateTrialKey, which creates a key in the main store.
+    pub control_store: Arc<parking_lot::Mutex<Store>>,
+    pub trial_lock: tokio::sync::Mutex<()>,
+    pub limits: Limits,
+    /// The edge node's own address recorded as "proxy IP"; the local socket address if unset.
+    pub proxy_ip: Option<String>,
+}
+
+impl Ctx {
+    pub fn now(&self) -> i64 {
+        unix_now()
+    }
+}
+
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// The addresses of one connection.
+struct Conn {
+    client_ip: String,
+    proxy_ip: String,
+}
+
+fn json_response(status: StatusCode, body: Vec<u8>) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json; charset=utf-8"),
+    );
+    r
+}
+
+fn route_name(r: Option<Route>) -> &'static str {
+    match r {
+        Some(Route::Activate) => "activate",
+        Some(Route::GetKey) => "getkey",
+        Some(Route::Deactivate) => "deactivate",
+        Some(Route::CreateTrialKey) => "createtrialkey",
+        None => "other",
+    }
+}
+
+async fn handle(ctx: Arc<Ctx>, conn: Arc<Conn>, req: hyper::Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let started = tokio::time::Instant::now();
+    let mut log = LogCtx::default();
+    let route = request::route(req.uri().path()).ok();
+    let outcome = serve(&ctx, &conn, req, &mut log).await;
+    let (status, body, code, label) = match outcome {
+        Ok((body, code)) => (StatusCode::OK, body, code, "ok"),
+        Err(f) => (f.error.status(), crate::wire::error_response(f.error.message()), f.code, f.error.label()),
+    };
+    ctx.writer
+        .log(log.row(&conn.client_ip, &conn.proxy_ip, ctx.now(), code));
+    crate::metrics::request(route_name(route), label, started.elapsed());
+    Ok(json_response(status, body))
+}
+
+async fn serve(ctx: &Arc<Ctx>, conn: &Conn, req: hyper::Request<Incoming>, log: &mut LogCtx) -> handlers::Outcome {
+    let other = |e: ApiError| Failure::new(e, crate::domain::StateCode::OTHER_FAILED);
+    if req.method() != HttpMethod::GET && req.method() != HttpMethod::POST {
+        return Err(other(ApiError::HttpMethod));
+    }
+    let route = request::route(req.uri().path()).map_err(|e| other(request::DecodeOutcome::Route(e).into()))?;
+    if let Some(enc) = req.headers().get(header::CONTENT_ENCODING) {
+        if !enc.as_bytes().eq_ignore_ascii_case(b"identity") {
+            return Err(other(ApiError::UnsupportedEncoding));
+        }
+    }
+    if let Some(len) = req.headers().get(header::CONTENT_LENGTH) {
+        let too_big = len
+            .to_str()
+            .ok()
+            .and_then(|l| l.parse::<u64>().ok())
+            .is_none_or(|l| l > ctx.limits.max_body_bytes as u64);
+        if too_big {
+            return Err(other(ApiError::BodyTooLarge));
+        }
+    }
+    let (parts, body) = req.into_parts();
+    let limited = Limited::new(body, ctx.limits.max_body_bytes);
+    let body = match tokio::time::timeout(ctx.limits.body_read_timeout, limited.collect()).await {
+        Err(_) => return Err(other(ApiError::BodyTimeout)),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => return Err(other(ApiError::BodyTooLarge)),
+        Ok(Err(_)) => return Err(other(ApiError::BadInput)),
+        Ok(Ok(b)) => b.to_bytes(),
+    };
+    let query = parts.uri.query().unwrap_or("").as_bytes();
+    let params = Params::parse(query, &body);
+    let decoded = Request::decode(route, &params);
+    let fail_code = match route {
+        Route::Activate => crate::domain::StateCode::ACTIVATE_FAILED,
+        Route::GetKey => crate::domain::StateCode::GETKEY_FAILED,
+        Route::Deactivate => crate::domain::StateCode::DEACTIVATE_FAILED,
+        Route::CreateTrialKey => crate::domain::StateCode::TRIAL_FAILED,
+    };
+    let request = decoded.map_err(|e| Failure::new(request::DecodeOutcome::Params(e).into(), fail_code))?;
+    match request {
+        Request::Activate(r) => handlers::activate(ctx, r, &conn.client_ip, &conn.proxy_ip, log),
+        Request::GetKey(r) => handlers::get_key(ctx, r, log),
+        Request::Deactivate(r) => handlers::deactivate(ctx, r, log),
+        Request::CreateTrialKey(r) => {
+            handlers::create_trial_key(ctx, r, &conn.client_ip, &conn.proxy_ip, log).await
+        }
+    }
+}
+
+/// Serves HTTPS on `listener` until `shutdown` fires, then drains open connections.
+pub async fn serve_tls(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    ctx: Arc<Ctx>,
+    shutdown: CancellationToken,
+) {
+    let limits = ctx.limits.clone();
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(64 * 1024);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(256)
+        .max_header_list_size(32 * 1024);
+    let builder = Arc::new(builder);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            tracing::warn!("connection limit reached; closing new connection");
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let proxy_ip = match (&ctx.proxy_ip, tcp.local_addr()) {
+            (Some(p), _) => p.clone(),
+            (None, Ok(a)) => a.ip().to_string(),
+            (None, Err(_)) => String::new(),
+        };
+        let conn = Arc::new(Conn {
+            client_ip: client_ip(peer),
+            proxy_ip,
+        });
+        let (acceptor, ctx, builder, watcher) = (acceptor.clone(), ctx.clone(), builder.clone(), graceful.watcher());
+        let handshake_timeout = limits.tls_handshake_timeout;
+        tokio::spawn(async move {
+            let _permit = permit;
+            let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!("TLS handshake timed out");
+                    return;
+                }
+            };
+            let svc = service_fn(move |req| handle(ctx.clone(), conn.clone(), req));
+            let c = builder.serve_connection(TokioIo::new(tls), svc);
+            if let Err(e) = watcher.watch(c.into_owned()).await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    tokio::select! {
+        _ = graceful.shutdown() => tracing::info!("all connections drained"),
+        _ = tokio::time::sleep(limits.drain_timeout) => tracing::warn!("drain timeout; closing remaining connections"),
+    }
+}
+
+fn client_ip(peer: SocketAddr) -> String {
+    // IPv4-mapped IPv6 peers are reported as plain IPv4, as clients expect in `IP`.
+    match peer.ip() {
+        std::net::IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map_or_else(|| v6.to_string(), |v4| v4.to_string()),
+        ip => ip.to_string(),
+    }
+}

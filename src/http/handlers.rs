@@ -1,0 +1,321 @@
+//! The client methods. Each one authorizes, takes the license lock, lets `domain` decide,
+//! applies and forwards the change, encodes under the lock and signs after releasing it.
+//! This is the only place that sequences I/O for a request; it never awaits the main store
+//! (CreateTrialKey, which creates a key, is the one documented exception).
+
+use super::error::{ApiError, Failure};
+use super::Ctx;
+use crate::domain::{
+    self, decide::Change, ActivateInput, ActivateOutcome, DeactivateOutcome, License, Machine, Mask, Method,
+    Scope, StateCode, DAY_SECONDS,
+};
+use crate::request::{ActivateRequest, CreateTrialKeyRequest, DeactivateRequest, GetKeyRequest, ResponseOptions};
+use crate::state::LicenseEntry;
+use crate::store::{LogRow, NewKey, ProductRow, StoreEvent};
+use crate::wire::{self, LicenseStatus, LicenseView, Metadata};
+use std::sync::Arc;
+
+/// What the request log records about a call; filled in as the call learns it.
+#[derive(Default)]
+pub struct LogCtx {
+    pub tenant_id: Option<i64>,
+    pub product_id: Option<i64>,
+    pub key_id: Option<i64>,
+    pub machine_code: String,
+    pub friendly_name: String,
+    pub floating_expires: i64,
+}
+
+impl LogCtx {
+    pub fn row(self, client_ip: &str, proxy_ip: &str, time: i64, state: StateCode) -> LogRow {
+        LogRow {
+            tenant_id: self.tenant_id,
+            product_id: self.product_id,
+            key_id: self.key_id,
+            client_ip: client_ip.to_owned(),
+            proxy_ip: proxy_ip.to_owned(),
+            time,
+            machine_code: self.machine_code,
+            friendly_name: self.friendly_name,
+            state: state.0,
+            floating_expires: self.floating_expires,
+        }
+    }
+}
+
+pub type Outcome = Result<(Vec<u8>, StateCode), Failure>;
+
+/// Token, method, product and key checks, in the order Cryptolens reports them.
+fn authorize(
+    ctx: &Ctx,
+    token: &str,
+    method: Method,
+    product_id: i64,
+    key: Option<&str>,
+    log: &mut LogCtx,
+) -> Result<(Arc<Scope>, Arc<ProductRow>, Option<Arc<LicenseEntry>>), ApiError> {
+    let scope = ctx.state.scope(token).ok_or(ApiError::Unauthenticated)?;
+    log.tenant_id = Some(scope.tenant_id);
+    scope.allows_method(method).map_err(|_| ApiError::AccessDenied)?;
+    let product = ctx
+        .state
+        .product(product_id)
+        .filter(|p| p.tenant_id == scope.tenant_id)
+        .ok_or(ApiError::ProductNotFound)?;
+    scope.allows_product(product_id).map_err(|_| ApiError::AccessDenied)?;
+    let Some(key) = key else {
+        return Ok((scope, product, None));
+    };
+    let entry = ctx
+        .state
+        .license(product_id, key)
+        .filter(|e| e.tenant_id == scope.tenant_id)
+        .ok_or(ApiError::KeyNotFound)?;
+    let key_id = entry.license.lock().id;
+    log.key_id = Some(key_id);
+    scope.allows_key(key_id).map_err(|_| ApiError::AccessDenied)?;
+    Ok((scope, product, Some(entry)))
+}
+
+/// The license JSON plus the metadata numbers, produced under the license lock.
+struct Encoded {
+    license_json: Vec<u8>,
+    metadata: Option<Metadata>,
+}
+
+fn license_status(lic: &License, product: &ProductRow, now: i64) -> LicenseStatus {
+    let has = |f: Option<u8>| f.is_some_and(|n| lic.features.get(n));
+    let time_limited = has(product.time_limited_feature);
+    let expired = time_limited && lic.expires < now;
+    let reason = if lic.block {
+        2
+    } else if expired {
+        1
+    } else {
+        0
+    };
+    LicenseStatus {
+        is_valid: reason == 0,
+        reason_for_invalidity: reason,
+        trial: has(product.trial_feature),
+        time_limited,
+        time_left_days: if time_limited { ((lic.expires - now) / DAY_SECONDS).max(0) } else { 0 },
+    }
+}
+
+fn encode(
+    lic: &License,
+    product: &ProductRow,
+    opts: &ResponseOptions,
+    mask: Mask,
+    caller: Option<&Machine>,
+    now: i64,
+) -> Encoded {
+    let machines = lic.visible_machines(opts.model_version, caller, mask.hides(Mask::ACTIVATED_MACHINES), now);
+    let mut license_json = Vec::with_capacity(1024);
+    wire::encode_license(
+        &LicenseView {
+            license: lic,
+            machines: &machines,
+            model_version: opts.model_version,
+            mask,
+            sign_date: now,
+        },
+        &mut license_json,
+    );
+    let metadata = opts.metadata.then(|| Metadata {
+        activated_machines: lic.node_locked().count() as i64,
+        status: license_status(lic, product, now),
+        used_floating_machines: lic.active_floating(now).count() as i64,
+    });
+    Encoded { license_json, metadata }
+}
+
+/// Signs outside any lock and builds the response body.
+fn respond(ctx: &Ctx, tenant_id: i64, enc: Encoded, mask: Mask, now: i64) -> Result<Vec<u8>, ApiError> {
+    let signer = ctx.state.signer(tenant_id).ok_or(ApiError::Internal)?;
+    let sig = signer.sign_sha256(&enc.license_json).map_err(|_| ApiError::Internal)?;
+    crate::metrics::signature();
+    let md = match enc.metadata {
+        Some(_) if mask.hides(Mask::METADATA) => Some(b"null".to_vec()),
+        Some(md) => {
+            let data = wire::metadata_data(&md);
+            let dsig = signer.sign_sha512(&data).map_err(|_| ApiError::Internal)?;
+            Some(wire::metadata_object(&md, &data, &dsig, now))
+        }
+        None => None,
+    };
+    Ok(wire::license_response(&enc.license_json, &sig, md.as_deref()))
+}
+
+pub fn activate(ctx: &Ctx, r: ActivateRequest, client_ip: &str, proxy_ip: &str, log: &mut LogCtx) -> Outcome {
+    let fail = |e: ApiError| Failure::new(e, StateCode::ACTIVATE_FAILED);
+    log.product_id = Some(r.product_id);
+    log.machine_code.clone_from(&r.machine_code);
+    log.friendly_name.clone_from(&r.friendly_name);
+    let (scope, product, entry) =
+        authorize(ctx, &r.token, Method::Activate, r.product_id, Some(&r.key), log).map_err(fail)?;
+    let entry = entry.ok_or(fail(ApiError::Internal))?;
+    let now = ctx.now();
+    let input = ActivateInput {
+        machine_code: &r.machine_code,
+        friendly_name: &r.friendly_name,
+        floating_interval: r.floating_interval,
+        max_overdraft: r.max_overdraft,
+        ip: client_ip,
+        proxy_ip,
+        now,
+    };
+    let mask = scope.mask(r.options.fields_to_return);
+    let (enc, code) = {
+        let mut lic = entry.license.lock();
+        let (code, change) = match domain::activate(&lic, &input) {
+            ActivateOutcome::Rejected(rj) => return Err(Failure::new(rj.into(), rj.code())),
+            ActivateOutcome::Accepted { code, change } => (code, change),
+        };
+        lic.apply(&change, now);
+        // Forwarded under the lock, so the store sees one license's changes in order.
+        let gid = lic.global_id;
+        match &change {
+            Change::Upsert(m) => ctx.writer.event(StoreEvent::MachineUpsert { key_global_id: gid, machine: m.clone() }),
+            Change::UpsertWithExpiry(m, e) => {
+                ctx.writer.event(StoreEvent::MachineUpsert { key_global_id: gid, machine: m.clone() });
+                ctx.writer.event(StoreEvent::ExpiresSet { key_global_id: gid, expires: *e });
+            }
+            Change::None | Change::Transient(_) => {}
+        }
+        let floating = r.floating_interval > 0;
+        let caller = match &change {
+            Change::Transient(m) => Some(m.clone()),
+            _ => lic
+                .machines
+                .iter()
+                .find(|m| m.is_floating() == floating && m.machine_code == r.machine_code)
+                .cloned(),
+        };
+        log.floating_expires = caller.as_ref().map_or(0, |m| m.floating_expires);
+        (encode(&lic, &product, &r.options, mask, caller.as_ref(), now), code)
+    };
+    let body = respond(ctx, scope.tenant_id, enc, mask, now).map_err(fail)?;
+    Ok((body, code))
+}
+
+pub fn get_key(ctx: &Ctx, r: GetKeyRequest, log: &mut LogCtx) -> Outcome {
+    let fail = |e: ApiError| Failure::new(e, StateCode::GETKEY_FAILED);
+    log.product_id = Some(r.product_id);
+    let (scope, product, entry) =
+        authorize(ctx, &r.token, Method::GetKey, r.product_id, Some(&r.key), log).map_err(fail)?;
+    let entry = entry.ok_or(fail(ApiError::Internal))?;
+    let now = ctx.now();
+    let mask = scope.mask(r.options.fields_to_return);
+    let enc = {
+        let lic = entry.license.lock();
+        encode(&lic, &product, &r.options, mask, None, now)
+    };
+    let body = respond(ctx, scope.tenant_id, enc, mask, now).map_err(fail)?;
+    Ok((body, StateCode::GETKEY_OK))
+}
+
+pub fn deactivate(ctx: &Ctx, r: DeactivateRequest, log: &mut LogCtx) -> Outcome {
+    let fail = |e: ApiError| Failure::new(e, StateCode::DEACTIVATE_FAILED);
+    log.product_id = Some(r.product_id);
+    log.machine_code.clone_from(&r.machine_code);
+    let (_, _, entry) =
+        authorize(ctx, &r.token, Method::Deactivate, r.product_id, Some(&r.key), log).map_err(fail)?;
+    let entry = entry.ok_or(fail(ApiError::Internal))?;
+    let mut lic = entry.license.lock();
+    let outcome = domain::deactivate(&lic, &r.machine_code, r.floating);
+    let code = outcome.code();
+    match outcome {
+        DeactivateOutcome::Blocked => return Err(Failure::new(ApiError::Blocked, code)),
+        DeactivateOutcome::NotActivated => return Err(Failure::new(ApiError::NotActivated, code)),
+        DeactivateOutcome::Removed | DeactivateOutcome::FloatingReleased { removed: true } => {
+            lic.remove_machine(&r.machine_code, r.floating);
+            ctx.writer.event(StoreEvent::MachineRemove {
+                key_global_id: lic.global_id,
+                machine_code: r.machine_code.clone(),
+                floating: r.floating,
+            });
+        }
+        DeactivateOutcome::FloatingReleased { removed: false } => {}
+    }
+    Ok((wire::ok_response(), code))
+}
+
+/// Trial length when the token's feature lock does not set one.
+pub const DEFAULT_TRIAL_DAYS: i64 = 15;
+/// CreateTrialKey's documented machine-code limit.
+pub const MAX_TRIAL_MACHINE_CODE: usize = 128;
+
+pub async fn create_trial_key(
+    ctx: &Arc<Ctx>,
+    r: CreateTrialKeyRequest,
+    client_ip: &str,
+    proxy_ip: &str,
+    log: &mut LogCtx,
+) -> Outcome {
+    let fail = |e: ApiError| Failure::new(e, StateCode::TRIAL_FAILED);
+    log.product_id = Some(r.product_id);
+    log.machine_code.clone_from(&r.machine_code);
+    log.friendly_name.clone_from(&r.friendly_name);
+    let (scope, product, _) =
+        authorize(ctx, &r.token, Method::CreateTrialKey, r.product_id, None, log).map_err(fail)?;
+    if r.machine_code.is_empty() {
+        return Err(fail(ApiError::TrialMachineNull));
+    }
+    if r.machine_code.chars().count() > MAX_TRIAL_MACHINE_CODE {
+        return Err(fail(ApiError::TrialMachineTooLong));
+    }
+    // One creation at a time per node, so two calls for one machine cannot make two keys.
+    let _guard = ctx.trial_lock.lock().await;
+    if let Some(e) = ctx.state.trial_key(r.product_id, &r.machine_code) {
+        let lic = e.license.lock();
+        log.key_id = Some(lic.id);
+        if lic.block {
+            return Err(fail(ApiError::TrialAlreadyUsed));
+        }
+        return Ok((wire::key_response(&lic.key), StateCode::TRIAL_REUSED));
+    }
+    let now = ctx.now();
+    let days = if scope.feature_lock > 0 { scope.feature_lock } else { DEFAULT_TRIAL_DAYS };
+    let mut features = domain::Features::default();
+    for f in [product.trial_feature, product.time_limited_feature].into_iter().flatten() {
+        features = features.with(f, true);
+    }
+    let new = NewKey {
+        product_id: r.product_id,
+        key: crate::control::random_key_string(),
+        created: now,
+        expires: now + days * DAY_SECONDS,
+        period: days,
+        features,
+        max_no_of_machines: 1,
+        trial_machine_code: Some(r.machine_code.clone()),
+        machines: vec![Machine {
+            machine_code: r.machine_code.clone(),
+            kind: domain::MachineKind::NodeLocked,
+            ip: client_ip.to_owned(),
+            proxy_ip: proxy_ip.to_owned(),
+            time: now,
+            friendly_name: r.friendly_name.clone(),
+            floating_expires: 0,
+        }],
+        ..NewKey::default()
+    };
+    let store = ctx.control_store.clone();
+    let row = tokio::task::spawn_blocking(move || {
+        let mut s = store.lock();
+        let (_, gid) = s.create_key(&new)?;
+        s.key(gid)
+    })
+    .await
+    .map_err(|_| fail(ApiError::Internal))?
+    .map_err(|e| {
+        tracing::error!(error = %e, "creating a trial key failed");
+        fail(ApiError::Internal)
+    })?;
+    log.key_id = Some(row.license.id);
+    let key = row.license.key.clone();
+    ctx.state.put_key(row, true);
+    Ok((wire::key_response(&key), StateCode::TRIAL_CREATED))
+}

@@ -1,0 +1,24 @@
+//! Keygate: a license-activation edge server that speaks the Cryptolens Web API v3.
+//!
+//! Module map (see ARCHITECTURE.md for the invariants):
+//! - `domain`: pure activation logic and data (no I/O).
+//! - `request`: path routing and tolerant parameter decoding.
+//! - `wire`: the byte-exact Cryptolens JSON and the public-key XML.
+//! - `signing`: RSA-2048 PKCS#1 v1.5 over aws-lc-rs.
+//! - `state`: the node's in-memory licenses, tokens and signers; change-feed sync.
+//! - `store`: the SQLite main store and its batched writer.
+//! - `http`: the HTTPS edge, handlers and the one error mapping.
+//! - `tls`, `config`, `control` (CLI operations), `metrics`, `app` (wiring for `serve`).
+
+pub mod app;
+pub mod config;
+pub mod control;
+pub mod domain;
+pub mod http;
+pub mod metrics;
+pub mod request;
+pub mod signing;
+pub mod state;
+pub mod store;
+pub mod tls;
+pub mod wire;

@@ -1,0 +1,347 @@
+//! The `keygate` binary: the server (`serve`) and the control-plane CLI.
+
+use clap::{Args, Parser, Subcommand};
+use keygate::config::Config;
+use keygate::control::{self, KeySpec, TokenSpec};
+use keygate::domain::Features;
+use keygate::store::Store;
+use serde_json::Value;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "keygate", version, about = "Cryptolens-compatible license-activation edge server")]
+struct Cli {
+    /// TOML configuration file (defaults, then this file, then KEYGATE_* variables).
+    #[arg(long, global = true, env = "KEYGATE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Data directory (SQLite store, generated certificate); overrides the configuration.
+    #[arg(long, global = true)]
+    data_dir: Option<PathBuf>,
+    /// Print machine-readable JSON.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Serve the Web API over HTTPS (HTTP/1.1 and HTTP/2).
+    Serve,
+    /// Validate the configuration and print it.
+    CheckConfig,
+    /// Tenants: vendors, each with its own RSA-2048 signing key.
+    #[command(subcommand)]
+    Tenant(TenantCmd),
+    #[command(subcommand)]
+    Product(ProductCmd),
+    #[command(subcommand)]
+    Customer(CustomerCmd),
+    #[command(subcommand)]
+    Key(KeyCmd),
+    /// Access tokens (only their hashes are stored; the token is shown once).
+    #[command(subcommand)]
+    Token(TokenCmd),
+    /// The request log.
+    #[command(subcommand)]
+    Log(LogCmd),
+}
+
+#[derive(Subcommand)]
+enum TenantCmd {
+    /// Create a tenant and its key pair; prints the public key as <RSAKeyValue> XML.
+    Create {
+        #[arg(long)]
+        name: String,
+    },
+    List,
+}
+
+#[derive(Subcommand)]
+enum ProductCmd {
+    Create {
+        #[arg(long)]
+        tenant: i64,
+        #[arg(long)]
+        name: String,
+        /// Which feature (1-8) marks a trial; reported in metadata and set on trial keys.
+        #[arg(long)]
+        trial_feature: Option<u8>,
+        /// Which feature (1-8) marks a time-limited key; expiry then invalidates it in metadata.
+        #[arg(long)]
+        time_limited_feature: Option<u8>,
+    },
+    List {
+        #[arg(long)]
+        tenant: Option<i64>,
+    },
+}
+
+#[derive(Subcommand)]
+enum CustomerCmd {
+    Create {
+        #[arg(long)]
+        tenant: i64,
+        #[arg(long)]
+        name: String,
+        #[arg(long, default_value = "")]
+        email: String,
+        #[arg(long, default_value = "")]
+        company: String,
+    },
+}
+
+#[derive(Args)]
+struct KeyRef {
+    #[arg(long)]
+    product: i64,
+    #[arg(long)]
+    key: String,
+}
+
+#[derive(Args)]
+struct KeyCreate {
+    #[arg(long)]
+    product: i64,
+    /// Validity in days (Expires = now + period unless --expires is given).
+    #[arg(long, default_value_t = 30)]
+    period: i64,
+    /// Expiry as unix seconds.
+    #[arg(long)]
+    expires: Option<i64>,
+    #[arg(long)]
+    f1: bool,
+    #[arg(long)]
+    f2: bool,
+    #[arg(long)]
+    f3: bool,
+    #[arg(long)]
+    f4: bool,
+    #[arg(long)]
+    f5: bool,
+    #[arg(long)]
+    f6: bool,
+    #[arg(long)]
+    f7: bool,
+    #[arg(long)]
+    f8: bool,
+    #[arg(long)]
+    notes: Option<String>,
+    #[arg(long)]
+    block: bool,
+    /// Each new machine's activation sets Expires = now + period.
+    #[arg(long)]
+    trial_activation: bool,
+    /// Node-locking limit; 0 = unlimited and machines are not recorded.
+    #[arg(long, default_value_t = 0)]
+    max_machines: i64,
+    /// Machine codes that may always activate (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    allowed_machines: Vec<String>,
+    /// An existing customer's id.
+    #[arg(long, conflicts_with = "customer_name")]
+    customer: Option<i64>,
+    /// Create a customer for this key.
+    #[arg(long)]
+    customer_name: Option<String>,
+    #[arg(long, default_value = "")]
+    customer_email: String,
+    #[arg(long, default_value = "")]
+    customer_company: String,
+    /// A data object NAME=STRING:INT (repeatable).
+    #[arg(long)]
+    data_object: Vec<String>,
+}
+
+#[derive(Subcommand)]
+enum KeyCmd {
+    Create(Box<KeyCreate>),
+    List {
+        #[arg(long)]
+        product: i64,
+    },
+    Show(KeyRef),
+    Block(KeyRef),
+    Unblock(KeyRef),
+}
+
+#[derive(Subcommand)]
+enum TokenCmd {
+    Create {
+        #[arg(long)]
+        tenant: i64,
+        /// Allowed methods (comma-separated): Activate, GetKey, Deactivate, CreateTrialKey. Default: all.
+        #[arg(long, value_delimiter = ',')]
+        methods: Vec<String>,
+        /// Only this product.
+        #[arg(long)]
+        product: Option<i64>,
+        /// Only the key with this ID, or -1: any key but the caller must name it.
+        #[arg(long, allow_negative_numbers = true)]
+        key_lock: Option<i64>,
+        /// Field mask for Activate/GetKey; trial days for CreateTrialKey.
+        #[arg(long, default_value_t = 0)]
+        feature_lock: i64,
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    List {
+        #[arg(long)]
+        tenant: Option<i64>,
+    },
+}
+
+#[derive(Subcommand)]
+enum LogCmd {
+    List {
+        #[arg(long)]
+        product: Option<i64>,
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let env: std::collections::BTreeMap<String, String> = std::env::vars().collect();
+    let mut cfg = match Config::load(cli.config.as_deref(), &env) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("keygate: {e}");
+            return ExitCode::from(64);
+        }
+    };
+    if let Some(d) = &cli.data_dir {
+        if cfg.store.sqlite_path.is_none() {
+            cfg.data_dir = d.clone();
+        } else {
+            cfg.data_dir = d.clone();
+        }
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("KEYGATE_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.cmd {
+        Cmd::Serve => match keygate::app::run(cfg) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("keygate: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Cmd::CheckConfig => {
+            println!("{}", toml::to_string(&cfg).unwrap_or_default());
+            ExitCode::SUCCESS
+        }
+        cmd => match control_command(&cfg, cmd) {
+            Ok(v) => {
+                print_value(&v, cli.json);
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("keygate: {e}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+fn control_command(cfg: &Config, cmd: Cmd) -> Result<Value, control::ControlError> {
+    let mut store = Store::open(&cfg.sqlite_path())?;
+    let s = &mut store;
+    match cmd {
+        Cmd::Serve | Cmd::CheckConfig => unreachable!("handled in main"),
+        Cmd::Tenant(TenantCmd::Create { name }) => control::create_tenant(s, &name),
+        Cmd::Tenant(TenantCmd::List) => control::list_tenants(s),
+        Cmd::Product(ProductCmd::Create {
+            tenant,
+            name,
+            trial_feature,
+            time_limited_feature,
+        }) => control::create_product(s, tenant, &name, trial_feature, time_limited_feature),
+        Cmd::Product(ProductCmd::List { tenant }) => control::list_products(s, tenant),
+        Cmd::Customer(CustomerCmd::Create {
+            tenant,
+            name,
+            email,
+            company,
+        }) => control::create_customer(s, tenant, &name, &email, &company),
+        Cmd::Key(KeyCmd::Create(k)) => {
+            let k = *k;
+            let flags = [k.f1, k.f2, k.f3, k.f4, k.f5, k.f6, k.f7, k.f8];
+            let features = flags
+                .iter()
+                .enumerate()
+                .fold(Features::default(), |f, (i, on)| f.with(i as u8 + 1, *on));
+            let spec = KeySpec {
+                product_id: k.product,
+                period: k.period,
+                expires: k.expires,
+                features,
+                notes: k.notes,
+                block: k.block,
+                trial_activation: k.trial_activation,
+                max_no_of_machines: k.max_machines,
+                allowed_machines: k.allowed_machines,
+                customer_id: k.customer,
+                new_customer: k
+                    .customer_name
+                    .map(|n| (n, k.customer_email, k.customer_company)),
+                data_objects: k.data_object,
+            };
+            control::create_key(s, &spec)
+        }
+        Cmd::Key(KeyCmd::List { product }) => control::list_keys(s, product),
+        Cmd::Key(KeyCmd::Show(r)) => control::show_key(s, r.product, &r.key),
+        Cmd::Key(KeyCmd::Block(r)) => control::set_block(s, r.product, &r.key, true),
+        Cmd::Key(KeyCmd::Unblock(r)) => control::set_block(s, r.product, &r.key, false),
+        Cmd::Token(TokenCmd::Create {
+            tenant,
+            methods,
+            product,
+            key_lock,
+            feature_lock,
+            description,
+        }) => control::create_token(
+            s,
+            &TokenSpec {
+                tenant_id: tenant,
+                methods,
+                product_lock: product,
+                key_lock,
+                feature_lock,
+                description,
+            },
+        ),
+        Cmd::Token(TokenCmd::List { tenant }) => control::list_tokens(s, tenant),
+        Cmd::Log(LogCmd::List { product, limit }) => control::list_log(s, product, limit),
+    }
+}
+
+/// JSON on one line, or `name: value` lines for people.
+fn print_value(v: &Value, json: bool) {
+    if json {
+        println!("{v}");
+        return;
+    }
+    let Value::Object(map) = v else {
+        println!("{v}");
+        return;
+    };
+    for (k, val) in map {
+        match val {
+            Value::Array(items) if items.iter().all(Value::is_object) => {
+                println!("{k}: {}", items.len());
+                for i in items {
+                    println!("  {i}");
+                }
+            }
+            Value::String(s) => println!("{k}: {s}"),
+            other => println!("{k}: {other}"),
+        }
+    }
+}

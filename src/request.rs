@@ -1,0 +1,374 @@
+//! Decoding client requests: path normalisation and the form/query parameters of each method,
+//! tolerant of what real SDKs send (any casing, repeated slashes, `True`, `FriendlyName=None`,
+//! `SignMethod=StringSign`, empty strings for unset values). Pure and fuzzed (`fuzz/`).
+
+use std::borrow::Cow;
+
+/// The client methods Keygate serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Route {
+    Activate,
+    GetKey,
+    Deactivate,
+    CreateTrialKey,
+}
+
+/// Why a path is not served.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RouteError {
+    /// Web API 2 (`/Ext/...`) paths: refused with a pointer to v3.
+    Legacy,
+    Unknown,
+}
+
+/// Maps a request path to a method: case-insensitive, repeated `/` collapsed, one trailing `/`
+/// ignored (Python sends `/api//key/activate`, .NET `/api//key/activate/`).
+pub fn route(path: &str) -> Result<Route, RouteError> {
+    let mut segs = path.split('/').filter(|s| !s.is_empty());
+    let first = segs.next().unwrap_or("");
+    if first.eq_ignore_ascii_case("ext") {
+        return Err(RouteError::Legacy);
+    }
+    if !first.eq_ignore_ascii_case("api") {
+        return Err(RouteError::Unknown);
+    }
+    let (Some(group), Some(method), None) = (segs.next(), segs.next(), segs.next()) else {
+        return Err(RouteError::Unknown);
+    };
+    if !group.eq_ignore_ascii_case("key") {
+        return Err(RouteError::Unknown);
+    }
+    const METHODS: [(&str, Route); 4] = [
+        ("activate", Route::Activate),
+        ("getkey", Route::GetKey),
+        ("deactivate", Route::Deactivate),
+        ("createtrialkey", Route::CreateTrialKey),
+    ];
+    METHODS
+        .iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case(method))
+        .map(|(_, r)| *r)
+        .ok_or(RouteError::Unknown)
+}
+
+/// A decoding failure; each maps to one Cryptolens message in `http::error`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DecodeError {
+    /// No `token` parameter.
+    MissingToken,
+    /// A required parameter is missing, or one has a value of the wrong type.
+    BadParameter(&'static str),
+}
+
+/// Longest machine code, friendly name or key string accepted (CreateTrialKey has its own 128).
+pub const MAX_FIELD_LEN: usize = 1024;
+
+/// The merged query-string and form-body parameters of one request. The first occurrence of a
+/// name wins, query before body, as ASP.NET model binding does.
+pub struct Params<'a> {
+    pairs: Vec<(Cow<'a, str>, Cow<'a, str>)>,
+}
+
+impl<'a> Params<'a> {
+    pub fn parse(query: &'a [u8], body: &'a [u8]) -> Params<'a> {
+        let mut pairs: Vec<_> = form_urlencoded::parse(query).collect();
+        pairs.extend(form_urlencoded::parse(body));
+        Params { pairs }
+    }
+
+    pub fn raw(&self, name: &str) -> Option<&str> {
+        self.pairs
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_ref())
+    }
+
+    /// A value where empty means "not given" (.NET sends `Name=` for every unset property).
+    fn present(&self, name: &str) -> Option<&str> {
+        self.raw(name).map(str::trim).filter(|v| !v.is_empty())
+    }
+
+    pub fn string(&self, name: &'static str) -> Result<String, DecodeError> {
+        let v = self.raw(name).unwrap_or("");
+        if v.len() > MAX_FIELD_LEN {
+            return Err(DecodeError::BadParameter(name));
+        }
+        Ok(v.to_owned())
+    }
+
+    pub fn required_string(&self, name: &'static str) -> Result<String, DecodeError> {
+        match self.raw(name) {
+            Some(v) if !v.is_empty() => self.string(name),
+            _ => Err(DecodeError::BadParameter(name)),
+        }
+    }
+
+    pub fn int(&self, name: &'static str, default: i64) -> Result<i64, DecodeError> {
+        match self.present(name) {
+            None => Ok(default),
+            Some(v) => v.parse().map_err(|_| DecodeError::BadParameter(name)),
+        }
+    }
+
+    pub fn required_int(&self, name: &'static str) -> Result<i64, DecodeError> {
+        match self.present(name) {
+            None => Err(DecodeError::BadParameter(name)),
+            Some(v) => v.parse().map_err(|_| DecodeError::BadParameter(name)),
+        }
+    }
+
+    pub fn bool(&self, name: &'static str, default: bool) -> Result<bool, DecodeError> {
+        match self.present(name) {
+            None => Ok(default),
+            Some(v) if v.eq_ignore_ascii_case("true") || v == "1" => Ok(true),
+            Some(v) if v.eq_ignore_ascii_case("false") || v == "0" => Ok(false),
+            Some(_) => Err(DecodeError::BadParameter(name)),
+        }
+    }
+
+    pub fn token(&self) -> Result<String, DecodeError> {
+        match self.present("token") {
+            Some(t) if t.len() <= MAX_FIELD_LEN => Ok(t.to_owned()),
+            Some(_) => Err(DecodeError::BadParameter("token")),
+            None => Err(DecodeError::MissingToken),
+        }
+    }
+
+    /// `SignMethod`: a number, or .NET's enum names.
+    pub fn sign_method(&self) -> Result<SignMethod, DecodeError> {
+        match self.present("SignMethod") {
+            None => Ok(SignMethod::Linq),
+            Some(v) if v.eq_ignore_ascii_case("StringSign") || v == "1" => Ok(SignMethod::String),
+            Some(v) if v.eq_ignore_ascii_case("LinqSign") || v == "0" => Ok(SignMethod::Linq),
+            Some(_) => Err(DecodeError::BadParameter("SignMethod")),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SignMethod {
+    /// 0: the .NET-only object form. Answered in the `StringSign` form (documented difference).
+    Linq,
+    /// 1: base64 JSON plus a detached signature.
+    String,
+}
+
+/// Activate and GetKey share their response options.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ResponseOptions {
+    pub fields_to_return: i64,
+    pub sign_method: SignMethod,
+    pub metadata: bool,
+    pub model_version: i64,
+}
+
+impl ResponseOptions {
+    fn decode(p: &Params<'_>) -> Result<ResponseOptions, DecodeError> {
+        Ok(ResponseOptions {
+            fields_to_return: p.int("FieldsToReturn", 0)?,
+            sign_method: p.sign_method()?,
+            metadata: p.bool("Metadata", false)?,
+            model_version: p.int("ModelVersion", 1)?,
+        })
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ActivateRequest {
+    pub token: String,
+    pub product_id: i64,
+    pub key: String,
+    pub machine_code: String,
+    pub friendly_name: String,
+    pub floating_interval: i64,
+    pub max_overdraft: i64,
+    pub options: ResponseOptions,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GetKeyRequest {
+    pub token: String,
+    pub product_id: i64,
+    pub key: String,
+    /// Only used for `metadata.usedFloatingMachines`.
+    pub floating_interval: i64,
+    pub options: ResponseOptions,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeactivateRequest {
+    pub token: String,
+    pub product_id: i64,
+    pub key: String,
+    pub machine_code: String,
+    pub floating: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CreateTrialKeyRequest {
+    pub token: String,
+    pub product_id: i64,
+    pub machine_code: String,
+    pub friendly_name: String,
+}
+
+/// Any decoded client request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Request {
+    Activate(ActivateRequest),
+    GetKey(GetKeyRequest),
+    Deactivate(DeactivateRequest),
+    CreateTrialKey(CreateTrialKeyRequest),
+}
+
+impl Request {
+    pub fn decode(route: Route, p: &Params<'_>) -> Result<Request, DecodeError> {
+        let token = p.token()?;
+        Ok(match route {
+            Route::Activate => {
+                let r = ActivateRequest {
+                    token,
+                    product_id: p.required_int("ProductId")?,
+                    key: p.required_string("Key")?,
+                    machine_code: p.string("MachineCode")?,
+                    friendly_name: p.string("FriendlyName")?,
+                    floating_interval: p.int("FloatingTimeInterval", 0)?,
+                    max_overdraft: p.int("MaxOverdraft", 0)?,
+                    options: ResponseOptions::decode(p)?,
+                };
+                if r.floating_interval < 0 {
+                    return Err(DecodeError::BadParameter("FloatingTimeInterval"));
+                }
+                if r.max_overdraft < 0 {
+                    return Err(DecodeError::BadParameter("MaxOverdraft"));
+                }
+                Request::Activate(r)
+            }
+            Route::GetKey => Request::GetKey(GetKeyRequest {
+                token,
+                product_id: p.required_int("ProductId")?,
+                key: p.required_string("Key")?,
+                floating_interval: p.int("FloatingTimeInterval", 0)?.max(0),
+                options: ResponseOptions::decode(p)?,
+            }),
+            Route::Deactivate => Request::Deactivate(DeactivateRequest {
+                token,
+                product_id: p.required_int("ProductId")?,
+                key: p.required_string("Key")?,
+                machine_code: p.string("MachineCode")?,
+                floating: p.bool("Floating", false)?,
+            }),
+            Route::CreateTrialKey => Request::CreateTrialKey(CreateTrialKeyRequest {
+                token,
+                product_id: p.required_int("ProductId")?,
+                machine_code: p.string("MachineCode")?,
+                friendly_name: p.string("FriendlyName")?,
+            }),
+        })
+    }
+
+    pub fn token(&self) -> &str {
+        match self {
+            Request::Activate(r) => &r.token,
+            Request::GetKey(r) => &r.token,
+            Request::Deactivate(r) => &r.token,
+            Request::CreateTrialKey(r) => &r.token,
+        }
+    }
+}
+
+/// Decodes a whole request from its path, query and body: the fuzzed entry point.
+pub fn decode(path: &str, query: &[u8], body: &[u8]) -> Result<Request, DecodeOutcome> {
+    let r = route(path).map_err(DecodeOutcome::Route)?;
+    Request::decode(r, &Params::parse(query, body)).map_err(DecodeOutcome::Params)
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DecodeOutcome {
+    Route(RouteError),
+    Params(DecodeError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_tolerate_sdk_spellings() {
+        for p in [
+            "/api/key/Activate",
+            "/api/key/activate",
+            "/api/Key/Activate",
+            "/api//key/activate/",
+            "//api///key//ACTIVATE//",
+        ] {
+            assert_eq!(route(p), Ok(Route::Activate), "{p}");
+        }
+        assert_eq!(route("/api/key/getkey"), Ok(Route::GetKey));
+        assert_eq!(route("/api/Key/CreateTrialKey"), Ok(Route::CreateTrialKey));
+        assert_eq!(route("/api/key/Deactivate/"), Ok(Route::Deactivate));
+        assert_eq!(route("/Ext/Activate"), Err(RouteError::Legacy));
+        assert_eq!(route("/api/key/activate/extra"), Err(RouteError::Unknown));
+        assert_eq!(route("/api/key"), Err(RouteError::Unknown));
+        assert_eq!(route("/"), Err(RouteError::Unknown));
+        assert_eq!(route(""), Err(RouteError::Unknown));
+    }
+
+    #[test]
+    fn python_activate_body_decodes() {
+        let body = b"token=abc&ProductId=3&key=AAAAA-BBBBB&MachineCode=mc&FieldsToReturn=0&metadata=False&FloatingTimeInterval=0&MaxOverdraft=0&FriendlyName=None&ModelVersion=3&Sign=True&SignMethod=1";
+        let Ok(Request::Activate(r)) = decode("/api//key/activate", b"", body) else {
+            panic!("did not decode")
+        };
+        assert_eq!(r.product_id, 3);
+        assert_eq!(r.key, "AAAAA-BBBBB");
+        assert_eq!(r.friendly_name, "None");
+        assert!(!r.options.metadata);
+        assert_eq!(r.options.model_version, 3);
+        assert_eq!(r.options.sign_method, SignMethod::String);
+    }
+
+    #[test]
+    fn dotnet_values_decode() {
+        let body = b"token=t&ProductId=3&Key=K&MachineCode=&FriendlyName=&OSInfo=&SignMethod=StringSign&Metadata=True&v=1&modelversion=3&FloatingTimeInterval=&MaxOverdraft=";
+        let Ok(Request::Activate(r)) = decode("/api//key/activate/", b"", body) else {
+            panic!("did not decode")
+        };
+        assert_eq!(r.options.sign_method, SignMethod::String);
+        assert!(r.options.metadata);
+        assert_eq!(r.floating_interval, 0);
+        assert_eq!(r.options.model_version, 3);
+    }
+
+    #[test]
+    fn query_and_body_merge_query_first() {
+        let Ok(Request::GetKey(r)) = decode("/api/key/GetKey", b"token=q&ProductId=1", b"token=b&Key=K&ProductId=2")
+        else {
+            panic!("did not decode")
+        };
+        assert_eq!((r.token.as_str(), r.product_id, r.key.as_str()), ("q", 1, "K"));
+    }
+
+    #[test]
+    fn bad_values_are_errors() {
+        let cases: [(&[u8], DecodeOutcome); 6] = [
+            (b"ProductId=1&Key=K", DecodeOutcome::Params(DecodeError::MissingToken)),
+            (b"token=t&Key=K", DecodeOutcome::Params(DecodeError::BadParameter("ProductId"))),
+            (b"token=t&ProductId=x&Key=K", DecodeOutcome::Params(DecodeError::BadParameter("ProductId"))),
+            (b"token=t&ProductId=1", DecodeOutcome::Params(DecodeError::BadParameter("Key"))),
+            (b"token=t&ProductId=1&Key=K&Sign=maybe&Metadata=yes", DecodeOutcome::Params(DecodeError::BadParameter("Metadata"))),
+            (b"token=t&ProductId=1&Key=K&FloatingTimeInterval=-5", DecodeOutcome::Params(DecodeError::BadParameter("FloatingTimeInterval"))),
+        ];
+        for (body, want) in cases {
+            assert_eq!(decode("/api/key/activate", b"", body).unwrap_err(), want, "{}", String::from_utf8_lossy(body));
+        }
+    }
+
+    #[test]
+    fn malformed_encodings_never_panic() {
+        let junk: [&[u8]; 6] = [b"%", b"%zz=%", b"\xff\xfe=\xff", b"&&&==&=", b"token=%E2%82", b"token"];
+        for j in junk {
+            let _ = decode("/api/key/activate", j, j);
+        }
+    }
+}

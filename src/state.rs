@@ -1,0 +1,217 @@
+//! The node's in-memory state: tenants' signers, products, licenses with their activations,
+//! and token scopes keyed by token hash. The request path reads only this.
+//!
+//! Each license sits behind its own mutex: an activation decides and applies under it, so
+//! parallel activations of one license can never exceed its limit, while different licenses
+//! never contend. Control-plane changes arrive through `sync`, which reloads definitions from
+//! the store but keeps the activations this node holds.
+
+use crate::domain::{License, Scope};
+use crate::signing::Signer;
+use crate::store::{ChangeRow, KeyRow, ProductRow, Store, StoreError};
+use dashmap::DashMap;
+use parking_lot::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub struct LicenseEntry {
+    pub tenant_id: i64,
+    pub license: Mutex<License>,
+}
+
+#[derive(Default)]
+pub struct State {
+    tenants: DashMap<i64, Arc<Signer>>,
+    products: DashMap<i64, Arc<ProductRow>>,
+    licenses: DashMap<(i64, String), Arc<LicenseEntry>>,
+    keys_by_global: DashMap<i64, (i64, String)>,
+    tokens: DashMap<[u8; 32], Arc<Scope>>,
+    token_hashes: DashMap<i64, [u8; 32]>,
+    /// (product, machine code) → global id of the trial key made for it.
+    trials: DashMap<(i64, String), i64>,
+}
+
+/// SHA-256 of a token: what the store keeps and what requests are matched by.
+pub fn token_hash(token: &str) -> [u8; 32] {
+    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes());
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.as_ref());
+    out
+}
+
+impl State {
+    /// Loads everything from the store. Returns the change-feed position read *before* loading,
+    /// so changes made during the load are applied again (reloads are idempotent).
+    pub fn load(store: &Store) -> Result<(State, i64), StoreError> {
+        let seq = store.last_change()?;
+        let s = State::default();
+        for t in store.tenants()? {
+            s.put_tenant(&t.private_key, t.id)?;
+        }
+        for p in store.products(None)? {
+            s.products.insert(p.id, Arc::new(p));
+        }
+        for k in store.keys(None)? {
+            s.put_key(k, false);
+        }
+        for t in store.tokens(None)? {
+            s.put_token(t.id, &t.hash, t.scope);
+        }
+        Ok((s, seq))
+    }
+
+    fn put_tenant(&self, private_key: &[u8], id: i64) -> Result<(), StoreError> {
+        let signer = Signer::from_pkcs8(private_key)
+            .map_err(|e| StoreError::Invalid(format!("tenant {id}: {e}")))?;
+        self.tenants.insert(id, Arc::new(signer));
+        Ok(())
+    }
+
+    fn put_token(&self, id: i64, hash: &[u8], scope: Scope) {
+        let Ok(h) = <[u8; 32]>::try_from(hash) else {
+            tracing::warn!(token_id = id, "token hash has the wrong length; ignored");
+            return;
+        };
+        if let Some(old) = self.token_hashes.insert(id, h) {
+            self.tokens.remove(&old);
+        }
+        self.tokens.insert(h, Arc::new(scope));
+    }
+
+    /// Inserts or refreshes a key. With `keep_machines`, the activations already held in memory
+    /// win over the store's copy, which may lag behind the writer.
+    pub fn put_key(&self, row: KeyRow, keep_machines: bool) {
+        let KeyRow {
+            tenant_id,
+            trial_machine_code,
+            license,
+        } = row;
+        let k = (license.product_id, license.key.clone());
+        if let Some(mc) = trial_machine_code {
+            self.trials.insert((license.product_id, mc), license.global_id);
+        }
+        self.keys_by_global.insert(license.global_id, k.clone());
+        match self.licenses.entry(k) {
+            dashmap::Entry::Occupied(e) => {
+                let mut cur = e.get().license.lock();
+                let machines = std::mem::take(&mut cur.machines);
+                let expires = cur.expires;
+                let trial = cur.trial_activation;
+                *cur = license;
+                if keep_machines {
+                    cur.machines = machines;
+                    // A trial activation on this node may have moved Expires ahead of the store.
+                    if trial && cur.trial_activation {
+                        cur.expires = cur.expires.max(expires);
+                    }
+                }
+            }
+            dashmap::Entry::Vacant(v) => {
+                v.insert(Arc::new(LicenseEntry {
+                    tenant_id,
+                    license: Mutex::new(license),
+                }));
+            }
+        }
+    }
+
+    /// Applies one control-plane change by reloading the entity from the store.
+    pub fn apply_change(&self, store: &Store, c: &ChangeRow) -> Result<(), StoreError> {
+        match c.entity.as_str() {
+            "tenant" => {
+                let t = store.tenant(c.entity_id)?;
+                self.put_tenant(&t.private_key, t.id)?;
+            }
+            "product" => {
+                let p = store.product(c.entity_id)?;
+                self.products.insert(p.id, Arc::new(p));
+            }
+            "key" => self.put_key(store.key(c.entity_id)?, true),
+            "token" => {
+                let t = store.token(c.entity_id)?;
+                self.put_token(t.id, &t.hash, t.scope);
+            }
+            other => tracing::warn!(entity = other, "unknown change-feed entity; ignored"),
+        }
+        Ok(())
+    }
+
+    pub fn scope(&self, token: &str) -> Option<Arc<Scope>> {
+        self.tokens.get(&token_hash(token)).map(|s| s.clone())
+    }
+
+    pub fn product(&self, id: i64) -> Option<Arc<ProductRow>> {
+        self.products.get(&id).map(|p| p.clone())
+    }
+
+    pub fn signer(&self, tenant_id: i64) -> Option<Arc<Signer>> {
+        self.tenants.get(&tenant_id).map(|s| s.clone())
+    }
+
+    pub fn license(&self, product_id: i64, key: &str) -> Option<Arc<LicenseEntry>> {
+        self.licenses
+            .get(&(product_id, key.to_owned()))
+            .map(|e| e.clone())
+    }
+
+    pub fn license_by_global(&self, global_id: i64) -> Option<Arc<LicenseEntry>> {
+        let k = self.keys_by_global.get(&global_id)?.clone();
+        self.licenses.get(&k).map(|e| e.clone())
+    }
+
+    pub fn trial_key(&self, product_id: i64, machine_code: &str) -> Option<Arc<LicenseEntry>> {
+        let gid = *self.trials.get(&(product_id, machine_code.to_owned()))?;
+        self.license_by_global(gid)
+    }
+
+    pub fn license_count(&self) -> usize {
+        self.licenses.len()
+    }
+}
+
+/// Polls the store's change feed and applies it, until `stop` is set.
+pub struct Sync {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Sync {
+    pub fn spawn(state: Arc<State>, store: Store, mut seq: i64, interval: Duration) -> Sync {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("keygate-sync".into())
+            .spawn(move || {
+                while !flag.load(Ordering::Relaxed) {
+                    match store.changes_since(seq, 1000) {
+                        Ok(changes) => {
+                            for c in &changes {
+                                if let Err(e) = state.apply_change(&store, c) {
+                                    tracing::warn!(seq = c.seq, entity = %c.entity, error = %e, "change not applied");
+                                }
+                                seq = c.seq;
+                            }
+                            if changes.len() == 1000 {
+                                continue;
+                            }
+                        }
+                        Err(e) => tracing::warn!(error = %e, "reading the change feed failed"),
+                    }
+                    std::thread::sleep(interval);
+                }
+            })
+            .expect("spawning the sync thread");
+        Sync {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn shutdown(mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

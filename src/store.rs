@@ -1,0 +1,597 @@
+//! The main store: SQLite (embedded default) with an embedded schema migration.
+//!
+//! Control-plane commands write here directly and append to the `changes` feed; a running
+//! node polls that feed (`sync`) and reloads what changed. The node's own writes (activations,
+//! request-log rows) arrive in batches from `writer`, off the request path.
+
+pub mod writer;
+
+use crate::domain::{Customer, DataObject, Features, License, Machine, MachineKind, Scope};
+use rusqlite::{params, Connection, OptionalExtension, Row, TransactionBehavior};
+use std::path::Path;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("sqlite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+const MIGRATIONS: [(i64, &str); 1] = [(1, include_str!("store/migrations/0001_init.sql"))];
+
+pub struct Store {
+    conn: Connection,
+}
+
+/// A tenant row with its signing key.
+#[derive(Clone, Debug)]
+pub struct TenantRow {
+    pub id: i64,
+    pub name: String,
+    pub private_key: Vec<u8>,
+    pub public_key_xml: String,
+    pub created: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProductRow {
+    pub id: i64,
+    pub tenant_id: i64,
+    pub name: String,
+    pub trial_feature: Option<u8>,
+    pub time_limited_feature: Option<u8>,
+    pub created: i64,
+}
+
+#[derive(Clone, Debug)]
+pub struct TokenRow {
+    pub id: i64,
+    pub hash: Vec<u8>,
+    pub scope: Scope,
+    pub description: String,
+    pub created: i64,
+}
+
+/// A license with its owner and, when made by CreateTrialKey, the machine it was made for.
+#[derive(Clone, Debug)]
+pub struct KeyRow {
+    pub tenant_id: i64,
+    pub trial_machine_code: Option<String>,
+    pub license: License,
+}
+
+/// What `key create` needs besides generated identifiers.
+#[derive(Clone, Debug, Default)]
+pub struct NewKey {
+    pub product_id: i64,
+    pub key: String,
+    pub created: i64,
+    pub expires: i64,
+    pub period: i64,
+    pub features: Features,
+    pub notes: Option<String>,
+    pub block: bool,
+    pub customer_id: Option<i64>,
+    pub trial_activation: bool,
+    pub max_no_of_machines: i64,
+    pub allowed_machines: String,
+    pub data_objects: Vec<(String, String, i64)>,
+    pub trial_machine_code: Option<String>,
+    /// Activations to record with the key (CreateTrialKey pre-activates its machine).
+    pub machines: Vec<Machine>,
+}
+
+/// One request-log row (`GGSD` state code); see ARCHITECTURE.md for the codes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogRow {
+    pub tenant_id: Option<i64>,
+    pub product_id: Option<i64>,
+    pub key_id: Option<i64>,
+    pub client_ip: String,
+    pub proxy_ip: String,
+    pub time: i64,
+    pub machine_code: String,
+    pub friendly_name: String,
+    pub state: u16,
+    pub floating_expires: i64,
+}
+
+/// A node's write to the main store.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreEvent {
+    MachineUpsert { key_global_id: i64, machine: Machine },
+    MachineRemove { key_global_id: i64, machine_code: String, floating: bool },
+    ExpiresSet { key_global_id: i64, expires: i64 },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChangeRow {
+    pub seq: i64,
+    pub entity: String,
+    pub entity_id: i64,
+}
+
+fn bool_i(b: bool) -> i64 {
+    i64::from(b)
+}
+
+impl Store {
+    /// Opens (creating if needed) the database and applies pending migrations.
+    pub fn open(path: &Path) -> Result<Store> {
+        if let Some(dir) = path.parent() {
+            if !dir.as_os_str().is_empty() {
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| StoreError::Invalid(format!("cannot create {}: {e}", dir.display())))?;
+            }
+        }
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        let mut store = Store { conn };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    fn migrate(&mut self) -> Result<()> {
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.execute_batch(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied INTEGER NOT NULL)",
+        )?;
+        let have: i64 = tx.query_row("SELECT COALESCE(MAX(version), 0) FROM schema_migrations", [], |r| r.get(0))?;
+        for (v, sql) in MIGRATIONS {
+            if v > have {
+                tx.execute_batch(sql)?;
+                tx.execute("INSERT INTO schema_migrations VALUES (?1, strftime('%s','now'))", [v])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn note_change(conn: &Connection, entity: &str, id: i64) -> Result<()> {
+        conn.execute("INSERT INTO changes (entity, entity_id) VALUES (?1, ?2)", params![entity, id])?;
+        Ok(())
+    }
+
+    // === control plane ===
+
+    pub fn create_tenant(&mut self, name: &str, private_key: &[u8], xml: &str, now: i64) -> Result<i64> {
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.execute(
+            "INSERT INTO tenants (name, private_key, public_key_xml, created) VALUES (?1, ?2, ?3, ?4)",
+            params![name, private_key, xml, now],
+        )?;
+        let id = tx.last_insert_rowid();
+        Self::note_change(&tx, "tenant", id)?;
+        tx.commit()?;
+        Ok(id)
+    }
+
+    pub fn create_product(
+        &mut self,
+        tenant_id: i64,
+        name: &str,
+        trial_feature: Option<u8>,
+        time_limited_feature: Option<u8>,
+        now: i64,
+    ) -> Result<i64> {
+        self.tenant(tenant_id)?;
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.execute(
+            "INSERT INTO products (tenant_id, name, trial_feature, time_limited_feature, created) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![tenant_id, name, trial_feature, time_limited_feature, now],
+        )?;
+        let id = tx.last_insert_rowid();
+        Self::note_change(&tx, "product", id)?;
+        tx.commit()?;
+        Ok(id)
+    }
+
+    pub fn create_customer(&mut self, tenant_id: i64, name: &str, email: &str, company: &str, now: i64) -> Result<i64> {
+        self.tenant(tenant_id)?;
+        self.conn.execute(
+            "INSERT INTO customers (tenant_id, name, email, company_name, created) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![tenant_id, name, email, company, now],
+        )?;
+        Ok(self.conn.last_insert_rowid())
+    }
+
+    /// Inserts a key with the next per-product `ID`; returns `(id, global_id)`.
+    pub fn create_key(&mut self, k: &NewKey) -> Result<(i64, i64)> {
+        let product = self.product(k.product_id)?;
+        if let Some(c) = k.customer_id {
+            let owner: Option<i64> = self
+                .conn
+                .query_row("SELECT tenant_id FROM customers WHERE id = ?1", [c], |r| r.get(0))
+                .optional()?;
+            if owner != Some(product.tenant_id) {
+                return Err(StoreError::NotFound(format!("customer {c} not found")));
+            }
+        }
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let id: i64 = tx.query_row(
+            "SELECT COALESCE(MAX(id), 0) + 1 FROM license_keys WHERE product_id = ?1",
+            [k.product_id],
+            |r| r.get(0),
+        )?;
+        tx.execute(
+            "INSERT INTO license_keys (product_id, id, key, created, expires, period, features, notes, block, customer_id,
+                 trial_activation, max_no_of_machines, allowed_machines, trial_machine_code)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+            params![
+                k.product_id, id, k.key, k.created, k.expires, k.period, k.features.0, k.notes, bool_i(k.block),
+                k.customer_id, bool_i(k.trial_activation), k.max_no_of_machines, k.allowed_machines, k.trial_machine_code
+            ],
+        )?;
+        let gid = tx.last_insert_rowid();
+        for (name, s, i) in &k.data_objects {
+            tx.execute(
+                "INSERT INTO data_objects (key_global_id, name, string_value, int_value) VALUES (?1, ?2, ?3, ?4)",
+                params![gid, name, s, i],
+            )?;
+        }
+        for m in &k.machines {
+            upsert_machine(&tx, gid, m)?;
+        }
+        Self::note_change(&tx, "key", gid)?;
+        tx.commit()?;
+        Ok((id, gid))
+    }
+
+    /// Sets `Block`; returns the key's global id.
+    pub fn set_block(&mut self, product_id: i64, key: &str, block: bool) -> Result<i64> {
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let gid: Option<i64> = tx
+            .query_row(
+                "SELECT global_id FROM license_keys WHERE product_id = ?1 AND key = ?2",
+                params![product_id, key],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let gid = gid.ok_or_else(|| StoreError::NotFound(format!("key {key} not found in product {product_id}")))?;
+        tx.execute("UPDATE license_keys SET block = ?1 WHERE global_id = ?2", params![bool_i(block), gid])?;
+        Self::note_change(&tx, "key", gid)?;
+        tx.commit()?;
+        Ok(gid)
+    }
+
+    pub fn create_token(&mut self, hash: &[u8], scope: &Scope, description: &str, now: i64) -> Result<i64> {
+        self.tenant(scope.tenant_id)?;
+        if let Some(p) = scope.product_lock {
+            if self.product(p)?.tenant_id != scope.tenant_id {
+                return Err(StoreError::NotFound(format!("product {p} not found")));
+            }
+        }
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.execute(
+            "INSERT INTO tokens (tenant_id, hash, methods, product_lock, key_lock, feature_lock, description, created)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![scope.tenant_id, hash, scope.methods, scope.product_lock, scope.key_lock, scope.feature_lock, description, now],
+        )?;
+        let id = tx.last_insert_rowid();
+        Self::note_change(&tx, "token", id)?;
+        tx.commit()?;
+        Ok(id)
+    }
+
+    // === reads ===
+
+    pub fn tenant(&self, id: i64) -> Result<TenantRow> {
+        self.conn
+            .query_row(
+                "SELECT id, name, private_key, public_key_xml, created FROM tenants WHERE id = ?1",
+                [id],
+                tenant_row,
+            )
+            .optional()?
+            .ok_or_else(|| StoreError::NotFound(format!("tenant {id} not found")))
+    }
+
+    pub fn tenants(&self) -> Result<Vec<TenantRow>> {
+        let mut st = self
+            .conn
+            .prepare("SELECT id, name, private_key, public_key_xml, created FROM tenants ORDER BY id")?;
+        let rows = st.query_map([], tenant_row)?.collect::<rusqlite::Result<_>>()?;
+        Ok(rows)
+    }
+
+    pub fn product(&self, id: i64) -> Result<ProductRow> {
+        self.conn
+            .query_row(&format!("{PRODUCT_SELECT} WHERE id = ?1"), [id], product_row)
+            .optional()?
+            .ok_or_else(|| StoreError::NotFound(format!("product {id} not found")))
+    }
+
+    /// Products of one tenant, or all when `tenant_id` is `None`.
+    pub fn products(&self, tenant_id: Option<i64>) -> Result<Vec<ProductRow>> {
+        let mut st = self
+            .conn
+            .prepare(&format!("{PRODUCT_SELECT} WHERE ?1 IS NULL OR tenant_id = ?1 ORDER BY id"))?;
+        let rows = st.query_map([tenant_id], product_row)?.collect::<rusqlite::Result<_>>()?;
+        Ok(rows)
+    }
+
+    pub fn token(&self, id: i64) -> Result<TokenRow> {
+        self.conn
+            .query_row(&format!("{TOKEN_SELECT} WHERE id = ?1"), [id], token_row)
+            .optional()?
+            .ok_or_else(|| StoreError::NotFound(format!("token {id} not found")))
+    }
+
+    pub fn tokens(&self, tenant_id: Option<i64>) -> Result<Vec<TokenRow>> {
+        let mut st = self
+            .conn
+            .prepare(&format!("{TOKEN_SELECT} WHERE ?1 IS NULL OR tenant_id = ?1 ORDER BY id"))?;
+        let rows = st.query_map([tenant_id], token_row)?.collect::<rusqlite::Result<_>>()?;
+        Ok(rows)
+    }
+
+    /// One key with customer, data objects and activations.
+    pub fn key(&self, global_id: i64) -> Result<KeyRow> {
+        let mut rows = self.keys_where("k.global_id = ?1", global_id)?;
+        rows.pop()
+            .ok_or_else(|| StoreError::NotFound(format!("key {global_id} not found")))
+    }
+
+    pub fn key_by_string(&self, product_id: i64, key: &str) -> Result<KeyRow> {
+        let gid: Option<i64> = self
+            .conn
+            .query_row(
+                "SELECT global_id FROM license_keys WHERE product_id = ?1 AND key = ?2",
+                params![product_id, key],
+                |r| r.get(0),
+            )
+            .optional()?;
+        self.key(gid.ok_or_else(|| StoreError::NotFound(format!("key {key} not found in product {product_id}")))?)
+    }
+
+    /// Keys of one product, or every key when `product_id` is `None`.
+    pub fn keys(&self, product_id: Option<i64>) -> Result<Vec<KeyRow>> {
+        match product_id {
+            Some(p) => self.keys_where("k.product_id = ?1", p),
+            None => self.keys_where("?1 = ?1", 0),
+        }
+    }
+
+    fn keys_where(&self, cond: &str, arg: i64) -> Result<Vec<KeyRow>> {
+        let sql = format!(
+            "SELECT k.global_id, k.product_id, k.id, k.key, k.created, k.expires, k.period, k.features, k.notes, k.block,
+                    k.trial_activation, k.max_no_of_machines, k.allowed_machines, k.trial_machine_code, p.tenant_id,
+                    c.id, c.name, c.email, c.company_name, c.created
+             FROM license_keys k JOIN products p ON p.id = k.product_id
+             LEFT JOIN customers c ON c.id = k.customer_id
+             WHERE {cond} ORDER BY k.global_id"
+        );
+        let mut st = self.conn.prepare_cached(&sql)?;
+        let mut rows: Vec<KeyRow> = st.query_map([arg], key_row)?.collect::<rusqlite::Result<_>>()?;
+        drop(st);
+        let mut dos = self.conn.prepare_cached(
+            "SELECT id, name, string_value, int_value FROM data_objects WHERE key_global_id = ?1 ORDER BY id",
+        )?;
+        let mut ms = self.conn.prepare_cached(
+            "SELECT machine_code, kind, ip, proxy_ip, time, friendly_name, floating_expires
+             FROM activations WHERE key_global_id = ?1 ORDER BY seq",
+        )?;
+        for r in &mut rows {
+            let gid = r.license.global_id;
+            r.license.data_objects = dos
+                .query_map([gid], |x| {
+                    Ok(DataObject {
+                        id: x.get(0)?,
+                        name: x.get(1)?,
+                        string_value: x.get(2)?,
+                        int_value: x.get(3)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<_>>()?;
+            r.license.machines = ms
+                .query_map([gid], |x| {
+                    Ok(Machine {
+                        machine_code: x.get(0)?,
+                        kind: MachineKind::from_i64(x.get(1)?),
+                        ip: x.get(2)?,
+                        proxy_ip: x.get(3)?,
+                        time: x.get(4)?,
+                        friendly_name: x.get(5)?,
+                        floating_expires: x.get(6)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<_>>()?;
+        }
+        Ok(rows)
+    }
+
+    /// The newest change-feed position.
+    pub fn last_change(&self) -> Result<i64> {
+        Ok(self
+            .conn
+            .query_row("SELECT COALESCE(MAX(seq), 0) FROM changes", [], |r| r.get(0))?)
+    }
+
+    pub fn changes_since(&self, seq: i64, limit: i64) -> Result<Vec<ChangeRow>> {
+        let mut st = self
+            .conn
+            .prepare_cached("SELECT seq, entity, entity_id FROM changes WHERE seq > ?1 ORDER BY seq LIMIT ?2")?;
+        let rows = st
+            .query_map([seq, limit], |r| {
+                Ok(ChangeRow {
+                    seq: r.get(0)?,
+                    entity: r.get(1)?,
+                    entity_id: r.get(2)?,
+                })
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(rows)
+    }
+
+    /// Request-log rows of a product, newest first.
+    pub fn log_rows(&self, product_id: Option<i64>, limit: i64) -> Result<Vec<(i64, LogRow)>> {
+        let mut st = self.conn.prepare_cached(
+            "SELECT id, tenant_id, product_id, key_id, client_ip, proxy_ip, time, machine_code, friendly_name, state, floating_expires
+             FROM request_log WHERE ?1 IS NULL OR product_id = ?1 ORDER BY id DESC LIMIT ?2",
+        )?;
+        let rows = st
+            .query_map(params![product_id, limit], |r| {
+                Ok((
+                    r.get(0)?,
+                    LogRow {
+                        tenant_id: r.get(1)?,
+                        product_id: r.get(2)?,
+                        key_id: r.get(3)?,
+                        client_ip: r.get(4)?,
+                        proxy_ip: r.get(5)?,
+                        time: r.get(6)?,
+                        machine_code: r.get(7)?,
+                        friendly_name: r.get(8)?,
+                        state: r.get(9)?,
+                        floating_expires: r.get(10)?,
+                    },
+                ))
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(rows)
+    }
+
+    // === node writes ===
+
+    /// Writes one batch of node events and log rows in a single transaction.
+    pub fn write_batch(&mut self, events: &[StoreEvent], logs: &[LogRow]) -> Result<()> {
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        for e in events {
+            match e {
+                StoreEvent::MachineUpsert { key_global_id, machine } => upsert_machine(&tx, *key_global_id, machine)?,
+                StoreEvent::MachineRemove { key_global_id, machine_code, floating } => {
+                    tx.prepare_cached(
+                        "DELETE FROM activations WHERE key_global_id = ?1 AND floating = ?2 AND machine_code = ?3",
+                    )?
+                    .execute(params![key_global_id, bool_i(*floating), machine_code])?;
+                }
+                StoreEvent::ExpiresSet { key_global_id, expires } => {
+                    tx.prepare_cached("UPDATE license_keys SET expires = ?1 WHERE global_id = ?2")?
+                        .execute(params![expires, key_global_id])?;
+                }
+            }
+        }
+        {
+            let mut st = tx.prepare_cached(
+                "INSERT INTO request_log (tenant_id, product_id, key_id, client_ip, proxy_ip, time, machine_code,
+                     friendly_name, state, floating_expires) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            )?;
+            for l in logs {
+                st.execute(params![
+                    l.tenant_id, l.product_id, l.key_id, l.client_ip, l.proxy_ip, l.time, l.machine_code,
+                    l.friendly_name, l.state, l.floating_expires
+                ])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+}
+
+fn upsert_machine(conn: &Connection, gid: i64, m: &Machine) -> Result<()> {
+    // Keep `seq` (list position) and the first-activation `time` of an existing row.
+    conn.prepare_cached(
+        "INSERT INTO activations (key_global_id, floating, machine_code, kind, ip, proxy_ip, time, friendly_name, floating_expires, seq)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, (SELECT COALESCE(MAX(seq), 0) + 1 FROM activations WHERE key_global_id = ?1))
+         ON CONFLICT (key_global_id, floating, machine_code) DO UPDATE SET
+             kind = excluded.kind, ip = excluded.ip, proxy_ip = excluded.proxy_ip, time = excluded.time,
+             friendly_name = excluded.friendly_name, floating_expires = excluded.floating_expires",
+    )?
+    .execute(params![
+        gid,
+        bool_i(m.is_floating()),
+        m.machine_code,
+        m.kind.as_i64(),
+        m.ip,
+        m.proxy_ip,
+        m.time,
+        m.friendly_name,
+        m.floating_expires
+    ])?;
+    Ok(())
+}
+
+const PRODUCT_SELECT: &str =
+    "SELECT id, tenant_id, name, trial_feature, time_limited_feature, created FROM products";
+const TOKEN_SELECT: &str =
+    "SELECT id, tenant_id, hash, methods, product_lock, key_lock, feature_lock, description, created FROM tokens";
+
+fn tenant_row(r: &Row<'_>) -> rusqlite::Result<TenantRow> {
+    Ok(TenantRow {
+        id: r.get(0)?,
+        name: r.get(1)?,
+        private_key: r.get(2)?,
+        public_key_xml: r.get(3)?,
+        created: r.get(4)?,
+    })
+}
+
+fn product_row(r: &Row<'_>) -> rusqlite::Result<ProductRow> {
+    Ok(ProductRow {
+        id: r.get(0)?,
+        tenant_id: r.get(1)?,
+        name: r.get(2)?,
+        trial_feature: r.get(3)?,
+        time_limited_feature: r.get(4)?,
+        created: r.get(5)?,
+    })
+}
+
+fn token_row(r: &Row<'_>) -> rusqlite::Result<TokenRow> {
+    Ok(TokenRow {
+        id: r.get(0)?,
+        hash: r.get(2)?,
+        scope: Scope {
+            tenant_id: r.get(1)?,
+            methods: r.get(3)?,
+            product_lock: r.get(4)?,
+            key_lock: r.get(5)?,
+            feature_lock: r.get(6)?,
+        },
+        description: r.get(7)?,
+        created: r.get(8)?,
+    })
+}
+
+fn key_row(r: &Row<'_>) -> rusqlite::Result<KeyRow> {
+    let customer = match r.get::<_, Option<i64>>(15)? {
+        Some(id) => Some(Customer {
+            id,
+            name: r.get(16)?,
+            email: r.get(17)?,
+            company_name: r.get(18)?,
+            created: r.get(19)?,
+        }),
+        None => None,
+    };
+    Ok(KeyRow {
+        tenant_id: r.get(14)?,
+        trial_machine_code: r.get(13)?,
+        license: License {
+            global_id: r.get(0)?,
+            product_id: r.get(1)?,
+            id: r.get(2)?,
+            key: r.get(3)?,
+            created: r.get(4)?,
+            expires: r.get(5)?,
+            period: r.get(6)?,
+            features: Features(r.get(7)?),
+            notes: r.get(8)?,
+            block: r.get::<_, i64>(9)? != 0,
+            trial_activation: r.get::<_, i64>(10)? != 0,
+            max_no_of_machines: r.get(11)?,
+            allowed_machines: r.get(12)?,
+            customer,
+            data_objects: Vec::new(),
+            machines: Vec::new(),
+        },
+    })
+}

@@ -1,0 +1,229 @@
+//! The store writer: one thread that owns a SQLite connection and writes the node's activation
+//! changes and request-log rows in batched transactions, off the request path.
+//!
+//! Activation changes travel on an unbounded channel: they are never dropped, and their volume
+//! is bounded by seat counts and heartbeats. Log rows travel on a bounded channel; when it is
+//! full the row is counted as dropped instead of stalling a request. A batch is written when it
+//! holds `batch_rows` items or its oldest item is `flush_interval` old, and on shutdown.
+
+use super::{LogRow, Store, StoreEvent};
+use crossbeam_channel::{bounded, unbounded, Receiver, Sender, TrySendError};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Clone, Copy, Debug)]
+pub struct BatchPolicy {
+    pub batch_rows: usize,
+    pub flush_interval: Duration,
+    pub log_queue_rows: usize,
+}
+
+/// Counters for what passed through the writer.
+#[derive(Debug, Default)]
+pub struct WriterStats {
+    pub log_queued: AtomicU64,
+    pub log_dropped: AtomicU64,
+    pub log_written: AtomicU64,
+    pub events_written: AtomicU64,
+    pub failed_flushes: AtomicU64,
+}
+
+enum Msg {
+    Event(StoreEvent),
+    /// Answered once everything sent before it is committed.
+    Flush(Sender<()>),
+    Stop,
+}
+
+/// The request path's handle: cheap to clone, never blocks.
+#[derive(Clone)]
+pub struct WriterSender {
+    events: Sender<Msg>,
+    logs: Sender<LogRow>,
+    stats: Arc<WriterStats>,
+}
+
+impl WriterSender {
+    pub fn event(&self, e: StoreEvent) {
+        // Only fails after shutdown, when nothing is accepted any more.
+        let _ = self.events.send(Msg::Event(e));
+    }
+
+    pub fn log(&self, row: LogRow) {
+        match self.logs.try_send(row) {
+            Ok(()) => {
+                self.stats.log_queued.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                self.stats.log_dropped.fetch_add(1, Ordering::Relaxed);
+                crate::metrics::log_rows_dropped();
+            }
+        }
+    }
+
+    /// Waits (blocking) until everything sent so far is committed.
+    pub fn flush_blocking(&self) {
+        let (tx, rx) = bounded(1);
+        if self.events.send(Msg::Flush(tx)).is_ok() {
+            let _ = rx.recv();
+        }
+    }
+
+    pub fn stats(&self) -> &WriterStats {
+        &self.stats
+    }
+}
+
+pub struct Writer {
+    sender: WriterSender,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Writer {
+    pub fn spawn(store: Store, policy: BatchPolicy) -> Writer {
+        let (etx, erx) = unbounded();
+        let (ltx, lrx) = bounded(policy.log_queue_rows.max(1));
+        let stats = Arc::new(WriterStats::default());
+        let st = stats.clone();
+        let thread = std::thread::Builder::new()
+            .name("keygate-store-writer".into())
+            .spawn(move || run(store, policy, erx, lrx, st))
+            .expect("spawning the store writer thread");
+        Writer {
+            sender: WriterSender {
+                events: etx,
+                logs: ltx,
+                stats,
+            },
+            thread: Some(thread),
+        }
+    }
+
+    pub fn sender(&self) -> WriterSender {
+        self.sender.clone()
+    }
+
+    /// Writes everything queued, then stops the thread.
+    pub fn shutdown(mut self) {
+        let _ = self.sender.events.send(Msg::Stop);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        if let Some(t) = self.thread.take() {
+            let _ = self.sender.events.send(Msg::Stop);
+            let _ = t.join();
+        }
+    }
+}
+
+struct Pending {
+    events: Vec<StoreEvent>,
+    logs: Vec<LogRow>,
+    since: Option<Instant>,
+    acks: Vec<Sender<()>>,
+}
+
+impl Pending {
+    fn len(&self) -> usize {
+        self.events.len() + self.logs.len()
+    }
+    fn touch(&mut self) {
+        self.since.get_or_insert_with(Instant::now);
+    }
+}
+
+fn run(mut store: Store, policy: BatchPolicy, events: Receiver<Msg>, logs: Receiver<LogRow>, stats: Arc<WriterStats>) {
+    let mut p = Pending {
+        events: Vec::new(),
+        logs: Vec::new(),
+        since: None,
+        acks: Vec::new(),
+    };
+    let mut stopping = false;
+    loop {
+        let wait = match p.since {
+            Some(t) => policy.flush_interval.saturating_sub(t.elapsed()),
+            None => policy.flush_interval,
+        };
+        crossbeam_channel::select! {
+            recv(events) -> m => match m {
+                Ok(Msg::Event(e)) => { p.events.push(e); p.touch(); }
+                Ok(Msg::Flush(ack)) => { p.acks.push(ack); p.touch(); }
+                Ok(Msg::Stop) | Err(_) => stopping = true,
+            },
+            recv(logs) -> r => if let Ok(r) = r { p.logs.push(r); p.touch(); },
+            default(wait) => {},
+        }
+        if stopping {
+            // Take everything still queued; new sends after Stop are not waited for.
+            while let Ok(m) = events.try_recv() {
+                match m {
+                    Msg::Event(e) => p.events.push(e),
+                    Msg::Flush(a) => p.acks.push(a),
+                    Msg::Stop => {}
+                }
+            }
+            while let Ok(r) = logs.try_recv() {
+                p.logs.push(r);
+            }
+        }
+        let due = p.len() >= policy.batch_rows
+            || !p.acks.is_empty()
+            || p.since.is_some_and(|t| t.elapsed() >= policy.flush_interval);
+        if (due || stopping) && (p.len() > 0 || !p.acks.is_empty()) {
+            // Drain what is already waiting so one transaction carries as much as it can.
+            while p.len() < policy.batch_rows * 4 {
+                match logs.try_recv() {
+                    Ok(r) => p.logs.push(r),
+                    Err(_) => break,
+                }
+            }
+            flush(&mut store, &mut p, &stats, stopping);
+        }
+        if stopping {
+            return;
+        }
+    }
+}
+
+fn flush(store: &mut Store, p: &mut Pending, stats: &WriterStats, stopping: bool) {
+    let mut attempt = 0u32;
+    loop {
+        let started = Instant::now();
+        match store.write_batch(&p.events, &p.logs) {
+            Ok(()) => {
+                crate::metrics::store_flush(started.elapsed(), p.logs.len(), p.events.len());
+                stats.log_written.fetch_add(p.logs.len() as u64, Ordering::Relaxed);
+                stats.events_written.fetch_add(p.events.len() as u64, Ordering::Relaxed);
+                p.events.clear();
+                p.logs.clear();
+                p.since = None;
+                for a in p.acks.drain(..) {
+                    let _ = a.send(());
+                }
+                return;
+            }
+            Err(e) => {
+                attempt += 1;
+                stats.failed_flushes.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %e, attempt, "store batch write failed; retrying");
+                if stopping && attempt >= 5 {
+                    tracing::error!(
+                        events = p.events.len(),
+                        logs = p.logs.len(),
+                        "giving up on the last batch at shutdown"
+                    );
+                    stats.log_dropped.fetch_add(p.logs.len() as u64, Ordering::Relaxed);
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(200 * u64::from(attempt.min(10))));
+            }
+        }
+    }
+}
