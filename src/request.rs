@@ -89,7 +89,7 @@ impl<'a> Params<'a> {
     }
 
     pub fn string(&self, name: &'static str) -> Result<String, DecodeError> {
-        let v = self.raw(name).unwrap_or("");
+        let v = self.raw(name).unwrap_or_default();
         if v.len() > MAX_FIELD_LEN {
             return Err(DecodeError::BadParameter(name));
         }

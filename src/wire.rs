@@ -87,11 +87,11 @@ pub fn encode_license(v: &LicenseView<'_>, out: &mut Vec<u8>) {
             out.extend_from_slice(b"{\"Id\":");
             push_int(out, c.id);
             out.extend_from_slice(b",\"Name\":");
-            write_newtonsoft_string(out, &c.name);
+            push_opt_str(out, c.name.as_deref());
             out.extend_from_slice(b",\"Email\":");
-            write_newtonsoft_string(out, &c.email);
+            push_opt_str(out, c.email.as_deref());
             out.extend_from_slice(b",\"CompanyName\":");
-            write_newtonsoft_string(out, &c.company_name);
+            push_opt_str(out, c.company_name.as_deref());
             out.extend_from_slice(b",\"Created\":");
             push_int(out, c.created);
             out.push(b'}');

@@ -26,9 +26,10 @@ impl Features {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Customer {
     pub id: i64,
-    pub name: String,
-    pub email: String,
-    pub company_name: String,
+    /// Cryptolens sends `null` for an unset email or company; so do we.
+    pub name: Option<String>,
+    pub email: Option<String>,
+    pub company_name: Option<String>,
     pub created: UnixTime,
 }
 

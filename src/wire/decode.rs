@@ -22,6 +22,9 @@ fn string(v: &Value, k: &str) -> Result<String, String> {
         .map(str::to_owned)
         .ok_or_else(|| format!("{k}: expected a string"))
 }
+fn opt_string(v: &Value, k: &str) -> Option<String> {
+    v.get(k).and_then(Value::as_str).map(str::to_owned)
+}
 fn boolean(v: &Value, k: &str) -> Result<bool, String> {
     v.get(k)
         .and_then(Value::as_bool)
@@ -38,9 +41,9 @@ pub fn decode_license(bytes: &[u8]) -> Result<DecodedLicense, String> {
         Some(Value::Null) | None => None,
         Some(c) => Some(Customer {
             id: int(c, "Id")?,
-            name: string(c, "Name")?,
-            email: string(c, "Email")?,
-            company_name: string(c, "CompanyName")?,
+            name: opt_string(c, "Name"),
+            email: opt_string(c, "Email"),
+            company_name: opt_string(c, "CompanyName"),
             created: int(c, "Created")?,
         }),
     };

@@ -17,9 +17,9 @@ CREATE TABLE products (
 CREATE TABLE customers (
     id            INTEGER PRIMARY KEY,
     tenant_id     INTEGER NOT NULL REFERENCES tenants(id),
-    name          TEXT NOT NULL,
-    email         TEXT NOT NULL,
-    company_name  TEXT NOT NULL,
+    name          TEXT,
+    email         TEXT,
+    company_name  TEXT,
     created       INTEGER NOT NULL
 );
 CREATE TABLE license_keys (

@@ -1,0 +1,133 @@
+//! Encoder unit tests; the byte-exact check against real responses is tests/conformance.rs.
+
+use super::*;
+use crate::domain::{Customer, DataObject, Features, License, Machine, MachineKind, Mask};
+
+fn sample() -> License {
+    License {
+        product_id: 4848,
+        id: 441,
+        global_id: 54722,
+        key: "DUKWC-OHSAQ-NLSFN-PNNZD".into(),
+        created: 1565801498,
+        expires: 3609085340,
+        period: 23649,
+        features: Features(0b0110_0001),
+        notes: Some("Ls1LLAlL1E".into()),
+        block: false,
+        customer: Some(Customer {
+            id: 6569,
+            name: Some("K0Pujy2sHne6qXQ40sd".into()),
+            email: Some("9sXA1WyELzFOVZro".into()),
+            company_name: Some("U0mP6uQtIGpRHW375".into()),
+            created: 1565801498,
+        }),
+        trial_activation: true,
+        max_no_of_machines: 1,
+        allowed_machines: String::new(),
+        data_objects: vec![DataObject { id: 4484, name: "6".into(), string_value: "UUocTrSTGAi".into(), int_value: 805064 }],
+        machines: vec![Machine {
+            machine_code: "a".into(),
+            kind: MachineKind::NodeLocked,
+            ip: "158.174.10.218".into(),
+            proxy_ip: "10.1.1.1".into(),
+            time: 1565811740,
+            friendly_name: String::new(),
+            floating_expires: 0,
+        }],
+    }
+}
+
+fn encode_str(l: &License, mv: i64, mask: Mask) -> String {
+    let machines: Vec<&Machine> = l.machines.iter().collect();
+    let mut out = Vec::new();
+    encode_license(&LicenseView { license: l, machines: &machines, model_version: mv, mask, sign_date: 1570461018 }, &mut out);
+    String::from_utf8(out).unwrap()
+}
+
+#[test]
+fn reference_sample_model_version_1() {
+    // The decoded real response quoted in the reference, §2.1.
+    let want = r#"{"ProductId":4848,"ID":441,"Key":"DUKWC-OHSAQ-NLSFN-PNNZD","Created":1565801498,"Expires":3609085340,"Period":23649,"F1":true,"F2":false,"F3":false,"F4":false,"F5":false,"F6":true,"F7":true,"F8":false,"Notes":"Ls1LLAlL1E","Block":false,"GlobalId":54722,"Customer":{"Id":6569,"Name":"K0Pujy2sHne6qXQ40sd","Email":"9sXA1WyELzFOVZro","CompanyName":"U0mP6uQtIGpRHW375","Created":1565801498},"ActivatedMachines":[{"Mid":"a","IP":"158.174.10.218","Time":1565811740}],"TrialActivation":true,"MaxNoOfMachines":1,"AllowedMachines":"","DataObjects":[{"Id":4484,"Name":"6","StringValue":"UUocTrSTGAi","IntValue":805064}],"SignDate":1570461018}"#;
+    assert_eq!(encode_str(&sample(), 1, Mask(0)), want);
+}
+
+#[test]
+fn model_version_3_adds_reseller_and_machine_fields() {
+    let s = encode_str(&sample(), 3, Mask(0));
+    assert!(s.contains(r#"{"Mid":"a","FriendlyName":"","IP":"158.174.10.218","Time":1565811740,"FloatingExpires":0}"#), "{s}");
+    assert!(s.ends_with(r#""Reseller":null,"SignDate":1570461018}"#), "{s}");
+    assert!(!s.contains("10.1.1.1"), "the proxy IP is never returned");
+}
+
+#[test]
+fn masked_fields_stay_present_with_neutral_values() {
+    let s = encode_str(&sample(), 3, Mask(511));
+    for want in [
+        r#""ID":0"#,
+        r#""Key":null"#,
+        r#""Notes":null"#,
+        r#""GlobalId":0"#,
+        r#""Customer":null"#,
+        r#""MaxNoOfMachines":0"#,
+        r#""AllowedMachines":"""#,
+        r#""DataObjects":[]"#,
+    ] {
+        assert!(s.contains(want), "{want} missing in {s}");
+    }
+    // Still valid JSON with every key Python indexes.
+    let v: serde_json::Value = serde_json::from_str(&s).unwrap();
+    for k in ["ProductId", "Created", "Expires", "Period", "F1", "F8", "Block", "TrialActivation", "SignDate", "ActivatedMachines"] {
+        assert!(v.get(k).is_some(), "{k}");
+    }
+}
+
+#[test]
+fn newtonsoft_escaping() {
+    let mut out = Vec::new();
+    write_newtonsoft_string(&mut out, "a\"b\\c\nd\te\u{1}f\u{7f}g\u{85}h\u{2028}é<>&'");
+    assert_eq!(
+        String::from_utf8(out).unwrap(),
+        "\"a\\\"b\\\\c\\nd\\te\\u0001f\u{7f}g\\u0085h\\u2028é<>&'\""
+    );
+}
+
+#[test]
+fn envelopes() {
+    assert_eq!(error_response("Access denied."), br#"{"result":1,"message":"Access denied."}"#);
+    assert_eq!(key_response("AB-CD"), br#"{"key":"AB-CD","result":0,"message":""}"#);
+    let r = String::from_utf8(license_response(b"{}", &[1, 2], Some(b"null"))).unwrap();
+    assert_eq!(r, r#"{"licenseKey":"e30=","signature":"AQI=","result":0,"message":"","metadata":null}"#);
+}
+
+#[test]
+fn metadata_signature_is_base64_json_with_data_and_signature() {
+    let md = Metadata {
+        activated_machines: 2,
+        status: LicenseStatus { is_valid: true, reason_for_invalidity: 0, trial: false, time_limited: true, time_left_days: 3 },
+        used_floating_machines: 1,
+    };
+    let data = metadata_data(&md);
+    let obj: serde_json::Value = serde_json::from_slice(&metadata_object(&md, &data, &[9, 9], 77)).unwrap();
+    assert_eq!(obj["activatedMachines"], 2);
+    assert_eq!(obj["licenseStatus"]["timeLeft"], 3);
+    let inner = B64.decode(obj["signature"].as_str().unwrap()).unwrap();
+    let inner: serde_json::Value = serde_json::from_slice(&inner).unwrap();
+    assert_eq!(B64.decode(inner["Data"].as_str().unwrap()).unwrap(), data);
+    assert_eq!(inner["Signature"], "CQk=");
+    assert_eq!(inner["Date"], 77);
+    let d: serde_json::Value = serde_json::from_slice(&data).unwrap();
+    assert_eq!(d["LicenseStatus"]["TimeLimited"], true);
+}
+
+#[test]
+fn decode_round_trips_our_output() {
+    let l = sample();
+    let s = encode_str(&l, 3, Mask(0));
+    let d = decode_license(s.as_bytes()).unwrap();
+    assert_eq!(d.model_version, 3);
+    assert_eq!(d.sign_date, 1570461018);
+    let mut want = l.clone();
+    want.machines[0].proxy_ip.clear();
+    assert_eq!(d.license, want);
+}

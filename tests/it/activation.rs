@@ -1,0 +1,191 @@
+//! Activation behaviour over real sockets: parallel activations never exceed the limit, state
+//! survives a restart, every request is logged with client and proxy IP, h1 and h2 both serve.
+
+use super::helpers::{cli, Seed, Server, TempDir};
+use keygate_loadtest::{form, Protocol};
+use std::time::Duration;
+
+const LIMIT_MSG: &str = "Cannot activate the new device as the limit has been reached.";
+
+fn activate_form(seed: &Seed, key: &str, machine: &str) -> String {
+    form(&[
+        ("token", &seed.token),
+        ("ProductId", &seed.product.to_string()),
+        ("Key", key),
+        ("MachineCode", machine),
+        ("Sign", "true"),
+        ("SignMethod", "1"),
+    ])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parallel_new_machines_never_exceed_the_limit_and_survive_restart() {
+    let dir = TempDir::new("limit");
+    let seed = Seed::new(&dir.0);
+    let key = seed.key(&dir.0, &["--max-machines", "5"]);
+    let mut server = Server::start(&dir.0, &[]);
+
+    // 4 HTTP/2 connections x 60 concurrent streams + 4 HTTP/1.1 connections x 15 sequential.
+    let mut tasks = Vec::new();
+    for c in 0..4 {
+        let conn = server.connect(Protocol::Http2).await;
+        for s in 0..60 {
+            let mut h = conn.clone_h2().unwrap();
+            let body = activate_form(&seed, &key, &format!("h2-{c}-{s}"));
+            tasks.push(tokio::spawn(async move { vec![h.post("/api/key/Activate", &body).await.unwrap()] }));
+        }
+    }
+    for c in 0..4 {
+        let mut conn = server.connect(Protocol::Http1).await;
+        let bodies: Vec<String> = (0..15).map(|s| activate_form(&seed, &key, &format!("h1-{c}-{s}"))).collect();
+        tasks.push(tokio::spawn(async move {
+            let mut replies = Vec::new();
+            for b in bodies {
+                replies.push(conn.post("/api/key/activate", &b).await.unwrap());
+            }
+            replies
+        }));
+    }
+    let mut ok = 0;
+    let mut refused = 0;
+    for r in futures_flatten(tasks).await {
+        let v = r.json().unwrap();
+        if r.status == 200 {
+            assert_eq!(v["result"], 0);
+            ok += 1;
+        } else {
+            assert_eq!((r.status, v["result"].as_i64(), v["message"].as_str()), (400, Some(1), Some(LIMIT_MSG)));
+            refused += 1;
+        }
+    }
+    assert_eq!((ok, refused), (5, 295), "300 distinct machines on a limit of 5");
+    // Exactly five machines are recorded, in the store after a clean stop.
+    server.stop();
+    let shown = cli(&dir.0, &["key", "show", "--product", &seed.product.to_string(), "--key", &key]);
+    let machines: Vec<String> = shown["activations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["mid"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(machines.len(), 5, "{machines:?}");
+
+    // After a restart the same five are known and a sixth is still refused.
+    let server = Server::start(&dir.0, &[]);
+    let mut conn = server.connect(Protocol::Http1).await;
+    for m in &machines {
+        let r = conn.post("/api/key/Activate", &activate_form(&seed, &key, m)).await.unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let r = conn.post("/api/key/Activate", &activate_form(&seed, &key, "newcomer")).await.unwrap();
+    assert_eq!(r.json().unwrap()["message"], LIMIT_MSG);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_request_is_logged_with_client_and_proxy_ip() {
+    let dir = TempDir::new("log");
+    let seed = Seed::new(&dir.0);
+    let key = seed.key(&dir.0, &["--max-machines", "1"]);
+    let mut server = Server::start(&dir.0, &[("KEYGATE_SERVER__PROXY_IP", "192.0.2.7")]);
+    let mut conn = server.connect(Protocol::Http2).await;
+    let mut codes = Vec::new();
+    for (i, (machine, name)) in [("m1", "laptop"), ("m1", ""), ("m2", "")].iter().enumerate() {
+        let body = format!("{}&FriendlyName={name}", activate_form(&seed, &key, machine));
+        let r = conn.post("/api/key/Activate", &body).await.unwrap();
+        assert_eq!(r.status, if i < 2 { 200 } else { 400 }, "{}", r.text());
+    }
+    codes.extend([2011, 2010, 2021]);
+    let r = conn.post("/api/key/GetKey", &activate_form(&seed, &key, "")).await.unwrap();
+    assert_eq!(r.status, 200);
+    codes.push(1010);
+    let r = conn.post("/api/key/activate", "token=nope&ProductId=1&Key=K").await.unwrap();
+    assert_eq!(r.status, 401);
+    codes.push(2020);
+    let r = conn.post("/api/key/Unknown", "").await.unwrap();
+    assert_eq!(r.status, 404);
+    codes.push(5020);
+    server.stop();
+
+    let logs = cli(&dir.0, &["log", "list", "--limit", "100"]);
+    let mut rows: Vec<_> = logs["logs"].as_array().unwrap().clone();
+    rows.reverse();
+    let got: Vec<i64> = rows.iter().map(|r| r["state"].as_i64().unwrap()).collect();
+    assert_eq!(got, codes);
+    for r in &rows {
+        assert_eq!(r["client_ip"], "127.0.0.1");
+        assert_eq!(r["proxy_ip"], "192.0.2.7");
+        assert!(r["time"].as_i64().unwrap() > 1_700_000_000);
+    }
+    assert_eq!(rows[0]["machine_code"], "m1");
+    assert_eq!(rows[0]["friendly_name"], "laptop");
+    assert_eq!(rows[0]["product_id"], seed.product);
+    assert_eq!(rows[0]["key_id"], 1);
+    assert_eq!(rows[0]["tenant_id"], seed.tenant);
+    // The activation records the client IP, the proxy IP and the first-activation time.
+    let shown = cli(&dir.0, &["key", "show", "--product", &seed.product.to_string(), "--key", &key]);
+    let a = &shown["activations"][0];
+    assert_eq!((a["mid"].as_str(), a["ip"].as_str(), a["proxy_ip"].as_str()), (Some("m1"), Some("127.0.0.1"), Some("192.0.2.7")));
+    assert_eq!(a["time"], rows[0]["time"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_requests_with_query_strings_work_like_posts() {
+    let dir = TempDir::new("get");
+    let seed = Seed::new(&dir.0);
+    let key = seed.key(&dir.0, &["--max-machines", "2"]);
+    let server = Server::start(&dir.0, &[]);
+    let mut conn = server.connect(Protocol::Http1).await;
+    let q = activate_form(&seed, &key, "browser");
+    let r = conn.request("GET", &format!("/api/key/Activate?{q}"), &[], "").await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json().unwrap();
+    assert_eq!(v["result"], 0);
+    // Signed with the tenant's key, over exactly the licenseKey bytes.
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let xml = &seed.public_key;
+    let modulus = b64.decode(&xml["<RSAKeyValue><Modulus>".len()..xml.find("</Modulus>").unwrap()]).unwrap();
+    let lk = b64.decode(v["licenseKey"].as_str().unwrap()).unwrap();
+    let sig = b64.decode(v["signature"].as_str().unwrap()).unwrap();
+    assert!(keygate::signing::verify_sha256(&modulus, &[1, 0, 1], &lk, &sig));
+    let lic: serde_json::Value = serde_json::from_slice(&lk).unwrap();
+    assert_eq!(lic["ActivatedMachines"][0]["Mid"], "browser");
+    assert_eq!(lic["Key"], key.as_str());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_plane_changes_reach_a_running_node() {
+    let dir = TempDir::new("sync");
+    let server = Server::start(&dir.0, &[]);
+    // Everything is created while the node runs.
+    let seed = Seed::new(&dir.0);
+    let key = seed.key(&dir.0, &["--max-machines", "1"]);
+    let conn = server.connect(Protocol::Http2).await;
+    let body = activate_form(&seed, &key, "m");
+    let ok = super::helpers::eventually(Duration::from_secs(10), || {
+        let mut c = conn.clone_h2().unwrap();
+        let b = body.clone();
+        async move { (c.post("/api/key/Activate", &b).await.unwrap().status == 200).then_some(()) }
+    })
+    .await;
+    assert!(ok.is_some(), "a key created while serving was not picked up within 10 s");
+    cli(&dir.0, &["key", "block", "--product", &seed.product.to_string(), "--key", &key]);
+    let blocked = super::helpers::eventually(Duration::from_secs(10), || {
+        let mut c = conn.clone_h2().unwrap();
+        let b = body.clone();
+        async move {
+            let v = c.post("/api/key/Activate", &b).await.unwrap().json().unwrap();
+            (v["message"] == "The key is blocked and cannot be accessed.").then_some(())
+        }
+    })
+    .await;
+    assert!(blocked.is_some(), "a block was not applied within 10 s");
+}
+
+async fn futures_flatten(tasks: Vec<tokio::task::JoinHandle<Vec<keygate_loadtest::Reply>>>) -> Vec<keygate_loadtest::Reply> {
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    all
+}

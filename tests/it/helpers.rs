@@ -1,0 +1,186 @@
+//! Test harness: temp data dirs, the `keygate` CLI, and a served instance on a free port.
+
+use keygate_loadtest::{tls_config, Connection, Protocol};
+use serde_json::Value;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_keygate");
+
+/// A directory removed when dropped.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "keygate-it-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Runs a CLI command with `--json` and returns its output, failing the test on error.
+pub fn cli(data_dir: &Path, args: &[&str]) -> Value {
+    let out = Command::new(BIN)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(args)
+        .arg("--json")
+        .output()
+        .expect("running keygate");
+    assert!(
+        out.status.success(),
+        "keygate {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("JSON output")
+}
+
+/// A tenant with one product, one token for all methods and its public key.
+pub struct Seed {
+    pub tenant: i64,
+    pub product: i64,
+    pub token: String,
+    pub public_key: String,
+}
+
+impl Seed {
+    pub fn new(dir: &Path) -> Seed {
+        let t = cli(dir, &["tenant", "create", "--name", "acme"]);
+        let tenant = t["tenant_id"].as_i64().unwrap();
+        let p = cli(dir, &["product", "create", "--tenant", &tenant.to_string(), "--name", "app"]);
+        let product = p["product_id"].as_i64().unwrap();
+        let tok = cli(dir, &["token", "create", "--tenant", &tenant.to_string()]);
+        Seed {
+            tenant,
+            product,
+            token: tok["token"].as_str().unwrap().to_owned(),
+            public_key: t["public_key"].as_str().unwrap().to_owned(),
+        }
+    }
+
+    /// Creates a key with extra `key create` flags; returns the key string.
+    pub fn key(&self, dir: &Path, extra: &[&str]) -> String {
+        let pid = self.product.to_string();
+        let mut args = vec!["key", "create", "--product", &pid];
+        args.extend_from_slice(extra);
+        cli(dir, &args)["key"].as_str().unwrap().to_owned()
+    }
+}
+
+/// A running `keygate serve`.
+pub struct Server {
+    child: Option<Child>,
+    pub addr: SocketAddr,
+    pub data_dir: PathBuf,
+    pub cert: PathBuf,
+}
+
+impl Server {
+    /// Starts on a free loopback port with a fast sync interval and extra `KEYGATE_*` settings.
+    pub fn start(data_dir: &Path, env: &[(&str, &str)]) -> Server {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("--data-dir")
+            .arg(data_dir)
+            .arg("serve")
+            .env("KEYGATE_SERVER__LISTEN", "127.0.0.1:0")
+            .env("KEYGATE_STORE__SYNC_INTERVAL_MS", "50")
+            .env("KEYGATE_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("starting keygate serve");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("keygate did not report its address within 60 s");
+        let url = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("https://"))
+            .unwrap_or_else(|| panic!("unexpected first line: {line}"));
+        Server {
+            child: Some(child),
+            addr: url.parse().unwrap(),
+            data_dir: data_dir.to_owned(),
+            cert: data_dir.join("tls/cert.pem"),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("https://{}", self.addr)
+    }
+
+    pub async fn connect(&self, protocol: Protocol) -> Connection {
+        let tls = tls_config(&self.cert, protocol).unwrap();
+        Connection::connect(self.addr, tls, protocol).await.unwrap()
+    }
+
+    /// SIGTERM, then waits for a clean exit (connections drained, store writer flushed).
+    pub fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else { return };
+        let ok = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "sending SIGTERM failed");
+        for _ in 0..600 {
+            if let Some(status) = child.try_wait().unwrap() {
+                assert!(status.success(), "keygate exited with {status}");
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        panic!("keygate did not exit within 30 s of SIGTERM");
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Retries `f` until it returns `Some` or `within` passes.
+pub async fn eventually<T, F, Fut>(within: Duration, mut f: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let end = tokio::time::Instant::now() + within;
+    loop {
+        if let Some(v) = f().await {
+            return Some(v);
+        }
+        if tokio::time::Instant::now() >= end {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}

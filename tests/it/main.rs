@@ -1,0 +1,7 @@
+//! System tests: a real `keygate serve` process over real TLS sockets, driven by our HTTPS
+//! client and by the real Cryptolens SDKs. One binary: `cargo test --test it`.
+
+mod activation;
+mod helpers;
+mod hostile;
+mod sdk;
