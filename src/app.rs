@@ -70,7 +70,10 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", s.listen))?;
     let addr = listener.local_addr()?;
     // Scripts and tests read this line to find the port.
-    println!("keygate listening on https://{addr} (certificate {})", cert.display());
+    println!(
+        "keygate listening on https://{addr} (certificate {})",
+        cert.display()
+    );
 
     let shutdown = CancellationToken::new();
     let signals = shutdown.clone();
@@ -84,9 +87,17 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     let writer_stats = writer.sender();
     tokio::task::spawn_blocking(move || writer.shutdown()).await?;
     let st = writer_stats.stats();
+    let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    if load(&st.events_lost) > 0 {
+        tracing::error!(
+            events_lost = load(&st.events_lost),
+            "activation changes were not stored"
+        );
+    }
     tracing::info!(
-        log_written = st.log_written.load(std::sync::atomic::Ordering::Relaxed),
-        log_dropped = st.log_dropped.load(std::sync::atomic::Ordering::Relaxed),
+        log_written = load(&st.log_written),
+        log_dropped = load(&st.log_dropped),
+        events_written = load(&st.events_written),
         "store writer flushed; bye"
     );
     Ok(())
@@ -94,7 +105,10 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
 
 async fn wait_for_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         tracing::error!("cannot install signal handlers; stop with SIGKILL");
         return std::future::pending().await;
     };

@@ -107,7 +107,10 @@ const ENV_TOP: [&str; 1] = ["DATA_DIR"];
 
 impl Config {
     /// Defaults, then `file` (if any), then the `KEYGATE_*` entries of `env`.
-    pub fn load(file: Option<&Path>, env: &BTreeMap<String, String>) -> Result<Config, ConfigError> {
+    pub fn load(
+        file: Option<&Path>,
+        env: &BTreeMap<String, String>,
+    ) -> Result<Config, ConfigError> {
         let mut problems = Vec::new();
         let mut merged = toml::Table::try_from(Config::default()).expect("defaults serialize");
         if let Some(path) = file {
@@ -120,7 +123,9 @@ impl Config {
             }
         }
         for (k, v) in env {
-            let Some(rest) = k.strip_prefix(ENV_PREFIX) else { continue };
+            let Some(rest) = k.strip_prefix(ENV_PREFIX) else {
+                continue;
+            };
             let path: Vec<String> = if rest.contains("__") {
                 rest.split("__").map(str::to_ascii_lowercase).collect()
             } else if ENV_TOP.contains(&rest) {
@@ -151,7 +156,10 @@ impl Config {
         let mut p = Vec::new();
         let s = &self.server;
         if s.listen.parse::<SocketAddr>().is_err() {
-            p.push(format!("server.listen: {:?} is not an address like 127.0.0.1:8443", s.listen));
+            p.push(format!(
+                "server.listen: {:?} is not an address like 127.0.0.1:8443",
+                s.listen
+            ));
         }
         if s.tls_cert.is_some() != s.tls_key.is_some() {
             p.push("server.tls_cert and server.tls_key must be set together".into());
@@ -167,7 +175,10 @@ impl Config {
         for (name, v) in [
             ("server.header_read_timeout_ms", s.header_read_timeout_ms),
             ("server.body_read_timeout_ms", s.body_read_timeout_ms),
-            ("server.tls_handshake_timeout_ms", s.tls_handshake_timeout_ms),
+            (
+                "server.tls_handshake_timeout_ms",
+                s.tls_handshake_timeout_ms,
+            ),
             ("store.sync_interval_ms", self.store.sync_interval_ms),
             ("store.flush_interval_ms", self.store.flush_interval_ms),
         ] {
@@ -242,7 +253,10 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -257,10 +271,18 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("kg-cfg-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let f = dir.join("k.toml");
-        std::fs::write(&f, "data_dir = \"/srv/kg\"\n[server]\nlisten = \"0.0.0.0:443\"\nmax_connections = 5\n").unwrap();
+        std::fs::write(
+            &f,
+            "data_dir = \"/srv/kg\"\n[server]\nlisten = \"0.0.0.0:443\"\nmax_connections = 5\n",
+        )
+        .unwrap();
         let c = Config::load(
             Some(&f),
-            &env(&[("KEYGATE_SERVER__MAX_CONNECTIONS", "7"), ("KEYGATE_BIN", "/ignored"), ("PATH", "/bin")]),
+            &env(&[
+                ("KEYGATE_SERVER__MAX_CONNECTIONS", "7"),
+                ("KEYGATE_BIN", "/ignored"),
+                ("PATH", "/bin"),
+            ]),
         )
         .unwrap();
         assert_eq!(c.data_dir, PathBuf::from("/srv/kg"));

@@ -73,7 +73,9 @@ pub fn list_tenants(store: &Store) -> Result<Value> {
 
 fn check_feature(name: &str, f: Option<u8>) -> Result<()> {
     match f {
-        Some(n) if !(1..=8).contains(&n) => Err(ControlError::Invalid(format!("{name} must be 1..8"))),
+        Some(n) if !(1..=8).contains(&n) => {
+            Err(ControlError::Invalid(format!("{name} must be 1..8")))
+        }
         _ => Ok(()),
     }
 }
@@ -103,7 +105,13 @@ pub fn list_products(store: &Store, tenant: Option<i64>) -> Result<Value> {
     Ok(json!({"products": rows}))
 }
 
-pub fn create_customer(store: &mut Store, tenant: i64, name: &str, email: &str, company: &str) -> Result<Value> {
+pub fn create_customer(
+    store: &mut Store,
+    tenant: i64,
+    name: &str,
+    email: &str,
+    company: &str,
+) -> Result<Value> {
     let id = store.create_customer(tenant, name, email, company, now())?;
     Ok(json!({"customer_id": id}))
 }
@@ -145,10 +153,14 @@ pub fn parse_data_object(s: &str) -> Result<(String, String, i64)> {
 
 pub fn create_key(store: &mut Store, spec: &KeySpec) -> Result<Value> {
     if spec.period < 0 || spec.max_no_of_machines < 0 {
-        return Err(ControlError::Invalid("--period and --max-machines must not be negative".into()));
+        return Err(ControlError::Invalid(
+            "--period and --max-machines must not be negative".into(),
+        ));
     }
     if spec.notes.as_ref().is_some_and(|n| n.chars().count() > 500) {
-        return Err(ControlError::Invalid("The notes field cannot be more than 500 characters.".into()));
+        return Err(ControlError::Invalid(
+            "The notes field cannot be more than 500 characters.".into(),
+        ));
     }
     let product = store.product(spec.product_id)?;
     let customer_id = match &spec.new_customer {
@@ -244,7 +256,9 @@ pub fn create_token(store: &mut Store, spec: &TokenSpec) -> Result<Value> {
         methods = Method::all_bits();
     }
     if spec.key_lock.is_some_and(|k| k < -1 || k == 0) {
-        return Err(ControlError::Invalid("--key-lock must be a key ID or -1".into()));
+        return Err(ControlError::Invalid(
+            "--key-lock must be a key ID or -1".into(),
+        ));
     }
     let scope = Scope {
         tenant_id: spec.tenant_id,
@@ -254,7 +268,12 @@ pub fn create_token(store: &mut Store, spec: &TokenSpec) -> Result<Value> {
         feature_lock: spec.feature_lock,
     };
     let token = new_token();
-    let id = store.create_token(&crate::state::token_hash(&token), &scope, &spec.description, now())?;
+    let id = store.create_token(
+        &crate::state::token_hash(&token),
+        &scope,
+        &spec.description,
+        now(),
+    )?;
     Ok(json!({"token": token, "token_id": id, "methods": method_names(methods)}))
 }
 

@@ -14,5 +14,7 @@ mod tests;
 
 pub use codes::StateCode;
 pub use decide::{activate, deactivate, ActivateInput, ActivateOutcome, DeactivateOutcome, Reject};
-pub use model::{Customer, DataObject, Features, License, Machine, MachineKind, Mask, UnixTime, DAY_SECONDS};
+pub use model::{
+    Customer, DataObject, Features, License, Machine, MachineKind, Mask, UnixTime, DAY_SECONDS,
+};
 pub use scope::{Method, Scope, ScopeError};

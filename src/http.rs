@@ -87,14 +87,23 @@ fn route_name(r: Option<Route>) -> &'static str {
     }
 }
 
-async fn handle(ctx: Arc<Ctx>, conn: Arc<Conn>, req: hyper::Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn handle(
+    ctx: Arc<Ctx>,
+    conn: Arc<Conn>,
+    req: hyper::Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
     let started = tokio::time::Instant::now();
     let mut log = LogCtx::default();
     let route = request::route(req.uri().path()).ok();
     let outcome = serve(&ctx, &conn, req, &mut log).await;
     let (status, body, code, label) = match outcome {
         Ok((body, code)) => (StatusCode::OK, body, code, "ok"),
-        Err(f) => (f.error.status(), crate::wire::error_response(f.error.message()), f.code, f.error.label()),
+        Err(f) => (
+            f.error.status(),
+            crate::wire::error_response(f.error.message()),
+            f.code,
+            f.error.label(),
+        ),
     };
     ctx.writer
         .log(log.row(&conn.client_ip, &conn.proxy_ip, ctx.now(), code));
@@ -102,12 +111,18 @@ async fn handle(ctx: Arc<Ctx>, conn: Arc<Conn>, req: hyper::Request<Incoming>) -
     Ok(json_response(status, body))
 }
 
-async fn serve(ctx: &Arc<Ctx>, conn: &Conn, req: hyper::Request<Incoming>, log: &mut LogCtx) -> handlers::Outcome {
+async fn serve(
+    ctx: &Arc<Ctx>,
+    conn: &Conn,
+    req: hyper::Request<Incoming>,
+    log: &mut LogCtx,
+) -> handlers::Outcome {
     let other = |e: ApiError| Failure::new(e, crate::domain::StateCode::OTHER_FAILED);
     if req.method() != HttpMethod::GET && req.method() != HttpMethod::POST {
         return Err(other(ApiError::HttpMethod));
     }
-    let route = request::route(req.uri().path()).map_err(|e| other(request::DecodeOutcome::Route(e).into()))?;
+    let route = request::route(req.uri().path())
+        .map_err(|e| other(request::DecodeOutcome::Route(e).into()))?;
     if let Some(enc) = req.headers().get(header::CONTENT_ENCODING) {
         if !enc.as_bytes().eq_ignore_ascii_case(b"identity") {
             return Err(other(ApiError::UnsupportedEncoding));
@@ -127,7 +142,9 @@ async fn serve(ctx: &Arc<Ctx>, conn: &Conn, req: hyper::Request<Incoming>, log: 
     let limited = Limited::new(body, ctx.limits.max_body_bytes);
     let body = match tokio::time::timeout(ctx.limits.body_read_timeout, limited.collect()).await {
         Err(_) => return Err(other(ApiError::BodyTimeout)),
-        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => return Err(other(ApiError::BodyTooLarge)),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+            return Err(other(ApiError::BodyTooLarge))
+        }
         Ok(Err(_)) => return Err(other(ApiError::BadInput)),
         Ok(Ok(b)) => b.to_bytes(),
     };
@@ -140,7 +157,8 @@ async fn serve(ctx: &Arc<Ctx>, conn: &Conn, req: hyper::Request<Incoming>, log: 
         Route::Deactivate => crate::domain::StateCode::DEACTIVATE_FAILED,
         Route::CreateTrialKey => crate::domain::StateCode::TRIAL_FAILED,
     };
-    let request = decoded.map_err(|e| Failure::new(request::DecodeOutcome::Params(e).into(), fail_code))?;
+    let request =
+        decoded.map_err(|e| Failure::new(request::DecodeOutcome::Params(e).into(), fail_code))?;
     match request {
         Request::Activate(r) => handlers::activate(ctx, r, &conn.client_ip, &conn.proxy_ip, log),
         Request::GetKey(r) => handlers::get_key(ctx, r, log),
@@ -201,7 +219,12 @@ pub async fn serve_tls(
             client_ip: client_ip(peer),
             proxy_ip,
         });
-        let (acceptor, ctx, builder, watcher) = (acceptor.clone(), ctx.clone(), builder.clone(), graceful.watcher());
+        let (acceptor, ctx, builder, watcher) = (
+            acceptor.clone(),
+            ctx.clone(),
+            builder.clone(),
+            graceful.watcher(),
+        );
         let handshake_timeout = limits.tls_handshake_timeout;
         tokio::spawn(async move {
             let _permit = permit;

@@ -10,7 +10,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "keygate", version, about = "Cryptolens-compatible license-activation edge server")]
+#[command(
+    name = "keygate",
+    version,
+    about = "Cryptolens-compatible license-activation edge server"
+)]
 struct Cli {
     /// TOML configuration file (defaults, then this file, then KEYGATE_* variables).
     #[arg(long, global = true, env = "KEYGATE_CONFIG")]
@@ -213,15 +217,12 @@ fn main() -> ExitCode {
         }
     };
     if let Some(d) = &cli.data_dir {
-        if cfg.store.sqlite_path.is_none() {
-            cfg.data_dir = d.clone();
-        } else {
-            cfg.data_dir = d.clone();
-        }
+        cfg.data_dir = d.clone();
     }
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("KEYGATE_LOG").unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_env("KEYGATE_LOG")
+                .unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();

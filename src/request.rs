@@ -342,33 +342,171 @@ mod tests {
 
     #[test]
     fn query_and_body_merge_query_first() {
-        let Ok(Request::GetKey(r)) = decode("/api/key/GetKey", b"token=q&ProductId=1", b"token=b&Key=K&ProductId=2")
-        else {
+        let Ok(Request::GetKey(r)) = decode(
+            "/api/key/GetKey",
+            b"token=q&ProductId=1",
+            b"token=b&Key=K&ProductId=2",
+        ) else {
             panic!("did not decode")
         };
-        assert_eq!((r.token.as_str(), r.product_id, r.key.as_str()), ("q", 1, "K"));
+        assert_eq!(
+            (r.token.as_str(), r.product_id, r.key.as_str()),
+            ("q", 1, "K")
+        );
     }
 
     #[test]
     fn bad_values_are_errors() {
         let cases: [(&[u8], DecodeOutcome); 6] = [
-            (b"ProductId=1&Key=K", DecodeOutcome::Params(DecodeError::MissingToken)),
-            (b"token=t&Key=K", DecodeOutcome::Params(DecodeError::BadParameter("ProductId"))),
-            (b"token=t&ProductId=x&Key=K", DecodeOutcome::Params(DecodeError::BadParameter("ProductId"))),
-            (b"token=t&ProductId=1", DecodeOutcome::Params(DecodeError::BadParameter("Key"))),
-            (b"token=t&ProductId=1&Key=K&Sign=maybe&Metadata=yes", DecodeOutcome::Params(DecodeError::BadParameter("Metadata"))),
-            (b"token=t&ProductId=1&Key=K&FloatingTimeInterval=-5", DecodeOutcome::Params(DecodeError::BadParameter("FloatingTimeInterval"))),
+            (
+                b"ProductId=1&Key=K",
+                DecodeOutcome::Params(DecodeError::MissingToken),
+            ),
+            (
+                b"token=t&Key=K",
+                DecodeOutcome::Params(DecodeError::BadParameter("ProductId")),
+            ),
+            (
+                b"token=t&ProductId=x&Key=K",
+                DecodeOutcome::Params(DecodeError::BadParameter("ProductId")),
+            ),
+            (
+                b"token=t&ProductId=1",
+                DecodeOutcome::Params(DecodeError::BadParameter("Key")),
+            ),
+            (
+                b"token=t&ProductId=1&Key=K&Sign=maybe&Metadata=yes",
+                DecodeOutcome::Params(DecodeError::BadParameter("Metadata")),
+            ),
+            (
+                b"token=t&ProductId=1&Key=K&FloatingTimeInterval=-5",
+                DecodeOutcome::Params(DecodeError::BadParameter("FloatingTimeInterval")),
+            ),
         ];
         for (body, want) in cases {
-            assert_eq!(decode("/api/key/activate", b"", body).unwrap_err(), want, "{}", String::from_utf8_lossy(body));
+            assert_eq!(
+                decode("/api/key/activate", b"", body).unwrap_err(),
+                want,
+                "{}",
+                String::from_utf8_lossy(body)
+            );
         }
     }
 
     #[test]
     fn malformed_encodings_never_panic() {
-        let junk: [&[u8]; 6] = [b"%", b"%zz=%", b"\xff\xfe=\xff", b"&&&==&=", b"token=%E2%82", b"token"];
+        let junk: [&[u8]; 6] = [
+            b"%",
+            b"%zz=%",
+            b"\xff\xfe=\xff",
+            b"&&&==&=",
+            b"token=%E2%82",
+            b"token",
+        ];
         for j in junk {
             let _ = decode("/api/key/activate", j, j);
         }
+    }
+
+    /// A small deterministic generator, so a failing input can be reproduced from its seed.
+    struct XorShift(u64);
+    impl XorShift {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn pick<'a>(&mut self, xs: &[&'a [u8]]) -> &'a [u8] {
+            xs[(self.next() % xs.len() as u64) as usize]
+        }
+    }
+
+    /// Pseudo-random requests built from the pieces real and hostile clients send: every one
+    /// decodes or is refused, and what decodes respects the field limits.
+    #[test]
+    fn random_inputs_decode_or_refuse() {
+        const PIECES: &[&[u8]] = &[
+            b"token",
+            b"Token",
+            b"ProductId",
+            b"productid",
+            b"Key",
+            b"MachineCode",
+            b"FriendlyName",
+            b"FloatingTimeInterval",
+            b"MaxOverdraft",
+            b"Metadata",
+            b"ModelVersion",
+            b"SignMethod",
+            b"FieldsToReturn",
+            b"=",
+            b"&",
+            b"%",
+            b"%2",
+            b"%41",
+            b"%E2%82%AC",
+            b"%FF",
+            b"+",
+            b"1",
+            b"-1",
+            b"0",
+            b"99999999999999999999",
+            b"True",
+            b"false",
+            b"None",
+            b"null",
+            b"StringSign",
+            b"\xff",
+            b"\x00",
+            b"\xe2\x82",
+            b" ",
+            b"\"",
+            b";",
+            b"\r\n",
+        ];
+        const PATHS: &[&[u8]] = &[
+            b"/api/key/Activate",
+            b"//api//key/getkey/",
+            b"/api/key/Deactivate",
+            b"/api/key/CreateTrialKey",
+            b"/Ext/Activate",
+            b"/api/key/",
+            b"/api/key/activate/x",
+            b"%2F",
+            b"",
+            b"/api/\xff/activate",
+        ];
+        let mut rng = XorShift(0x9E37_79B9_7F4A_7C15);
+        let mut decoded = 0;
+        for _ in 0..20_000 {
+            let path = String::from_utf8_lossy(rng.pick(PATHS)).into_owned();
+            let mut parts: [Vec<u8>; 2] = Default::default();
+            if rng.next().is_multiple_of(3) {
+                // A valid base, so that the junk after it is what gets tested.
+                parts[rng.next() as usize % 2]
+                    .extend_from_slice(b"token=t&ProductId=1&Key=K&MachineCode=m&");
+            }
+            for part in &mut parts {
+                for _ in 0..rng.next() % 24 {
+                    part.extend_from_slice(rng.pick(PIECES));
+                }
+                if rng.next().is_multiple_of(50) {
+                    part.extend(std::iter::repeat_n(b'a', MAX_FIELD_LEN + 1));
+                }
+            }
+            if let Ok(req) = decode(&path, &parts[0], &parts[1]) {
+                decoded += 1;
+                let (token, key) = match &req {
+                    Request::Activate(r) => (&r.token, r.key.as_str()),
+                    Request::GetKey(r) => (&r.token, r.key.as_str()),
+                    Request::Deactivate(r) => (&r.token, r.key.as_str()),
+                    Request::CreateTrialKey(r) => (&r.token, ""),
+                };
+                assert!(token.len() <= MAX_FIELD_LEN && key.len() <= MAX_FIELD_LEN);
+            }
+        }
+        // The alphabet is rich enough that some inputs get through, so both branches ran.
+        assert!(decoded > 0, "no random input decoded");
     }
 }

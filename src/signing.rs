@@ -33,7 +33,8 @@ impl std::fmt::Debug for Signer {
 /// A new RSA-2048 key as PKCS#8 DER.
 pub fn generate_pkcs8() -> Result<Vec<u8>, SigningError> {
     let kp = KeyPair::generate(KeySize::Rsa2048).map_err(|_| SigningError::Generate)?;
-    let der = AsDer::<aws_lc_rs::encoding::Pkcs8V1Der>::as_der(&kp).map_err(|_| SigningError::Generate)?;
+    let der = AsDer::<aws_lc_rs::encoding::Pkcs8V1Der>::as_der(&kp)
+        .map_err(|_| SigningError::Generate)?;
     Ok(der.as_ref().to_vec())
 }
 
@@ -77,14 +78,20 @@ impl Signer {
 /// Verifies a PKCS#1 v1.5 SHA-256 signature against a raw modulus and exponent (big-endian),
 /// as every Cryptolens SDK does. Used by tests and tooling.
 pub fn verify_sha256(modulus: &[u8], exponent: &[u8], msg: &[u8], sig: &[u8]) -> bool {
-    let pk = aws_lc_rs::signature::RsaPublicKeyComponents { n: modulus, e: exponent };
+    let pk = aws_lc_rs::signature::RsaPublicKeyComponents {
+        n: modulus,
+        e: exponent,
+    };
     pk.verify(&aws_lc_rs::signature::RSA_PKCS1_2048_8192_SHA256, msg, sig)
         .is_ok()
 }
 
 /// As `verify_sha256`, for the SHA-512 metadata signature.
 pub fn verify_sha512(modulus: &[u8], exponent: &[u8], msg: &[u8], sig: &[u8]) -> bool {
-    let pk = aws_lc_rs::signature::RsaPublicKeyComponents { n: modulus, e: exponent };
+    let pk = aws_lc_rs::signature::RsaPublicKeyComponents {
+        n: modulus,
+        e: exponent,
+    };
     pk.verify(&aws_lc_rs::signature::RSA_PKCS1_2048_8192_SHA512, msg, sig)
         .is_ok()
 }

@@ -89,7 +89,8 @@ impl State {
         } = row;
         let k = (license.product_id, license.key.clone());
         if let Some(mc) = trial_machine_code {
-            self.trials.insert((license.product_id, mc), license.global_id);
+            self.trials
+                .insert((license.product_id, mc), license.global_id);
         }
         self.keys_by_global.insert(license.global_id, k.clone());
         match self.licenses.entry(k) {

@@ -104,9 +104,25 @@ pub struct LogRow {
 /// A node's write to the main store.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum StoreEvent {
-    MachineUpsert { key_global_id: i64, machine: Machine },
-    MachineRemove { key_global_id: i64, machine_code: String, floating: bool },
-    ExpiresSet { key_global_id: i64, expires: i64 },
+    MachineUpsert {
+        key_global_id: i64,
+        machine: Machine,
+    },
+    MachineRemove {
+        key_global_id: i64,
+        machine_code: String,
+        floating: bool,
+    },
+    ExpiresSet {
+        key_global_id: i64,
+        expires: i64,
+    },
+    /// Deletes the key's floating leases that ended at or before `now`, as `License::apply`
+    /// prunes them in memory, so expired leases do not pile up in the store.
+    FloatingExpired {
+        key_global_id: i64,
+        now: i64,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -125,8 +141,9 @@ impl Store {
     pub fn open(path: &Path) -> Result<Store> {
         if let Some(dir) = path.parent() {
             if !dir.as_os_str().is_empty() {
-                std::fs::create_dir_all(dir)
-                    .map_err(|e| StoreError::Invalid(format!("cannot create {}: {e}", dir.display())))?;
+                std::fs::create_dir_all(dir).map_err(|e| {
+                    StoreError::Invalid(format!("cannot create {}: {e}", dir.display()))
+                })?;
             }
         }
         let conn = Connection::open(path)?;
@@ -140,15 +157,24 @@ impl Store {
     }
 
     fn migrate(&mut self) -> Result<()> {
-        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
         tx.execute_batch(
             "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied INTEGER NOT NULL)",
         )?;
-        let have: i64 = tx.query_row("SELECT COALESCE(MAX(version), 0) FROM schema_migrations", [], |r| r.get(0))?;
+        let have: i64 = tx.query_row(
+            "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
+            [],
+            |r| r.get(0),
+        )?;
         for (v, sql) in MIGRATIONS {
             if v > have {
                 tx.execute_batch(sql)?;
-                tx.execute("INSERT INTO schema_migrations VALUES (?1, strftime('%s','now'))", [v])?;
+                tx.execute(
+                    "INSERT INTO schema_migrations VALUES (?1, strftime('%s','now'))",
+                    [v],
+                )?;
             }
         }
         tx.commit()?;
@@ -156,14 +182,25 @@ impl Store {
     }
 
     fn note_change(conn: &Connection, entity: &str, id: i64) -> Result<()> {
-        conn.execute("INSERT INTO changes (entity, entity_id) VALUES (?1, ?2)", params![entity, id])?;
+        conn.execute(
+            "INSERT INTO changes (entity, entity_id) VALUES (?1, ?2)",
+            params![entity, id],
+        )?;
         Ok(())
     }
 
     // === control plane ===
 
-    pub fn create_tenant(&mut self, name: &str, private_key: &[u8], xml: &str, now: i64) -> Result<i64> {
-        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    pub fn create_tenant(
+        &mut self,
+        name: &str,
+        private_key: &[u8],
+        xml: &str,
+        now: i64,
+    ) -> Result<i64> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
         tx.execute(
             "INSERT INTO tenants (name, private_key, public_key_xml, created) VALUES (?1, ?2, ?3, ?4)",
             params![name, private_key, xml, now],
@@ -183,7 +220,9 @@ impl Store {
         now: i64,
     ) -> Result<i64> {
         self.tenant(tenant_id)?;
-        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
         tx.execute(
             "INSERT INTO products (tenant_id, name, trial_feature, time_limited_feature, created) VALUES (?1, ?2, ?3, ?4, ?5)",
             params![tenant_id, name, trial_feature, time_limited_feature, now],
@@ -194,7 +233,14 @@ impl Store {
         Ok(id)
     }
 
-    pub fn create_customer(&mut self, tenant_id: i64, name: &str, email: &str, company: &str, now: i64) -> Result<i64> {
+    pub fn create_customer(
+        &mut self,
+        tenant_id: i64,
+        name: &str,
+        email: &str,
+        company: &str,
+        now: i64,
+    ) -> Result<i64> {
         self.tenant(tenant_id)?;
         self.conn.execute(
             "INSERT INTO customers (tenant_id, name, email, company_name, created) VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -209,13 +255,17 @@ impl Store {
         if let Some(c) = k.customer_id {
             let owner: Option<i64> = self
                 .conn
-                .query_row("SELECT tenant_id FROM customers WHERE id = ?1", [c], |r| r.get(0))
+                .query_row("SELECT tenant_id FROM customers WHERE id = ?1", [c], |r| {
+                    r.get(0)
+                })
                 .optional()?;
             if owner != Some(product.tenant_id) {
                 return Err(StoreError::NotFound(format!("customer {c} not found")));
             }
         }
-        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
         let id: i64 = tx.query_row(
             "SELECT COALESCE(MAX(id), 0) + 1 FROM license_keys WHERE product_id = ?1",
             [k.product_id],
@@ -247,7 +297,9 @@ impl Store {
 
     /// Sets `Block`; returns the key's global id.
     pub fn set_block(&mut self, product_id: i64, key: &str, block: bool) -> Result<i64> {
-        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
         let gid: Option<i64> = tx
             .query_row(
                 "SELECT global_id FROM license_keys WHERE product_id = ?1 AND key = ?2",
@@ -255,21 +307,34 @@ impl Store {
                 |r| r.get(0),
             )
             .optional()?;
-        let gid = gid.ok_or_else(|| StoreError::NotFound(format!("key {key} not found in product {product_id}")))?;
-        tx.execute("UPDATE license_keys SET block = ?1 WHERE global_id = ?2", params![bool_i(block), gid])?;
+        let gid = gid.ok_or_else(|| {
+            StoreError::NotFound(format!("key {key} not found in product {product_id}"))
+        })?;
+        tx.execute(
+            "UPDATE license_keys SET block = ?1 WHERE global_id = ?2",
+            params![bool_i(block), gid],
+        )?;
         Self::note_change(&tx, "key", gid)?;
         tx.commit()?;
         Ok(gid)
     }
 
-    pub fn create_token(&mut self, hash: &[u8], scope: &Scope, description: &str, now: i64) -> Result<i64> {
+    pub fn create_token(
+        &mut self,
+        hash: &[u8],
+        scope: &Scope,
+        description: &str,
+        now: i64,
+    ) -> Result<i64> {
         self.tenant(scope.tenant_id)?;
         if let Some(p) = scope.product_lock {
             if self.product(p)?.tenant_id != scope.tenant_id {
                 return Err(StoreError::NotFound(format!("product {p} not found")));
             }
         }
-        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
         tx.execute(
             "INSERT INTO tokens (tenant_id, hash, methods, product_lock, key_lock, feature_lock, description, created)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
@@ -295,26 +360,34 @@ impl Store {
     }
 
     pub fn tenants(&self) -> Result<Vec<TenantRow>> {
-        let mut st = self
-            .conn
-            .prepare("SELECT id, name, private_key, public_key_xml, created FROM tenants ORDER BY id")?;
-        let rows = st.query_map([], tenant_row)?.collect::<rusqlite::Result<_>>()?;
+        let mut st = self.conn.prepare(
+            "SELECT id, name, private_key, public_key_xml, created FROM tenants ORDER BY id",
+        )?;
+        let rows = st
+            .query_map([], tenant_row)?
+            .collect::<rusqlite::Result<_>>()?;
         Ok(rows)
     }
 
     pub fn product(&self, id: i64) -> Result<ProductRow> {
         self.conn
-            .query_row(&format!("{PRODUCT_SELECT} WHERE id = ?1"), [id], product_row)
+            .query_row(
+                &format!("{PRODUCT_SELECT} WHERE id = ?1"),
+                [id],
+                product_row,
+            )
             .optional()?
             .ok_or_else(|| StoreError::NotFound(format!("product {id} not found")))
     }
 
     /// Products of one tenant, or all when `tenant_id` is `None`.
     pub fn products(&self, tenant_id: Option<i64>) -> Result<Vec<ProductRow>> {
-        let mut st = self
-            .conn
-            .prepare(&format!("{PRODUCT_SELECT} WHERE ?1 IS NULL OR tenant_id = ?1 ORDER BY id"))?;
-        let rows = st.query_map([tenant_id], product_row)?.collect::<rusqlite::Result<_>>()?;
+        let mut st = self.conn.prepare(&format!(
+            "{PRODUCT_SELECT} WHERE ?1 IS NULL OR tenant_id = ?1 ORDER BY id"
+        ))?;
+        let rows = st
+            .query_map([tenant_id], product_row)?
+            .collect::<rusqlite::Result<_>>()?;
         Ok(rows)
     }
 
@@ -326,10 +399,12 @@ impl Store {
     }
 
     pub fn tokens(&self, tenant_id: Option<i64>) -> Result<Vec<TokenRow>> {
-        let mut st = self
-            .conn
-            .prepare(&format!("{TOKEN_SELECT} WHERE ?1 IS NULL OR tenant_id = ?1 ORDER BY id"))?;
-        let rows = st.query_map([tenant_id], token_row)?.collect::<rusqlite::Result<_>>()?;
+        let mut st = self.conn.prepare(&format!(
+            "{TOKEN_SELECT} WHERE ?1 IS NULL OR tenant_id = ?1 ORDER BY id"
+        ))?;
+        let rows = st
+            .query_map([tenant_id], token_row)?
+            .collect::<rusqlite::Result<_>>()?;
         Ok(rows)
     }
 
@@ -349,7 +424,9 @@ impl Store {
                 |r| r.get(0),
             )
             .optional()?;
-        self.key(gid.ok_or_else(|| StoreError::NotFound(format!("key {key} not found in product {product_id}")))?)
+        self.key(gid.ok_or_else(|| {
+            StoreError::NotFound(format!("key {key} not found in product {product_id}"))
+        })?)
     }
 
     /// Keys of one product, or every key when `product_id` is `None`.
@@ -370,7 +447,9 @@ impl Store {
              WHERE {cond} ORDER BY k.global_id"
         );
         let mut st = self.conn.prepare_cached(&sql)?;
-        let mut rows: Vec<KeyRow> = st.query_map([arg], key_row)?.collect::<rusqlite::Result<_>>()?;
+        let mut rows: Vec<KeyRow> = st
+            .query_map([arg], key_row)?
+            .collect::<rusqlite::Result<_>>()?;
         drop(st);
         let mut dos = self.conn.prepare_cached(
             "SELECT id, name, string_value, int_value FROM data_objects WHERE key_global_id = ?1 ORDER BY id",
@@ -412,13 +491,15 @@ impl Store {
     pub fn last_change(&self) -> Result<i64> {
         Ok(self
             .conn
-            .query_row("SELECT COALESCE(MAX(seq), 0) FROM changes", [], |r| r.get(0))?)
+            .query_row("SELECT COALESCE(MAX(seq), 0) FROM changes", [], |r| {
+                r.get(0)
+            })?)
     }
 
     pub fn changes_since(&self, seq: i64, limit: i64) -> Result<Vec<ChangeRow>> {
-        let mut st = self
-            .conn
-            .prepare_cached("SELECT seq, entity, entity_id FROM changes WHERE seq > ?1 ORDER BY seq LIMIT ?2")?;
+        let mut st = self.conn.prepare_cached(
+            "SELECT seq, entity, entity_id FROM changes WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+        )?;
         let rows = st
             .query_map([seq, limit], |r| {
                 Ok(ChangeRow {
@@ -463,17 +544,35 @@ impl Store {
 
     /// Writes one batch of node events and log rows in a single transaction.
     pub fn write_batch(&mut self, events: &[StoreEvent], logs: &[LogRow]) -> Result<()> {
-        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
         for e in events {
             match e {
-                StoreEvent::MachineUpsert { key_global_id, machine } => upsert_machine(&tx, *key_global_id, machine)?,
-                StoreEvent::MachineRemove { key_global_id, machine_code, floating } => {
+                StoreEvent::MachineUpsert {
+                    key_global_id,
+                    machine,
+                } => upsert_machine(&tx, *key_global_id, machine)?,
+                StoreEvent::MachineRemove {
+                    key_global_id,
+                    machine_code,
+                    floating,
+                } => {
                     tx.prepare_cached(
                         "DELETE FROM activations WHERE key_global_id = ?1 AND floating = ?2 AND machine_code = ?3",
                     )?
                     .execute(params![key_global_id, bool_i(*floating), machine_code])?;
                 }
-                StoreEvent::ExpiresSet { key_global_id, expires } => {
+                StoreEvent::FloatingExpired { key_global_id, now } => {
+                    tx.prepare_cached(
+                        "DELETE FROM activations WHERE key_global_id = ?1 AND floating = 1 AND floating_expires <= ?2",
+                    )?
+                    .execute(params![key_global_id, now])?;
+                }
+                StoreEvent::ExpiresSet {
+                    key_global_id,
+                    expires,
+                } => {
                     tx.prepare_cached("UPDATE license_keys SET expires = ?1 WHERE global_id = ?2")?
                         .execute(params![expires, key_global_id])?;
                 }
@@ -486,8 +585,16 @@ impl Store {
             )?;
             for l in logs {
                 st.execute(params![
-                    l.tenant_id, l.product_id, l.key_id, l.client_ip, l.proxy_ip, l.time, l.machine_code,
-                    l.friendly_name, l.state, l.floating_expires
+                    l.tenant_id,
+                    l.product_id,
+                    l.key_id,
+                    l.client_ip,
+                    l.proxy_ip,
+                    l.time,
+                    l.machine_code,
+                    l.friendly_name,
+                    l.state,
+                    l.floating_expires
                 ])?;
             }
         }
@@ -497,7 +604,8 @@ impl Store {
 }
 
 fn upsert_machine(conn: &Connection, gid: i64, m: &Machine) -> Result<()> {
-    // Keep `seq` (list position) and the first-activation `time` of an existing row.
+    // An existing row keeps its `seq` (list position); the domain passes the first-activation
+    // `time` back unchanged on a floating renewal.
     conn.prepare_cached(
         "INSERT INTO activations (key_global_id, floating, machine_code, kind, ip, proxy_ip, time, friendly_name, floating_expires, seq)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, (SELECT COALESCE(MAX(seq), 0) + 1 FROM activations WHERE key_global_id = ?1))

@@ -29,8 +29,10 @@ pub fn ensure_self_signed(dir: &Path, names: &[String]) -> Result<(PathBuf, Path
         msg: e.to_string(),
     };
     std::fs::create_dir_all(dir).map_err(|e| file_err(dir, e))?;
-    let ck = rcgen::generate_simple_self_signed(names.to_vec()).map_err(|e| TlsError::Generate(e.to_string()))?;
-    write_private(&key, ck.signing_key.serialize_pem().as_bytes()).map_err(|e| file_err(&key, e))?;
+    let ck = rcgen::generate_simple_self_signed(names.to_vec())
+        .map_err(|e| TlsError::Generate(e.to_string()))?;
+    write_private(&key, ck.signing_key.serialize_pem().as_bytes())
+        .map_err(|e| file_err(&key, e))?;
     std::fs::write(&cert, ck.cert.pem()).map_err(|e| file_err(&cert, e))?;
     tracing::warn!(cert = %cert.display(), "generated a self-signed TLS certificate; configure server.tls_cert for production");
     Ok((cert, key))
@@ -67,12 +69,14 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig
         msg: e.to_string(),
     })?;
     // Explicit provider: a dev-dependency enabling ring must not make the builder ambiguous.
-    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| TlsError::Config(e.to_string()))?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| TlsError::Config(e.to_string()))?;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| TlsError::Config(e.to_string()))?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .map_err(|e| TlsError::Config(e.to_string()))?;
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(cfg))
 }

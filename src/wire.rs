@@ -80,7 +80,14 @@ pub fn encode_license(v: &LicenseView<'_>, out: &mut Vec<u8>) {
     out.extend_from_slice(b",\"Block\":");
     push_bool(out, l.block);
     out.extend_from_slice(b",\"GlobalId\":");
-    push_int(out, if m.hides(Mask::GLOBAL_ID) { 0 } else { l.global_id });
+    push_int(
+        out,
+        if m.hides(Mask::GLOBAL_ID) {
+            0
+        } else {
+            l.global_id
+        },
+    );
     out.extend_from_slice(b",\"Customer\":");
     match (&l.customer, m.hides(Mask::CUSTOMER)) {
         (Some(c), false) => {

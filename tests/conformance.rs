@@ -9,7 +9,9 @@ use keygate::wire::{decode_license, encode_license, LicenseView};
 use std::path::PathBuf;
 
 fn shared(name: &str) -> PathBuf {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/conformance").join(name);
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/conformance")
+        .join(name);
     assert!(
         p.exists(),
         "conformance data missing: {} (the repository expects shared/ beside it)",
@@ -47,7 +49,9 @@ fn all_1024_activate_responses_reencode_byte_exact_and_verify() {
             v => v.clone(),
         };
         assert_eq!(response["result"], 0, "case {i}");
-        let lk = B64.decode(response["licenseKey"].as_str().unwrap()).unwrap();
+        let lk = B64
+            .decode(response["licenseKey"].as_str().unwrap())
+            .unwrap();
         let sig = B64.decode(response["signature"].as_str().unwrap()).unwrap();
         let again = reencode(&lk);
         assert!(
@@ -59,7 +63,10 @@ fn all_1024_activate_responses_reencode_byte_exact_and_verify() {
         );
         let modulus = B64.decode(case["modulus"].as_str().unwrap()).unwrap();
         let exponent = B64.decode(case["exponent"].as_str().unwrap()).unwrap();
-        assert!(keygate::signing::verify_sha256(&modulus, &exponent, &lk, &sig), "signature of case {i}");
+        assert!(
+            keygate::signing::verify_sha256(&modulus, &exponent, &lk, &sig),
+            "signature of case {i}"
+        );
         // The key and product the case was activated with are what the license says.
         let d = decode_license(&lk).unwrap();
         assert_eq!(d.license.key, case["key"].as_str().unwrap());
@@ -71,12 +78,17 @@ fn all_1024_activate_responses_reencode_byte_exact_and_verify() {
 
 #[test]
 fn model_version_3_sample_reencodes_byte_exact() {
-    let skm: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(shared("cryptolens-modelversion3-license.skm")).unwrap()).unwrap();
+    let skm: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(shared("cryptolens-modelversion3-license.skm")).unwrap(),
+    )
+    .unwrap();
     let lk = B64.decode(skm["licenseKey"].as_str().unwrap()).unwrap();
     let d = decode_license(&lk).unwrap();
     assert_eq!(d.model_version, 3);
-    assert!(d.license.machines.len() > 100, "the sample lists many machines");
+    assert!(
+        d.license.machines.len() > 100,
+        "the sample lists many machines"
+    );
     assert_eq!(reencode(&lk), lk);
 }
 
@@ -85,16 +97,38 @@ fn our_signatures_verify_like_the_sdks_expect() {
     let der = keygate::signing::generate_pkcs8().unwrap();
     let s = keygate::signing::Signer::from_pkcs8(&der).unwrap();
     let xml = s.public_key_xml();
-    assert!(xml.starts_with("<RSAKeyValue><Modulus>") && xml.ends_with("</Modulus><Exponent>AQAB</Exponent></RSAKeyValue>"));
+    assert!(
+        xml.starts_with("<RSAKeyValue><Modulus>")
+            && xml.ends_with("</Modulus><Exponent>AQAB</Exponent></RSAKeyValue>")
+    );
     let m = &xml["<RSAKeyValue><Modulus>".len()..xml.find("</Modulus>").unwrap()];
     let modulus = B64.decode(m).unwrap();
-    assert_eq!(modulus.len(), 256, "RSA-2048: Python hard-codes a 256-byte modulus");
+    assert_eq!(
+        modulus.len(),
+        256,
+        "RSA-2048: Python hard-codes a 256-byte modulus"
+    );
     let msg = br#"{"ProductId":1}"#;
     let sig = s.sign_sha256(msg).unwrap();
-    assert!(keygate::signing::verify_sha256(&modulus, &[1, 0, 1], msg, &sig));
-    assert!(!keygate::signing::verify_sha256(&modulus, &[1, 0, 1], b"tampered", &sig));
+    assert!(keygate::signing::verify_sha256(
+        &modulus,
+        &[1, 0, 1],
+        msg,
+        &sig
+    ));
+    assert!(!keygate::signing::verify_sha256(
+        &modulus,
+        &[1, 0, 1],
+        b"tampered",
+        &sig
+    ));
     let sig512 = s.sign_sha512(msg).unwrap();
-    assert!(keygate::signing::verify_sha512(&modulus, &[1, 0, 1], msg, &sig512));
+    assert!(keygate::signing::verify_sha512(
+        &modulus,
+        &[1, 0, 1],
+        msg,
+        &sig512
+    ));
     // PKCS#1 v1.5 is deterministic.
     assert_eq!(s.sign_sha256(msg).unwrap(), sig);
 }

@@ -1,5 +1,5 @@
 //! A small HTTPS client for Keygate over HTTP/1.1 or HTTP/2 (hyper + tokio-rustls on the
-//! aws-lc-rs provider), shared by the load generator and the system tests.
+//! aws-lc-rs provider), used by the system tests and, later, the load generator (issue 5).
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -23,10 +23,12 @@ pub fn tls_config(ca_pem: &Path, protocol: Protocol) -> anyhow::Result<Arc<rustl
     for c in CertificateDer::pem_file_iter(ca_pem)? {
         roots.add(c?)?;
     }
-    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
     cfg.alpn_protocols = match protocol {
         Protocol::Http1 => vec![b"http/1.1".to_vec()],
         Protocol::Http2 => vec![b"h2".to_vec()],
@@ -62,11 +64,17 @@ impl Reply {
 }
 
 impl Connection {
-    pub async fn connect(addr: SocketAddr, tls: Arc<rustls::ClientConfig>, protocol: Protocol) -> anyhow::Result<Connection> {
+    pub async fn connect(
+        addr: SocketAddr,
+        tls: Arc<rustls::ClientConfig>,
+        protocol: Protocol,
+    ) -> anyhow::Result<Connection> {
         let tcp = tokio::net::TcpStream::connect(addr).await?;
         tcp.set_nodelay(true)?;
         let name = ServerName::IpAddress(addr.ip().into());
-        let stream = tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await?;
+        let stream = tokio_rustls::TlsConnector::from(tls)
+            .connect(name, tcp)
+            .await?;
         let io = TokioIo::new(stream);
         let sender = match protocol {
             Protocol::Http1 => {
@@ -117,7 +125,10 @@ impl Connection {
             b = b.uri(format!("https://{}{}", self.authority, path_and_query));
         }
         if !body.is_empty() {
-            b = b.header(http::header::CONTENT_TYPE, "application/x-www-form-urlencoded");
+            b = b.header(
+                http::header::CONTENT_TYPE,
+                "application/x-www-form-urlencoded",
+            );
         }
         for (k, v) in headers {
             b = b.header(*k, *v);

@@ -88,7 +88,10 @@ fn new_machine(req: &ActivateInput<'_>, kind: MachineKind, floating_expires: Uni
 }
 
 fn activate_node_locked(lic: &License, req: &ActivateInput<'_>) -> ActivateOutcome {
-    if lic.node_locked().any(|m| m.machine_code == req.machine_code) {
+    if lic
+        .node_locked()
+        .any(|m| m.machine_code == req.machine_code)
+    {
         return accepted(StateCode::ACTIVATE_KNOWN, Change::None);
     }
     if lic.max_no_of_machines <= 0 {
@@ -102,7 +105,10 @@ fn activate_node_locked(lic: &License, req: &ActivateInput<'_>) -> ActivateOutco
     let m = new_machine(req, MachineKind::NodeLocked, 0);
     if lic.trial_activation {
         let expires = req.now + lic.period * DAY_SECONDS;
-        accepted(StateCode::ACTIVATE_TRIAL, Change::UpsertWithExpiry(m, expires))
+        accepted(
+            StateCode::ACTIVATE_TRIAL,
+            Change::UpsertWithExpiry(m, expires),
+        )
     } else {
         accepted(StateCode::ACTIVATE_NEW, Change::Upsert(m))
     }
@@ -150,7 +156,9 @@ pub enum DeactivateOutcome {
     /// The node-locked activation was removed.
     Removed,
     /// The floating seat (if any) was released; never an error.
-    FloatingReleased { removed: bool },
+    FloatingReleased {
+        removed: bool,
+    },
     Blocked,
     NotActivated,
 }
@@ -185,8 +193,10 @@ pub fn deactivate(lic: &License, machine_code: &str, floating: bool) -> Deactiva
 }
 
 impl License {
-    /// Applies an accepted activation. Expired floating leases of other machines are pruned here
-    /// so a license's list stays bounded by its seat count.
+    /// Applies an accepted activation. Expired floating leases are pruned here so a license's
+    /// list stays bounded by its seat count (the store prunes the same rows, see
+    /// `StoreEvent::FloatingExpired`). A renewed or re-recorded machine keeps its list position,
+    /// as its store row keeps its `seq`.
     pub fn apply(&mut self, change: &Change, now: UnixTime) {
         let (m, expires) = match change {
             Change::None | Change::Transient(_) => return,
@@ -198,12 +208,15 @@ impl License {
         }
         if m.is_floating() {
             self.machines
-                .retain(|x| !x.is_floating() || (x.floating_expires > now && x.machine_code != m.machine_code));
-        } else {
-            self.machines
-                .retain(|x| x.is_floating() || x.machine_code != m.machine_code);
+                .retain(|x| !x.is_floating() || x.floating_expires > now);
         }
-        self.machines.push(m.clone());
+        let same = |x: &&mut Machine| {
+            x.is_floating() == m.is_floating() && x.machine_code == m.machine_code
+        };
+        match self.machines.iter_mut().find(same) {
+            Some(x) => *x = m.clone(),
+            None => self.machines.push(m.clone()),
+        }
     }
 
     /// Removes the activation(s) a deactivation releases; returns whether anything went.

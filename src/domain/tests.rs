@@ -63,7 +63,10 @@ fn node_locked_limit_and_idempotent_reactivation() {
     let mut l = license(2);
     assert_eq!(run(&mut l, &input("a")), Ok(StateCode::ACTIVATE_NEW));
     let first_time = l.machines[0].time;
-    let later = ActivateInput { now: NOW + 50, ..input("a") };
+    let later = ActivateInput {
+        now: NOW + 50,
+        ..input("a")
+    };
     assert_eq!(run(&mut l, &later), Ok(StateCode::ACTIVATE_KNOWN));
     assert_eq!(l.machines.len(), 1);
     assert_eq!(l.machines[0].time, first_time, "re-activation keeps Time");
@@ -91,7 +94,10 @@ fn allowed_machines_bypass_the_limit() {
     assert_eq!(run(&mut l, &input("b")), Err(Reject::Limit));
     assert_eq!(run(&mut l, &input("y")), Ok(StateCode::ACTIVATE_NEW));
     assert_eq!(run(&mut l, &input("x")), Ok(StateCode::ACTIVATE_NEW));
-    assert!(!l.is_allowed_machine(""), "an empty machine code is never allowed");
+    assert!(
+        !l.is_allowed_machine(""),
+        "an empty machine code is never allowed"
+    );
 }
 
 #[test]
@@ -110,59 +116,139 @@ fn trial_activation_moves_expiry_on_new_machines_only() {
     l.period = 7;
     assert_eq!(run(&mut l, &input("a")), Ok(StateCode::ACTIVATE_TRIAL));
     assert_eq!(l.expires, NOW + 7 * DAY_SECONDS);
-    let later = ActivateInput { now: NOW + 1000, ..input("a") };
+    let later = ActivateInput {
+        now: NOW + 1000,
+        ..input("a")
+    };
     assert_eq!(run(&mut l, &later), Ok(StateCode::ACTIVATE_KNOWN));
-    assert_eq!(l.expires, NOW + 7 * DAY_SECONDS, "a known machine does not extend");
-    let other = ActivateInput { now: NOW + 1000, ..input("b") };
+    assert_eq!(
+        l.expires,
+        NOW + 7 * DAY_SECONDS,
+        "a known machine does not extend"
+    );
+    let other = ActivateInput {
+        now: NOW + 1000,
+        ..input("b")
+    };
     assert_eq!(run(&mut l, &other), Ok(StateCode::ACTIVATE_TRIAL));
-    assert_eq!(l.expires, NOW + 1000 + 7 * DAY_SECONDS, "each new device extends");
+    assert_eq!(
+        l.expires,
+        NOW + 1000 + 7 * DAY_SECONDS,
+        "each new device extends"
+    );
 }
 
 #[test]
 fn floating_seats_lease_refresh_and_expire() {
     let mut l = license(1);
-    assert_eq!(run(&mut l, &floating("a", 100, 0, NOW)), Ok(StateCode::ACTIVATE_FLOATING));
+    assert_eq!(
+        run(&mut l, &floating("a", 100, 0, NOW)),
+        Ok(StateCode::ACTIVATE_FLOATING)
+    );
     assert_eq!(l.machines[0].mid(), "floating:a");
     assert_eq!(l.machines[0].floating_expires, NOW + 100);
-    assert_eq!(run(&mut l, &floating("b", 100, 0, NOW + 10)), Err(Reject::FloatingLimit));
-    assert_eq!(run(&mut l, &floating("a", 100, 0, NOW + 50)), Ok(StateCode::ACTIVATE_FLOATING));
-    assert_eq!(l.machines[0].floating_expires, NOW + 150, "heartbeat extends the lease");
-    assert_eq!(l.machines[0].time, NOW, "and keeps the first activation time");
+    assert_eq!(
+        run(&mut l, &floating("b", 100, 0, NOW + 10)),
+        Err(Reject::FloatingLimit)
+    );
+    assert_eq!(
+        run(&mut l, &floating("a", 100, 0, NOW + 50)),
+        Ok(StateCode::ACTIVATE_FLOATING)
+    );
+    assert_eq!(
+        l.machines[0].floating_expires,
+        NOW + 150,
+        "heartbeat extends the lease"
+    );
+    assert_eq!(
+        l.machines[0].time, NOW,
+        "and keeps the first activation time"
+    );
     // After the lease ran out another machine takes the seat and the stale lease is pruned.
-    assert_eq!(run(&mut l, &floating("b", 100, 0, NOW + 151)), Ok(StateCode::ACTIVATE_FLOATING));
+    assert_eq!(
+        run(&mut l, &floating("b", 100, 0, NOW + 151)),
+        Ok(StateCode::ACTIVATE_FLOATING)
+    );
     assert_eq!(l.machines.len(), 1);
     assert_eq!(l.machines[0].machine_code, "b");
+}
+
+#[test]
+fn renewal_keeps_list_position() {
+    let mut l = license(3);
+    for mc in ["a", "b", "c"] {
+        run(&mut l, &floating(mc, 100, 0, NOW)).unwrap();
+    }
+    run(&mut l, &floating("a", 100, 0, NOW + 50)).unwrap();
+    let order: Vec<&str> = l.machines.iter().map(|m| m.machine_code.as_str()).collect();
+    assert_eq!(
+        order,
+        ["a", "b", "c"],
+        "as the store's `seq` keeps it, so a restart shows the same list"
+    );
+    assert_eq!(l.machines[0].floating_expires, NOW + 150);
+    // b and c ran out; d prunes them and takes a seat at the end.
+    run(&mut l, &floating("a", 100, 0, NOW + 120)).unwrap();
+    run(&mut l, &floating("d", 100, 0, NOW + 121)).unwrap();
+    let order: Vec<&str> = l.machines.iter().map(|m| m.machine_code.as_str()).collect();
+    assert_eq!(order, ["a", "d"]);
 }
 
 #[test]
 fn floating_seats_are_counted_apart_from_node_locked() {
     let mut l = license(1);
     assert_eq!(run(&mut l, &input("a")), Ok(StateCode::ACTIVATE_NEW));
-    assert_eq!(run(&mut l, &floating("a", 60, 0, NOW)), Ok(StateCode::ACTIVATE_FLOATING));
+    assert_eq!(
+        run(&mut l, &floating("a", 60, 0, NOW)),
+        Ok(StateCode::ACTIVATE_FLOATING)
+    );
     assert_eq!(l.node_locked().count(), 1);
     assert_eq!(l.active_floating(NOW).count(), 1);
-    assert_eq!(deactivate(&l, "a", true), DeactivateOutcome::FloatingReleased { removed: true });
+    assert_eq!(
+        deactivate(&l, "a", true),
+        DeactivateOutcome::FloatingReleased { removed: true }
+    );
     assert!(l.remove_machine("a", true));
-    assert_eq!(l.node_locked().count(), 1, "floating release leaves the node-locked seat");
+    assert_eq!(
+        l.node_locked().count(),
+        1,
+        "floating release leaves the node-locked seat"
+    );
 }
 
 #[test]
 fn overdraft_seats() {
     let mut l = license(1);
     run(&mut l, &floating("a", 100, 1, NOW)).unwrap();
-    assert_eq!(run(&mut l, &floating("b", 100, 1, NOW)), Ok(StateCode::ACTIVATE_OVERDRAFT));
+    assert_eq!(
+        run(&mut l, &floating("b", 100, 1, NOW)),
+        Ok(StateCode::ACTIVATE_OVERDRAFT)
+    );
     let b = l.machines.iter().find(|m| m.machine_code == "b").unwrap();
     assert_eq!(b.mid(), "floating:overdraft:b");
-    assert_eq!(b.mid().len() - "b".len(), 19, "SDKs strip 19 characters for overdraft seats");
-    assert_eq!(run(&mut l, &floating("c", 100, 1, NOW)), Err(Reject::FloatingLimit));
-    assert_eq!(run(&mut l, &floating("b", 100, 1, NOW + 5)), Ok(StateCode::ACTIVATE_OVERDRAFT));
+    assert_eq!(
+        b.mid().len() - "b".len(),
+        19,
+        "SDKs strip 19 characters for overdraft seats"
+    );
+    assert_eq!(
+        run(&mut l, &floating("c", 100, 1, NOW)),
+        Err(Reject::FloatingLimit)
+    );
+    assert_eq!(
+        run(&mut l, &floating("b", 100, 1, NOW + 5)),
+        Ok(StateCode::ACTIVATE_OVERDRAFT)
+    );
 }
 
 #[test]
 fn floating_without_a_limit_is_transient() {
     let l = license(0);
     match activate(&l, &floating("a", 100, 0, NOW)) {
-        ActivateOutcome::Accepted { change: Change::Transient(m), .. } => assert_eq!(m.mid(), "floating:a"),
+        ActivateOutcome::Accepted {
+            change: Change::Transient(m),
+            ..
+        } => assert_eq!(m.mid(), "floating:a"),
         other => panic!("unexpected {other:?}"),
     }
 }
@@ -173,10 +259,16 @@ fn deactivation_outcomes() {
     run(&mut l, &input("a")).unwrap();
     assert_eq!(deactivate(&l, "a", false), DeactivateOutcome::Removed);
     assert_eq!(deactivate(&l, "zz", false), DeactivateOutcome::NotActivated);
-    assert_eq!(deactivate(&l, "zz", true), DeactivateOutcome::FloatingReleased { removed: false });
+    assert_eq!(
+        deactivate(&l, "zz", true),
+        DeactivateOutcome::FloatingReleased { removed: false }
+    );
     assert!(l.remove_machine("a", false));
     assert!(l.machines.is_empty());
-    assert_eq!(DeactivateOutcome::FloatingReleased { removed: false }.code(), StateCode::DEACTIVATE_FLOATING_OK);
+    assert_eq!(
+        DeactivateOutcome::FloatingReleased { removed: false }.code(),
+        StateCode::DEACTIVATE_FLOATING_OK
+    );
 }
 
 #[test]
@@ -186,13 +278,31 @@ fn visible_machines_per_model_version_and_mask() {
     run(&mut l, &input("b")).unwrap();
     run(&mut l, &floating("f", 100, 0, NOW)).unwrap();
     run(&mut l, &floating("g", 100, 0, NOW)).unwrap();
-    let f = l.machines.iter().find(|m| m.machine_code == "f").unwrap().clone();
+    let f = l
+        .machines
+        .iter()
+        .find(|m| m.machine_code == "f")
+        .unwrap()
+        .clone();
     let mids = |v: Vec<&Machine>| v.iter().map(|m| m.mid()).collect::<Vec<_>>();
-    assert_eq!(mids(l.visible_machines(3, None, false, NOW)), ["a", "b", "floating:f", "floating:g"]);
-    assert_eq!(mids(l.visible_machines(1, Some(&f), false, NOW)), ["a", "b", "floating:f"]);
+    assert_eq!(
+        mids(l.visible_machines(3, None, false, NOW)),
+        ["a", "b", "floating:f", "floating:g"]
+    );
+    assert_eq!(
+        mids(l.visible_machines(1, Some(&f), false, NOW)),
+        ["a", "b", "floating:f"]
+    );
     assert_eq!(mids(l.visible_machines(1, None, false, NOW)), ["a", "b"]);
-    assert_eq!(mids(l.visible_machines(3, Some(&f), true, NOW)), ["floating:f"]);
-    assert_eq!(mids(l.visible_machines(3, None, false, NOW + 500)), ["a", "b"], "expired leases are hidden");
+    assert_eq!(
+        mids(l.visible_machines(3, Some(&f), true, NOW)),
+        ["floating:f"]
+    );
+    assert_eq!(
+        mids(l.visible_machines(3, None, false, NOW + 500)),
+        ["a", "b"],
+        "expired leases are hidden"
+    );
 }
 
 #[test]
@@ -204,22 +314,43 @@ fn scopes() {
         key_lock: Some(-1),
         feature_lock: 0,
     };
-    assert_eq!(s.allows_method(Method::Activate), Err(ScopeError::AccessDenied));
+    assert_eq!(
+        s.allows_method(Method::Activate),
+        Err(ScopeError::AccessDenied)
+    );
     assert_eq!(s.allows_method(Method::GetKey), Ok(()));
     assert_eq!(s.allows_product(4), Err(ScopeError::AccessDenied));
     assert_eq!(s.allows_product(3), Ok(()));
     assert_eq!(s.allows_key(77), Ok(()), "-1 allows any named key");
-    let locked = Scope { key_lock: Some(5), feature_lock: 32, ..s };
+    let locked = Scope {
+        key_lock: Some(5),
+        feature_lock: 32,
+        ..s
+    };
     assert_eq!(locked.allows_key(6), Err(ScopeError::AccessDenied));
-    assert_eq!(locked.mask(1), Mask(32), "the feature lock wins over FieldsToReturn");
-    assert_eq!(Scope { feature_lock: 0, ..locked }.mask(3), Mask(3));
+    assert_eq!(
+        locked.mask(1),
+        Mask(32),
+        "the feature lock wins over FieldsToReturn"
+    );
+    assert_eq!(
+        Scope {
+            feature_lock: 0,
+            ..locked
+        }
+        .mask(3),
+        Mask(3)
+    );
     assert_eq!(Method::parse(" getkey "), Some(Method::GetKey));
     assert_eq!(Method::parse("Increment"), None);
 }
 
 #[test]
 fn features() {
-    let f = Features::default().with(1, true).with(8, true).with(9, true);
+    let f = Features::default()
+        .with(1, true)
+        .with(8, true)
+        .with(9, true);
     assert!(f.get(1) && f.get(8) && !f.get(2) && !f.get(9) && !f.get(0));
     assert_eq!(f.with(1, false), Features(0x80));
 }

@@ -81,7 +81,9 @@ impl ApiError {
             ApiError::Blocked => "blocked",
             ApiError::LimitReached => "limit_reached",
             ApiError::NotActivated => "not_activated",
-            ApiError::TrialAlreadyUsed | ApiError::TrialMachineNull | ApiError::TrialMachineTooLong => "trial_refused",
+            ApiError::TrialAlreadyUsed
+            | ApiError::TrialMachineNull
+            | ApiError::TrialMachineTooLong => "trial_refused",
             ApiError::Internal => "internal",
             ApiError::BodyTooLarge
             | ApiError::BodyTimeout

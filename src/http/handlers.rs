@@ -6,10 +6,12 @@
 use super::error::{ApiError, Failure};
 use super::Ctx;
 use crate::domain::{
-    self, decide::Change, ActivateInput, ActivateOutcome, DeactivateOutcome, License, Machine, Mask, Method,
-    Scope, StateCode, DAY_SECONDS,
+    self, decide::Change, ActivateInput, ActivateOutcome, DeactivateOutcome, License, Machine,
+    Mask, Method, Scope, StateCode, DAY_SECONDS,
 };
-use crate::request::{ActivateRequest, CreateTrialKeyRequest, DeactivateRequest, GetKeyRequest, ResponseOptions};
+use crate::request::{
+    ActivateRequest, CreateTrialKeyRequest, DeactivateRequest, GetKeyRequest, ResponseOptions,
+};
 use crate::state::LicenseEntry;
 use crate::store::{LogRow, NewKey, ProductRow, StoreEvent};
 use crate::wire::{self, LicenseStatus, LicenseView, Metadata};
@@ -45,27 +47,38 @@ impl LogCtx {
 
 pub type Outcome = Result<(Vec<u8>, StateCode), Failure>;
 
-/// Token, method, product and key checks, in the order Cryptolens reports them.
+/// Token, method and product checks, in the order Cryptolens reports them.
 fn authorize(
     ctx: &Ctx,
     token: &str,
     method: Method,
     product_id: i64,
-    key: Option<&str>,
     log: &mut LogCtx,
-) -> Result<(Arc<Scope>, Arc<ProductRow>, Option<Arc<LicenseEntry>>), ApiError> {
+) -> Result<(Arc<Scope>, Arc<ProductRow>), ApiError> {
     let scope = ctx.state.scope(token).ok_or(ApiError::Unauthenticated)?;
     log.tenant_id = Some(scope.tenant_id);
-    scope.allows_method(method).map_err(|_| ApiError::AccessDenied)?;
+    scope
+        .allows_method(method)
+        .map_err(|_| ApiError::AccessDenied)?;
     let product = ctx
         .state
         .product(product_id)
         .filter(|p| p.tenant_id == scope.tenant_id)
         .ok_or(ApiError::ProductNotFound)?;
-    scope.allows_product(product_id).map_err(|_| ApiError::AccessDenied)?;
-    let Some(key) = key else {
-        return Ok((scope, product, None));
-    };
+    scope
+        .allows_product(product_id)
+        .map_err(|_| ApiError::AccessDenied)?;
+    Ok((scope, product))
+}
+
+/// The key check that follows `authorize` for the methods that name a key.
+fn authorize_key(
+    ctx: &Ctx,
+    scope: &Scope,
+    product_id: i64,
+    key: &str,
+    log: &mut LogCtx,
+) -> Result<Arc<LicenseEntry>, ApiError> {
     let entry = ctx
         .state
         .license(product_id, key)
@@ -73,8 +86,10 @@ fn authorize(
         .ok_or(ApiError::KeyNotFound)?;
     let key_id = entry.license.lock().id;
     log.key_id = Some(key_id);
-    scope.allows_key(key_id).map_err(|_| ApiError::AccessDenied)?;
-    Ok((scope, product, Some(entry)))
+    scope
+        .allows_key(key_id)
+        .map_err(|_| ApiError::AccessDenied)?;
+    Ok(entry)
 }
 
 /// The license JSON plus the metadata numbers, produced under the license lock.
@@ -99,7 +114,11 @@ fn license_status(lic: &License, product: &ProductRow, now: i64) -> LicenseStatu
         reason_for_invalidity: reason,
         trial: has(product.trial_feature),
         time_limited,
-        time_left_days: if time_limited { ((lic.expires - now) / DAY_SECONDS).max(0) } else { 0 },
+        time_left_days: if time_limited {
+            ((lic.expires - now) / DAY_SECONDS).max(0)
+        } else {
+            0
+        },
     }
 }
 
@@ -111,7 +130,12 @@ fn encode(
     caller: Option<&Machine>,
     now: i64,
 ) -> Encoded {
-    let machines = lic.visible_machines(opts.model_version, caller, mask.hides(Mask::ACTIVATED_MACHINES), now);
+    let machines = lic.visible_machines(
+        opts.model_version,
+        caller,
+        mask.hides(Mask::ACTIVATED_MACHINES),
+        now,
+    );
     let mut license_json = Vec::with_capacity(1024);
     wire::encode_license(
         &LicenseView {
@@ -128,13 +152,24 @@ fn encode(
         status: license_status(lic, product, now),
         used_floating_machines: lic.active_floating(now).count() as i64,
     });
-    Encoded { license_json, metadata }
+    Encoded {
+        license_json,
+        metadata,
+    }
 }
 
 /// Signs outside any lock and builds the response body.
-fn respond(ctx: &Ctx, tenant_id: i64, enc: Encoded, mask: Mask, now: i64) -> Result<Vec<u8>, ApiError> {
+fn respond(
+    ctx: &Ctx,
+    tenant_id: i64,
+    enc: Encoded,
+    mask: Mask,
+    now: i64,
+) -> Result<Vec<u8>, ApiError> {
     let signer = ctx.state.signer(tenant_id).ok_or(ApiError::Internal)?;
-    let sig = signer.sign_sha256(&enc.license_json).map_err(|_| ApiError::Internal)?;
+    let sig = signer
+        .sign_sha256(&enc.license_json)
+        .map_err(|_| ApiError::Internal)?;
     crate::metrics::signature();
     let md = match enc.metadata {
         Some(_) if mask.hides(Mask::METADATA) => Some(b"null".to_vec()),
@@ -145,17 +180,27 @@ fn respond(ctx: &Ctx, tenant_id: i64, enc: Encoded, mask: Mask, now: i64) -> Res
         }
         None => None,
     };
-    Ok(wire::license_response(&enc.license_json, &sig, md.as_deref()))
+    Ok(wire::license_response(
+        &enc.license_json,
+        &sig,
+        md.as_deref(),
+    ))
 }
 
-pub fn activate(ctx: &Ctx, r: ActivateRequest, client_ip: &str, proxy_ip: &str, log: &mut LogCtx) -> Outcome {
+pub fn activate(
+    ctx: &Ctx,
+    r: ActivateRequest,
+    client_ip: &str,
+    proxy_ip: &str,
+    log: &mut LogCtx,
+) -> Outcome {
     let fail = |e: ApiError| Failure::new(e, StateCode::ACTIVATE_FAILED);
     log.product_id = Some(r.product_id);
     log.machine_code.clone_from(&r.machine_code);
     log.friendly_name.clone_from(&r.friendly_name);
-    let (scope, product, entry) =
-        authorize(ctx, &r.token, Method::Activate, r.product_id, Some(&r.key), log).map_err(fail)?;
-    let entry = entry.ok_or(fail(ApiError::Internal))?;
+    let (scope, product) =
+        authorize(ctx, &r.token, Method::Activate, r.product_id, log).map_err(fail)?;
+    let entry = authorize_key(ctx, &scope, r.product_id, &r.key, log).map_err(fail)?;
     let now = ctx.now();
     let input = ActivateInput {
         machine_code: &r.machine_code,
@@ -177,10 +222,27 @@ pub fn activate(ctx: &Ctx, r: ActivateRequest, client_ip: &str, proxy_ip: &str, 
         // Forwarded under the lock, so the store sees one license's changes in order.
         let gid = lic.global_id;
         match &change {
-            Change::Upsert(m) => ctx.writer.event(StoreEvent::MachineUpsert { key_global_id: gid, machine: m.clone() }),
+            Change::Upsert(m) => {
+                if m.is_floating() {
+                    ctx.writer.event(StoreEvent::FloatingExpired {
+                        key_global_id: gid,
+                        now,
+                    });
+                }
+                ctx.writer.event(StoreEvent::MachineUpsert {
+                    key_global_id: gid,
+                    machine: m.clone(),
+                });
+            }
             Change::UpsertWithExpiry(m, e) => {
-                ctx.writer.event(StoreEvent::MachineUpsert { key_global_id: gid, machine: m.clone() });
-                ctx.writer.event(StoreEvent::ExpiresSet { key_global_id: gid, expires: *e });
+                ctx.writer.event(StoreEvent::MachineUpsert {
+                    key_global_id: gid,
+                    machine: m.clone(),
+                });
+                ctx.writer.event(StoreEvent::ExpiresSet {
+                    key_global_id: gid,
+                    expires: *e,
+                });
             }
             Change::None | Change::Transient(_) => {}
         }
@@ -194,7 +256,10 @@ pub fn activate(ctx: &Ctx, r: ActivateRequest, client_ip: &str, proxy_ip: &str, 
                 .cloned(),
         };
         log.floating_expires = caller.as_ref().map_or(0, |m| m.floating_expires);
-        (encode(&lic, &product, &r.options, mask, caller.as_ref(), now), code)
+        (
+            encode(&lic, &product, &r.options, mask, caller.as_ref(), now),
+            code,
+        )
     };
     let body = respond(ctx, scope.tenant_id, enc, mask, now).map_err(fail)?;
     Ok((body, code))
@@ -203,9 +268,9 @@ pub fn activate(ctx: &Ctx, r: ActivateRequest, client_ip: &str, proxy_ip: &str, 
 pub fn get_key(ctx: &Ctx, r: GetKeyRequest, log: &mut LogCtx) -> Outcome {
     let fail = |e: ApiError| Failure::new(e, StateCode::GETKEY_FAILED);
     log.product_id = Some(r.product_id);
-    let (scope, product, entry) =
-        authorize(ctx, &r.token, Method::GetKey, r.product_id, Some(&r.key), log).map_err(fail)?;
-    let entry = entry.ok_or(fail(ApiError::Internal))?;
+    let (scope, product) =
+        authorize(ctx, &r.token, Method::GetKey, r.product_id, log).map_err(fail)?;
+    let entry = authorize_key(ctx, &scope, r.product_id, &r.key, log).map_err(fail)?;
     let now = ctx.now();
     let mask = scope.mask(r.options.fields_to_return);
     let enc = {
@@ -220,9 +285,9 @@ pub fn deactivate(ctx: &Ctx, r: DeactivateRequest, log: &mut LogCtx) -> Outcome 
     let fail = |e: ApiError| Failure::new(e, StateCode::DEACTIVATE_FAILED);
     log.product_id = Some(r.product_id);
     log.machine_code.clone_from(&r.machine_code);
-    let (_, _, entry) =
-        authorize(ctx, &r.token, Method::Deactivate, r.product_id, Some(&r.key), log).map_err(fail)?;
-    let entry = entry.ok_or(fail(ApiError::Internal))?;
+    let (scope, _) =
+        authorize(ctx, &r.token, Method::Deactivate, r.product_id, log).map_err(fail)?;
+    let entry = authorize_key(ctx, &scope, r.product_id, &r.key, log).map_err(fail)?;
     let mut lic = entry.license.lock();
     let outcome = domain::deactivate(&lic, &r.machine_code, r.floating);
     let code = outcome.code();
@@ -258,8 +323,8 @@ pub async fn create_trial_key(
     log.product_id = Some(r.product_id);
     log.machine_code.clone_from(&r.machine_code);
     log.friendly_name.clone_from(&r.friendly_name);
-    let (scope, product, _) =
-        authorize(ctx, &r.token, Method::CreateTrialKey, r.product_id, None, log).map_err(fail)?;
+    let (scope, product) =
+        authorize(ctx, &r.token, Method::CreateTrialKey, r.product_id, log).map_err(fail)?;
     if r.machine_code.is_empty() {
         return Err(fail(ApiError::TrialMachineNull));
     }
@@ -277,9 +342,16 @@ pub async fn create_trial_key(
         return Ok((wire::key_response(&lic.key), StateCode::TRIAL_REUSED));
     }
     let now = ctx.now();
-    let days = if scope.feature_lock > 0 { scope.feature_lock } else { DEFAULT_TRIAL_DAYS };
+    let days = if scope.feature_lock > 0 {
+        scope.feature_lock
+    } else {
+        DEFAULT_TRIAL_DAYS
+    };
     let mut features = domain::Features::default();
-    for f in [product.trial_feature, product.time_limited_feature].into_iter().flatten() {
+    for f in [product.trial_feature, product.time_limited_feature]
+        .into_iter()
+        .flatten()
+    {
         features = features.with(f, true);
     }
     let new = NewKey {

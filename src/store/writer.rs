@@ -26,6 +26,8 @@ pub struct WriterStats {
     pub log_dropped: AtomicU64,
     pub log_written: AtomicU64,
     pub events_written: AtomicU64,
+    /// Activation changes in a batch given up at shutdown: acknowledged but not stored.
+    pub events_lost: AtomicU64,
     pub failed_flushes: AtomicU64,
 }
 
@@ -138,7 +140,13 @@ impl Pending {
     }
 }
 
-fn run(mut store: Store, policy: BatchPolicy, events: Receiver<Msg>, logs: Receiver<LogRow>, stats: Arc<WriterStats>) {
+fn run(
+    mut store: Store,
+    policy: BatchPolicy,
+    events: Receiver<Msg>,
+    logs: Receiver<LogRow>,
+    stats: Arc<WriterStats>,
+) {
     let mut p = Pending {
         events: Vec::new(),
         logs: Vec::new(),
@@ -175,7 +183,8 @@ fn run(mut store: Store, policy: BatchPolicy, events: Receiver<Msg>, logs: Recei
         }
         let due = p.len() >= policy.batch_rows
             || !p.acks.is_empty()
-            || p.since.is_some_and(|t| t.elapsed() >= policy.flush_interval);
+            || p.since
+                .is_some_and(|t| t.elapsed() >= policy.flush_interval);
         if (due || stopping) && (p.len() > 0 || !p.acks.is_empty()) {
             // Drain what is already waiting so one transaction carries as much as it can.
             while p.len() < policy.batch_rows * 4 {
@@ -199,8 +208,12 @@ fn flush(store: &mut Store, p: &mut Pending, stats: &WriterStats, stopping: bool
         match store.write_batch(&p.events, &p.logs) {
             Ok(()) => {
                 crate::metrics::store_flush(started.elapsed(), p.logs.len(), p.events.len());
-                stats.log_written.fetch_add(p.logs.len() as u64, Ordering::Relaxed);
-                stats.events_written.fetch_add(p.events.len() as u64, Ordering::Relaxed);
+                stats
+                    .log_written
+                    .fetch_add(p.logs.len() as u64, Ordering::Relaxed);
+                stats
+                    .events_written
+                    .fetch_add(p.events.len() as u64, Ordering::Relaxed);
                 p.events.clear();
                 p.logs.clear();
                 p.since = None;
@@ -219,7 +232,12 @@ fn flush(store: &mut Store, p: &mut Pending, stats: &WriterStats, stopping: bool
                         logs = p.logs.len(),
                         "giving up on the last batch at shutdown"
                     );
-                    stats.log_dropped.fetch_add(p.logs.len() as u64, Ordering::Relaxed);
+                    stats
+                        .log_dropped
+                        .fetch_add(p.logs.len() as u64, Ordering::Relaxed);
+                    stats
+                        .events_lost
+                        .fetch_add(p.events.len() as u64, Ordering::Relaxed);
                     return;
                 }
                 std::thread::sleep(Duration::from_millis(200 * u64::from(attempt.min(10))));

@@ -76,7 +76,10 @@ pub fn decode_license(bytes: &[u8]) -> Result<DecodedLicense, String> {
                 .and_then(Value::as_str)
                 .unwrap_or_default()
                 .to_owned(),
-            floating_expires: m.get("FloatingExpires").and_then(Value::as_i64).unwrap_or(0),
+            floating_expires: m
+                .get("FloatingExpires")
+                .and_then(Value::as_i64)
+                .unwrap_or(0),
         });
     }
     let mut data_objects = Vec::new();

@@ -25,7 +25,12 @@ fn sample() -> License {
         trial_activation: true,
         max_no_of_machines: 1,
         allowed_machines: String::new(),
-        data_objects: vec![DataObject { id: 4484, name: "6".into(), string_value: "UUocTrSTGAi".into(), int_value: 805064 }],
+        data_objects: vec![DataObject {
+            id: 4484,
+            name: "6".into(),
+            string_value: "UUocTrSTGAi".into(),
+            int_value: 805064,
+        }],
         machines: vec![Machine {
             machine_code: "a".into(),
             kind: MachineKind::NodeLocked,
@@ -41,7 +46,16 @@ fn sample() -> License {
 fn encode_str(l: &License, mv: i64, mask: Mask) -> String {
     let machines: Vec<&Machine> = l.machines.iter().collect();
     let mut out = Vec::new();
-    encode_license(&LicenseView { license: l, machines: &machines, model_version: mv, mask, sign_date: 1570461018 }, &mut out);
+    encode_license(
+        &LicenseView {
+            license: l,
+            machines: &machines,
+            model_version: mv,
+            mask,
+            sign_date: 1570461018,
+        },
+        &mut out,
+    );
     String::from_utf8(out).unwrap()
 }
 
@@ -56,7 +70,10 @@ fn reference_sample_model_version_1() {
 fn model_version_3_adds_reseller_and_machine_fields() {
     let s = encode_str(&sample(), 3, Mask(0));
     assert!(s.contains(r#"{"Mid":"a","FriendlyName":"","IP":"158.174.10.218","Time":1565811740,"FloatingExpires":0}"#), "{s}");
-    assert!(s.ends_with(r#""Reseller":null,"SignDate":1570461018}"#), "{s}");
+    assert!(
+        s.ends_with(r#""Reseller":null,"SignDate":1570461018}"#),
+        "{s}"
+    );
     assert!(!s.contains("10.1.1.1"), "the proxy IP is never returned");
 }
 
@@ -77,7 +94,18 @@ fn masked_fields_stay_present_with_neutral_values() {
     }
     // Still valid JSON with every key Python indexes.
     let v: serde_json::Value = serde_json::from_str(&s).unwrap();
-    for k in ["ProductId", "Created", "Expires", "Period", "F1", "F8", "Block", "TrialActivation", "SignDate", "ActivatedMachines"] {
+    for k in [
+        "ProductId",
+        "Created",
+        "Expires",
+        "Period",
+        "F1",
+        "F8",
+        "Block",
+        "TrialActivation",
+        "SignDate",
+        "ActivatedMachines",
+    ] {
         assert!(v.get(k).is_some(), "{k}");
     }
 }
@@ -94,21 +122,37 @@ fn newtonsoft_escaping() {
 
 #[test]
 fn envelopes() {
-    assert_eq!(error_response("Access denied."), br#"{"result":1,"message":"Access denied."}"#);
-    assert_eq!(key_response("AB-CD"), br#"{"key":"AB-CD","result":0,"message":""}"#);
+    assert_eq!(
+        error_response("Access denied."),
+        br#"{"result":1,"message":"Access denied."}"#
+    );
+    assert_eq!(
+        key_response("AB-CD"),
+        br#"{"key":"AB-CD","result":0,"message":""}"#
+    );
     let r = String::from_utf8(license_response(b"{}", &[1, 2], Some(b"null"))).unwrap();
-    assert_eq!(r, r#"{"licenseKey":"e30=","signature":"AQI=","result":0,"message":"","metadata":null}"#);
+    assert_eq!(
+        r,
+        r#"{"licenseKey":"e30=","signature":"AQI=","result":0,"message":"","metadata":null}"#
+    );
 }
 
 #[test]
 fn metadata_signature_is_base64_json_with_data_and_signature() {
     let md = Metadata {
         activated_machines: 2,
-        status: LicenseStatus { is_valid: true, reason_for_invalidity: 0, trial: false, time_limited: true, time_left_days: 3 },
+        status: LicenseStatus {
+            is_valid: true,
+            reason_for_invalidity: 0,
+            trial: false,
+            time_limited: true,
+            time_left_days: 3,
+        },
         used_floating_machines: 1,
     };
     let data = metadata_data(&md);
-    let obj: serde_json::Value = serde_json::from_slice(&metadata_object(&md, &data, &[9, 9], 77)).unwrap();
+    let obj: serde_json::Value =
+        serde_json::from_slice(&metadata_object(&md, &data, &[9, 9], 77)).unwrap();
     assert_eq!(obj["activatedMachines"], 2);
     assert_eq!(obj["licenseStatus"]["timeLeft"], 3);
     let inner = B64.decode(obj["signature"].as_str().unwrap()).unwrap();

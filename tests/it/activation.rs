@@ -32,12 +32,16 @@ async fn parallel_new_machines_never_exceed_the_limit_and_survive_restart() {
         for s in 0..60 {
             let mut h = conn.clone_h2().unwrap();
             let body = activate_form(&seed, &key, &format!("h2-{c}-{s}"));
-            tasks.push(tokio::spawn(async move { vec![h.post("/api/key/Activate", &body).await.unwrap()] }));
+            tasks.push(tokio::spawn(async move {
+                vec![h.post("/api/key/Activate", &body).await.unwrap()]
+            }));
         }
     }
     for c in 0..4 {
         let mut conn = server.connect(Protocol::Http1).await;
-        let bodies: Vec<String> = (0..15).map(|s| activate_form(&seed, &key, &format!("h1-{c}-{s}"))).collect();
+        let bodies: Vec<String> = (0..15)
+            .map(|s| activate_form(&seed, &key, &format!("h1-{c}-{s}")))
+            .collect();
         tasks.push(tokio::spawn(async move {
             let mut replies = Vec::new();
             for b in bodies {
@@ -54,14 +58,31 @@ async fn parallel_new_machines_never_exceed_the_limit_and_survive_restart() {
             assert_eq!(v["result"], 0);
             ok += 1;
         } else {
-            assert_eq!((r.status, v["result"].as_i64(), v["message"].as_str()), (400, Some(1), Some(LIMIT_MSG)));
+            assert_eq!(
+                (r.status, v["result"].as_i64(), v["message"].as_str()),
+                (400, Some(1), Some(LIMIT_MSG))
+            );
             refused += 1;
         }
     }
-    assert_eq!((ok, refused), (5, 295), "300 distinct machines on a limit of 5");
+    assert_eq!(
+        (ok, refused),
+        (5, 295),
+        "300 distinct machines on a limit of 5"
+    );
     // Exactly five machines are recorded, in the store after a clean stop.
     server.stop();
-    let shown = cli(&dir.0, &["key", "show", "--product", &seed.product.to_string(), "--key", &key]);
+    let shown = cli(
+        &dir.0,
+        &[
+            "key",
+            "show",
+            "--product",
+            &seed.product.to_string(),
+            "--key",
+            &key,
+        ],
+    );
     let machines: Vec<String> = shown["activations"]
         .as_array()
         .unwrap()
@@ -74,11 +95,97 @@ async fn parallel_new_machines_never_exceed_the_limit_and_survive_restart() {
     let server = Server::start(&dir.0, &[]);
     let mut conn = server.connect(Protocol::Http1).await;
     for m in &machines {
-        let r = conn.post("/api/key/Activate", &activate_form(&seed, &key, m)).await.unwrap();
+        let r = conn
+            .post("/api/key/Activate", &activate_form(&seed, &key, m))
+            .await
+            .unwrap();
         assert_eq!(r.status, 200, "{}", r.text());
     }
-    let r = conn.post("/api/key/Activate", &activate_form(&seed, &key, "newcomer")).await.unwrap();
+    let r = conn
+        .post("/api/key/Activate", &activate_form(&seed, &key, "newcomer"))
+        .await
+        .unwrap();
     assert_eq!(r.json().unwrap()["message"], LIMIT_MSG);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn floating_leases_persist_and_expired_ones_are_pruned_from_the_store() {
+    let dir = TempDir::new("float");
+    let seed = Seed::new(&dir.0);
+    let key = seed.key(&dir.0, &["--max-machines", "2"]);
+    let mut server = Server::start(&dir.0, &[]);
+    let mut conn = server.connect(Protocol::Http1).await;
+    let lease = |m: &str, secs: u32| {
+        format!(
+            "{}&FloatingTimeInterval={secs}",
+            activate_form(&seed, &key, m)
+        )
+    };
+    for (m, secs) in [("short", 1), ("long", 600)] {
+        let r = conn
+            .post("/api/key/Activate", &lease(m, secs))
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    // Both seats are taken until the one-second lease has run out (whole seconds, so wait 2).
+    let r = conn
+        .post("/api/key/Activate", &lease("third", 600))
+        .await
+        .unwrap();
+    assert_eq!(
+        r.json().unwrap()["message"],
+        "Cannot activate the new device as the limit has been reached."
+    );
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let r = conn
+        .post("/api/key/Activate", &lease("third", 600))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    server.stop();
+
+    let shown = cli(
+        &dir.0,
+        &[
+            "key",
+            "show",
+            "--product",
+            &seed.product.to_string(),
+            "--key",
+            &key,
+        ],
+    );
+    let mids: Vec<&str> = shown["activations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["mid"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        mids,
+        ["floating:long", "floating:third"],
+        "the expired lease is gone from the store"
+    );
+
+    // After a restart both live leases still hold their seats.
+    let server = Server::start(&dir.0, &[]);
+    let mut conn = server.connect(Protocol::Http1).await;
+    let r = conn
+        .post("/api/key/Activate", &lease("fourth", 600))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 400, "{}", r.text());
+    let r = conn
+        .post("/api/key/Activate", &lease("long", 600))
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status,
+        200,
+        "a heartbeat after restart renews: {}",
+        r.text()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -89,16 +196,28 @@ async fn every_request_is_logged_with_client_and_proxy_ip() {
     let mut server = Server::start(&dir.0, &[("KEYGATE_SERVER__PROXY_IP", "192.0.2.7")]);
     let mut conn = server.connect(Protocol::Http2).await;
     let mut codes = Vec::new();
-    for (i, (machine, name)) in [("m1", "laptop"), ("m1", ""), ("m2", "")].iter().enumerate() {
-        let body = format!("{}&FriendlyName={name}", activate_form(&seed, &key, machine));
+    for (i, (machine, name)) in [("m1", "laptop"), ("m1", ""), ("m2", "")]
+        .iter()
+        .enumerate()
+    {
+        let body = format!(
+            "{}&FriendlyName={name}",
+            activate_form(&seed, &key, machine)
+        );
         let r = conn.post("/api/key/Activate", &body).await.unwrap();
         assert_eq!(r.status, if i < 2 { 200 } else { 400 }, "{}", r.text());
     }
     codes.extend([2011, 2010, 2021]);
-    let r = conn.post("/api/key/GetKey", &activate_form(&seed, &key, "")).await.unwrap();
+    let r = conn
+        .post("/api/key/GetKey", &activate_form(&seed, &key, ""))
+        .await
+        .unwrap();
     assert_eq!(r.status, 200);
     codes.push(1010);
-    let r = conn.post("/api/key/activate", "token=nope&ProductId=1&Key=K").await.unwrap();
+    let r = conn
+        .post("/api/key/activate", "token=nope&ProductId=1&Key=K")
+        .await
+        .unwrap();
     assert_eq!(r.status, 401);
     codes.push(2020);
     let r = conn.post("/api/key/Unknown", "").await.unwrap();
@@ -122,9 +241,22 @@ async fn every_request_is_logged_with_client_and_proxy_ip() {
     assert_eq!(rows[0]["key_id"], 1);
     assert_eq!(rows[0]["tenant_id"], seed.tenant);
     // The activation records the client IP, the proxy IP and the first-activation time.
-    let shown = cli(&dir.0, &["key", "show", "--product", &seed.product.to_string(), "--key", &key]);
+    let shown = cli(
+        &dir.0,
+        &[
+            "key",
+            "show",
+            "--product",
+            &seed.product.to_string(),
+            "--key",
+            &key,
+        ],
+    );
     let a = &shown["activations"][0];
-    assert_eq!((a["mid"].as_str(), a["ip"].as_str(), a["proxy_ip"].as_str()), (Some("m1"), Some("127.0.0.1"), Some("192.0.2.7")));
+    assert_eq!(
+        (a["mid"].as_str(), a["ip"].as_str(), a["proxy_ip"].as_str()),
+        (Some("m1"), Some("127.0.0.1"), Some("192.0.2.7"))
+    );
     assert_eq!(a["time"], rows[0]["time"]);
 }
 
@@ -136,7 +268,10 @@ async fn get_requests_with_query_strings_work_like_posts() {
     let server = Server::start(&dir.0, &[]);
     let mut conn = server.connect(Protocol::Http1).await;
     let q = activate_form(&seed, &key, "browser");
-    let r = conn.request("GET", &format!("/api/key/Activate?{q}"), &[], "").await.unwrap();
+    let r = conn
+        .request("GET", &format!("/api/key/Activate?{q}"), &[], "")
+        .await
+        .unwrap();
     assert_eq!(r.status, 200, "{}", r.text());
     let v = r.json().unwrap();
     assert_eq!(v["result"], 0);
@@ -144,10 +279,17 @@ async fn get_requests_with_query_strings_work_like_posts() {
     use base64::Engine;
     let b64 = base64::engine::general_purpose::STANDARD;
     let xml = &seed.public_key;
-    let modulus = b64.decode(&xml["<RSAKeyValue><Modulus>".len()..xml.find("</Modulus>").unwrap()]).unwrap();
+    let modulus = b64
+        .decode(&xml["<RSAKeyValue><Modulus>".len()..xml.find("</Modulus>").unwrap()])
+        .unwrap();
     let lk = b64.decode(v["licenseKey"].as_str().unwrap()).unwrap();
     let sig = b64.decode(v["signature"].as_str().unwrap()).unwrap();
-    assert!(keygate::signing::verify_sha256(&modulus, &[1, 0, 1], &lk, &sig));
+    assert!(keygate::signing::verify_sha256(
+        &modulus,
+        &[1, 0, 1],
+        &lk,
+        &sig
+    ));
     let lic: serde_json::Value = serde_json::from_slice(&lk).unwrap();
     assert_eq!(lic["ActivatedMachines"][0]["Mid"], "browser");
     assert_eq!(lic["Key"], key.as_str());
@@ -168,13 +310,31 @@ async fn control_plane_changes_reach_a_running_node() {
         async move { (c.post("/api/key/Activate", &b).await.unwrap().status == 200).then_some(()) }
     })
     .await;
-    assert!(ok.is_some(), "a key created while serving was not picked up within 10 s");
-    cli(&dir.0, &["key", "block", "--product", &seed.product.to_string(), "--key", &key]);
+    assert!(
+        ok.is_some(),
+        "a key created while serving was not picked up within 10 s"
+    );
+    cli(
+        &dir.0,
+        &[
+            "key",
+            "block",
+            "--product",
+            &seed.product.to_string(),
+            "--key",
+            &key,
+        ],
+    );
     let blocked = super::helpers::eventually(Duration::from_secs(10), || {
         let mut c = conn.clone_h2().unwrap();
         let b = body.clone();
         async move {
-            let v = c.post("/api/key/Activate", &b).await.unwrap().json().unwrap();
+            let v = c
+                .post("/api/key/Activate", &b)
+                .await
+                .unwrap()
+                .json()
+                .unwrap();
             (v["message"] == "The key is blocked and cannot be accessed.").then_some(())
         }
     })
@@ -182,7 +342,9 @@ async fn control_plane_changes_reach_a_running_node() {
     assert!(blocked.is_some(), "a block was not applied within 10 s");
 }
 
-async fn futures_flatten(tasks: Vec<tokio::task::JoinHandle<Vec<keygate_loadtest::Reply>>>) -> Vec<keygate_loadtest::Reply> {
+async fn futures_flatten(
+    tasks: Vec<tokio::task::JoinHandle<Vec<keygate_loadtest::Reply>>>,
+) -> Vec<keygate_loadtest::Reply> {
     let mut all = Vec::new();
     for t in tasks {
         all.extend(t.await.unwrap());

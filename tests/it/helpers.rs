@@ -63,7 +63,17 @@ impl Seed {
     pub fn new(dir: &Path) -> Seed {
         let t = cli(dir, &["tenant", "create", "--name", "acme"]);
         let tenant = t["tenant_id"].as_i64().unwrap();
-        let p = cli(dir, &["product", "create", "--tenant", &tenant.to_string(), "--name", "app"]);
+        let p = cli(
+            dir,
+            &[
+                "product",
+                "create",
+                "--tenant",
+                &tenant.to_string(),
+                "--name",
+                "app",
+            ],
+        );
         let product = p["product_id"].as_i64().unwrap();
         let tok = cli(dir, &["token", "create", "--tenant", &tenant.to_string()]);
         Seed {
@@ -140,7 +150,9 @@ impl Server {
 
     /// SIGTERM, then waits for a clean exit (connections drained, store writer flushed).
     pub fn stop(&mut self) {
-        let Some(mut child) = self.child.take() else { return };
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
         let ok = Command::new("kill")
             .args(["-TERM", &child.id().to_string()])
             .status()

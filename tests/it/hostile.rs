@@ -8,8 +8,15 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn assert_error(r: &keygate_loadtest::Reply, status: u16, message: &str) {
-    let v = r.json().unwrap_or_else(|_| panic!("not JSON: {}", r.text()));
-    assert_eq!((r.status, v["result"].as_i64(), v["message"].as_str()), (status, Some(1), Some(message)), "{}", r.text());
+    let v = r
+        .json()
+        .unwrap_or_else(|_| panic!("not JSON: {}", r.text()));
+    assert_eq!(
+        (r.status, v["result"].as_i64(), v["message"].as_str()),
+        (status, Some(1), Some(message)),
+        "{}",
+        r.text()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -19,40 +26,131 @@ async fn malformed_requests_get_clear_errors_and_the_server_stays_up() {
     let key = seed.key(&dir.0, &["--max-machines", "3"]);
     let server = Server::start(&dir.0, &[("KEYGATE_SERVER__BODY_READ_TIMEOUT_MS", "700")]);
     let pid = seed.product.to_string();
-    let good = form(&[("token", &seed.token), ("ProductId", &pid), ("Key", &key), ("MachineCode", "m"), ("SignMethod", "1")]);
+    let good = form(&[
+        ("token", &seed.token),
+        ("ProductId", &pid),
+        ("Key", &key),
+        ("MachineCode", "m"),
+        ("SignMethod", "1"),
+    ]);
 
     for proto in [Protocol::Http1, Protocol::Http2] {
         let mut c = server.connect(proto).await;
         let big = format!("{good}&pad={}", "x".repeat(20_000));
-        assert_error(&c.post("/api/key/activate", &big).await.unwrap(), 413, "The request body is too large.");
+        assert_error(
+            &c.post("/api/key/activate", &big).await.unwrap(),
+            413,
+            "The request body is too large.",
+        );
         let mut c = server.connect(proto).await;
         let incorrect = "The input parameters were incorrect.";
         let cases: Vec<(String, u16, &str)> = vec![
-            (format!("token={}&ProductId=abc&Key={key}", seed.token), 400, incorrect),
-            (format!("token={}&ProductId=%FF%FE&Key={key}", seed.token), 400, incorrect),
-            (format!("token={}&ProductId={pid}", seed.token), 400, incorrect),
-            (format!("token={}&ProductId={pid}&Key={key}&Metadata=perhaps", seed.token), 400, incorrect),
-            (format!("token={}&ProductId={pid}&Key={key}&MachineCode={}", seed.token, "m".repeat(2000)), 400, incorrect),
-            (format!("token={}&ProductId=99999999999999999999&Key={key}", seed.token), 400, incorrect),
-            (format!("ProductId={pid}&Key={key}"), 401, "Unable to authenticate."),
-            ("token=%zz%&ProductId=1&Key=%".to_owned(), 401, "Unable to authenticate."),
-            ("\u{0}\u{1}==&&&%%%".to_owned(), 401, "Unable to authenticate."),
-            (format!("token={}&ProductId=424242&Key={key}", seed.token), 400, "Could not find the product."),
-            (format!("token={}&ProductId={pid}&Key=NOPE", seed.token), 400, "Could not find the key."),
+            (
+                format!("token={}&ProductId=abc&Key={key}", seed.token),
+                400,
+                incorrect,
+            ),
+            (
+                format!("token={}&ProductId=%FF%FE&Key={key}", seed.token),
+                400,
+                incorrect,
+            ),
+            (
+                format!("token={}&ProductId={pid}", seed.token),
+                400,
+                incorrect,
+            ),
+            (
+                format!(
+                    "token={}&ProductId={pid}&Key={key}&Metadata=perhaps",
+                    seed.token
+                ),
+                400,
+                incorrect,
+            ),
+            (
+                format!(
+                    "token={}&ProductId={pid}&Key={key}&MachineCode={}",
+                    seed.token,
+                    "m".repeat(2000)
+                ),
+                400,
+                incorrect,
+            ),
+            (
+                format!(
+                    "token={}&ProductId=99999999999999999999&Key={key}",
+                    seed.token
+                ),
+                400,
+                incorrect,
+            ),
+            (
+                format!("ProductId={pid}&Key={key}"),
+                401,
+                "Unable to authenticate.",
+            ),
+            (
+                "token=%zz%&ProductId=1&Key=%".to_owned(),
+                401,
+                "Unable to authenticate.",
+            ),
+            (
+                "\u{0}\u{1}==&&&%%%".to_owned(),
+                401,
+                "Unable to authenticate.",
+            ),
+            (
+                format!("token={}&ProductId=424242&Key={key}", seed.token),
+                400,
+                "Could not find the product.",
+            ),
+            (
+                format!("token={}&ProductId={pid}&Key=NOPE", seed.token),
+                400,
+                "Could not find the key.",
+            ),
         ];
         for (body, status, msg) in &cases {
-            assert_error(&c.post("/api/key/activate", body).await.unwrap(), *status, msg);
+            assert_error(
+                &c.post("/api/key/activate", body).await.unwrap(),
+                *status,
+                msg,
+            );
         }
-        assert_error(&c.post("/api/key/nothing", &good).await.unwrap(), 404, "The requested method does not exist.");
-        assert_error(&c.post("/api/data/IncrementIntValueToKey", &good).await.unwrap(), 404, "The requested method does not exist.");
+        assert_error(
+            &c.post("/api/key/nothing", &good).await.unwrap(),
+            404,
+            "The requested method does not exist.",
+        );
+        assert_error(
+            &c.post("/api/data/IncrementIntValueToKey", &good)
+                .await
+                .unwrap(),
+            404,
+            "The requested method does not exist.",
+        );
         assert_error(
             &c.post("/Ext/Activate", &good).await.unwrap(),
             404,
             "Web API 2 is not supported. Please use Web API 3 (/api/key/Activate).",
         );
-        assert_error(&c.request("PUT", "/api/key/activate", &[], good.clone()).await.unwrap(), 405, "Only GET and POST are supported.");
         assert_error(
-            &c.request("POST", "/api/key/activate", &[("content-encoding", "gzip")], good.clone()).await.unwrap(),
+            &c.request("PUT", "/api/key/activate", &[], good.clone())
+                .await
+                .unwrap(),
+            405,
+            "Only GET and POST are supported.",
+        );
+        assert_error(
+            &c.request(
+                "POST",
+                "/api/key/activate",
+                &[("content-encoding", "gzip")],
+                good.clone(),
+            )
+            .await
+            .unwrap(),
             415,
             "The request body must be application/x-www-form-urlencoded without content encoding.",
         );
@@ -67,11 +165,19 @@ async fn malformed_requests_get_clear_errors_and_the_server_stays_up() {
                     (seedv >> 24) as u8
                 })
                 .collect();
-            let r = c.request("POST", "/api/key/GetKey", &[], body).await.unwrap();
+            let r = c
+                .request("POST", "/api/key/GetKey", &[], body)
+                .await
+                .unwrap();
             assert_eq!(r.json().unwrap()["result"], 1, "{}", r.text());
         }
         let r = c.post("/api/key/activate", &good).await.unwrap();
-        assert_eq!(r.status, 200, "normal clients are still served: {}", r.text());
+        assert_eq!(
+            r.status,
+            200,
+            "normal clients are still served: {}",
+            r.text()
+        );
     }
 }
 
@@ -79,7 +185,10 @@ async fn raw_tls(server: &Server) -> tokio_rustls::client::TlsStream<tokio::net:
     let tls = keygate_loadtest::tls_config(&server.cert, Protocol::Http1).unwrap();
     let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
     tokio_rustls::TlsConnector::from(tls)
-        .connect(rustls_pki_types::ServerName::IpAddress(server.addr.ip().into()), tcp)
+        .connect(
+            rustls_pki_types::ServerName::IpAddress(server.addr.ip().into()),
+            tcp,
+        )
         .await
         .unwrap()
 }
@@ -91,21 +200,32 @@ async fn slow_and_broken_clients_are_cut_off() {
     let key = seed.key(&dir.0, &[]);
     let server = Arc::new(Server::start(
         &dir.0,
-        &[("KEYGATE_SERVER__BODY_READ_TIMEOUT_MS", "500"), ("KEYGATE_SERVER__HEADER_READ_TIMEOUT_MS", "500"), ("KEYGATE_SERVER__TLS_HANDSHAKE_TIMEOUT_MS", "500")],
+        &[
+            ("KEYGATE_SERVER__BODY_READ_TIMEOUT_MS", "500"),
+            ("KEYGATE_SERVER__HEADER_READ_TIMEOUT_MS", "500"),
+            ("KEYGATE_SERVER__TLS_HANDSHAKE_TIMEOUT_MS", "500"),
+        ],
     ));
     // A body that never completes: 408 with a JSON error, within a bounded time.
     let mut s = raw_tls(&server).await;
-    s.write_all(b"POST /api/key/activate HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\ntoken=").await.unwrap();
+    s.write_all(b"POST /api/key/activate HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\ntoken=")
+        .await
+        .unwrap();
     let mut buf = Vec::new();
     let n = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
     let text = String::from_utf8_lossy(&buf);
     assert!(n.is_ok(), "no answer within 5 s");
     assert!(text.starts_with("HTTP/1.1 408"), "{text}");
-    assert!(text.contains(r#"{"result":1,"message":"The request body was not received in time."}"#), "{text}");
+    assert!(
+        text.contains(r#"{"result":1,"message":"The request body was not received in time."}"#),
+        "{text}"
+    );
 
     // Headers that never complete (slowloris): the connection is closed.
     let mut s = raw_tls(&server).await;
-    s.write_all(b"POST /api/key/activate HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    s.write_all(b"POST /api/key/activate HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
     let mut buf = Vec::new();
     let r = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
     assert!(r.is_ok(), "a stalled header was not cut off within 5 s");
@@ -114,13 +234,25 @@ async fn slow_and_broken_clients_are_cut_off() {
     let mut idle = tokio::net::TcpStream::connect(server.addr).await.unwrap();
     let mut b = [0u8; 16];
     let r = tokio::time::timeout(Duration::from_secs(5), idle.read(&mut b)).await;
-    assert!(matches!(r, Ok(Ok(0)) | Ok(Err(_))), "idle pre-TLS connection kept open: {r:?}");
+    assert!(
+        matches!(r, Ok(Ok(0)) | Ok(Err(_))),
+        "idle pre-TLS connection kept open: {r:?}"
+    );
     let mut plain = tokio::net::TcpStream::connect(server.addr).await.unwrap();
-    plain.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
-    let _ = tokio::time::timeout(Duration::from_secs(5), plain.read(&mut b)).await.expect("plaintext not closed");
+    plain
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let _ = tokio::time::timeout(Duration::from_secs(5), plain.read(&mut b))
+        .await
+        .expect("plaintext not closed");
 
     // Meanwhile and afterwards, normal requests are served.
     let mut c = server.connect(Protocol::Http2).await;
-    let body = form(&[("token", &seed.token), ("ProductId", &seed.product.to_string()), ("Key", &key)]);
+    let body = form(&[
+        ("token", &seed.token),
+        ("ProductId", &seed.product.to_string()),
+        ("Key", &key),
+    ]);
     assert_eq!(c.post("/api/key/GetKey", &body).await.unwrap().status, 200);
 }

@@ -10,6 +10,12 @@ fn sdk_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/sdk")
 }
 
+/// The Python with `licensing` 0.54: `KEYGATE_PYTHON` (set by `./scripts/test` to its venv), else
+/// `python3` from `PATH`.
+fn python() -> String {
+    std::env::var("KEYGATE_PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
 fn run_script(server: &Server, program: &str, script: &str, tag: &str) {
     let out = Command::new(program)
         .arg(sdk_dir().join(script))
@@ -43,24 +49,30 @@ fn run_script(server: &Server, program: &str, script: &str, tag: &str) {
 
 #[test]
 fn python_licensing_sdk_end_to_end() {
-    let probe = Command::new("python3")
-        .args(["-c", "import licensing, importlib.metadata as m; assert m.version('licensing') == '0.54'"])
+    let python = python();
+    let probe = Command::new(&python)
+        .args([
+            "-c",
+            "import licensing, importlib.metadata as m; assert m.version('licensing') == '0.54'",
+        ])
         .status()
-        .expect("python3 is required");
+        .unwrap_or_else(|e| panic!("cannot run {python}: {e}"));
     assert!(
         probe.success(),
-        "the Python SDK is missing: `./scripts/test` installs it (pip install licensing==0.54)"
+        "the Python SDK is missing from {python}: `./scripts/test` installs it (licensing==0.54 in target/sdk-venv)"
     );
     let dir = TempDir::new("py");
     let mut server = Server::start(&dir.0, &[]);
-    run_script(&server, "python3", "python_e2e.py", "sdk-python");
+    run_script(&server, &python, "python_e2e.py", "sdk-python");
     server.stop();
 }
 
 #[test]
 fn node_cryptolens_sdk_end_to_end() {
     assert!(
-        sdk_dir().join("node_modules/cryptolens/package.json").exists(),
+        sdk_dir()
+            .join("node_modules/cryptolens/package.json")
+            .exists(),
         "the npm SDK is missing: `./scripts/test` installs it (npm ci in tests/sdk)"
     );
     let dir = TempDir::new("node");
