@@ -72,23 +72,7 @@ async fn parallel_new_machines_never_exceed_the_limit_and_survive_restart() {
     );
     // Exactly five machines are recorded, in the store after a clean stop.
     server.stop();
-    let shown = cli(
-        &dir.0,
-        &[
-            "key",
-            "show",
-            "--product",
-            &seed.product.to_string(),
-            "--key",
-            &key,
-        ],
-    );
-    let machines: Vec<String> = shown["activations"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["mid"].as_str().unwrap().to_owned())
-        .collect();
+    let machines = seed.mids(&dir.0, &key);
     assert_eq!(machines.len(), 5, "{machines:?}");
 
     // After a restart the same five are known and a sixth is still refused.
@@ -145,23 +129,7 @@ async fn floating_leases_persist_and_expired_ones_are_pruned_from_the_store() {
     assert_eq!(r.status, 200, "{}", r.text());
     server.stop();
 
-    let shown = cli(
-        &dir.0,
-        &[
-            "key",
-            "show",
-            "--product",
-            &seed.product.to_string(),
-            "--key",
-            &key,
-        ],
-    );
-    let mids: Vec<&str> = shown["activations"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["mid"].as_str().unwrap())
-        .collect();
+    let mids = seed.mids(&dir.0, &key);
     assert_eq!(
         mids,
         ["floating:long", "floating:third"],
@@ -241,18 +209,7 @@ async fn every_request_is_logged_with_client_and_proxy_ip() {
     assert_eq!(rows[0]["key_id"], 1);
     assert_eq!(rows[0]["tenant_id"], seed.tenant);
     // The activation records the client IP, the proxy IP and the first-activation time.
-    let shown = cli(
-        &dir.0,
-        &[
-            "key",
-            "show",
-            "--product",
-            &seed.product.to_string(),
-            "--key",
-            &key,
-        ],
-    );
-    let a = &shown["activations"][0];
+    let a = &seed.activations(&dir.0, &key)[0];
     assert_eq!(
         (a["mid"].as_str(), a["ip"].as_str(), a["proxy_ip"].as_str()),
         (Some("m1"), Some("127.0.0.1"), Some("192.0.2.7"))

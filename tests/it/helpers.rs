@@ -91,6 +91,24 @@ impl Seed {
         args.extend_from_slice(extra);
         cli(dir, &args)["key"].as_str().unwrap().to_owned()
     }
+
+    /// The key's activations as the store holds them (`key show`), in list order.
+    pub fn activations(&self, dir: &Path, key: &str) -> Vec<Value> {
+        let pid = self.product.to_string();
+        let shown = cli(dir, &["key", "show", "--product", &pid, "--key", key]);
+        shown["activations"]
+            .as_array()
+            .expect("key show lists activations")
+            .clone()
+    }
+
+    /// The `mid` of each stored activation, in list order.
+    pub fn mids(&self, dir: &Path, key: &str) -> Vec<String> {
+        self.activations(dir, key)
+            .iter()
+            .map(|m| m["mid"].as_str().unwrap().to_owned())
+            .collect()
+    }
 }
 
 /// A running `keygate serve`.
