@@ -75,6 +75,7 @@ fn fixture() -> Fixture {
         trial_lock: tokio::sync::Mutex::new(()),
         limits: Limits {
             max_body_bytes: 16384,
+            max_header_bytes: 16384,
             body_read_timeout: Duration::from_secs(10),
             header_read_timeout: Duration::from_secs(10),
             tls_handshake_timeout: Duration::from_secs(10),
@@ -82,6 +83,7 @@ fn fixture() -> Fixture {
             drain_timeout: Duration::from_secs(1),
         },
         proxy_ip: None,
+        trusted_proxies: Default::default(),
     });
     Fixture {
         ctx,

@@ -1,11 +1,17 @@
-//! Wiring for `keygate serve`: open the store, load state, start the writer and the sync
-//! poller, serve HTTPS until SIGTERM/SIGINT, then drain connections and flush the writer.
+//! Wiring for `keygate serve`: install the metrics recorder, open the store, load state, start
+//! the writer, the sync poller and the admin listener, serve HTTPS until SIGTERM/SIGINT
+//! (reloading the certificate on SIGHUP), then turn readiness off, drain connections and flush
+//! the writer.
 
 use crate::config::Config;
+use crate::http::admin::{self, Admin, Health};
+use crate::http::client_ip::TrustedProxies;
 use crate::http::{self, Ctx, Limits};
 use crate::state::{State, Sync};
 use crate::store::writer::{BatchPolicy, Writer};
 use crate::store::Store;
+use crate::tls::CertResolver;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -22,17 +28,36 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
 async fn serve(cfg: Config) -> anyhow::Result<()> {
     std::fs::create_dir_all(&cfg.data_dir)
         .map_err(|e| anyhow::anyhow!("cannot create data dir {}: {e}", cfg.data_dir.display()))?;
+    // One recorder per process; a second `serve` in the same process (tests) records nothing.
+    let metrics_handle = match crate::metrics::install() {
+        Ok(h) => Some(h),
+        Err(e) => {
+            tracing::warn!(error = %e, "metrics recorder not installed; /metrics is off");
+            None
+        }
+    };
+    if let Some(h) = metrics_handle.clone() {
+        // Histograms need periodic upkeep to age out old samples.
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tick.tick().await;
+                h.run_upkeep();
+            }
+        });
+    }
     let db = cfg.sqlite_path();
     let store = Store::open(&db)?;
     let (state, seq) = State::load(&store)?;
     let state = Arc::new(state);
     tracing::info!(licenses = state.license_count(), db = %db.display(), "state loaded");
+    crate::metrics::licenses_loaded(state.license_count());
 
     let (cert, key) = match (&cfg.server.tls_cert, &cfg.server.tls_key) {
         (Some(c), Some(k)) => (c.clone(), k.clone()),
         _ => crate::tls::ensure_self_signed(&cfg.data_dir.join("tls"), &cfg.server.tls_names)?,
     };
-    let tls = crate::tls::server_config(&cert, &key)?;
+    let (tls, resolver) = crate::tls::server_config(&cert, &key)?;
 
     let writer = Writer::spawn(
         store,
@@ -56,6 +81,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         trial_lock: tokio::sync::Mutex::new(()),
         limits: Limits {
             max_body_bytes: s.max_body_bytes,
+            max_header_bytes: s.max_header_bytes,
             body_read_timeout: Duration::from_millis(s.body_read_timeout_ms),
             header_read_timeout: Duration::from_millis(s.header_read_timeout_ms),
             tls_handshake_timeout: Duration::from_millis(s.tls_handshake_timeout_ms),
@@ -63,6 +89,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
             drain_timeout: Duration::from_millis(s.drain_timeout_ms),
         },
         proxy_ip: s.proxy_ip.clone(),
+        trusted_proxies: TrustedProxies::parse(&s.trusted_proxies).map_err(anyhow::Error::msg)?,
     });
 
     let listener = tokio::net::TcpListener::bind(&s.listen)
@@ -75,19 +102,50 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         cert.display()
     );
 
+    let health = Arc::new(Health {
+        serving: AtomicBool::new(false),
+        writer: writer.sender(),
+    });
+    let admin_stop = CancellationToken::new();
+    if !cfg.admin.listen.is_empty() {
+        let admin_listener = tokio::net::TcpListener::bind(&cfg.admin.listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {} (admin): {e}", cfg.admin.listen))?;
+        println!("keygate admin on http://{}", admin_listener.local_addr()?);
+        let admin = Arc::new(Admin {
+            metrics: metrics_handle,
+            health: health.clone(),
+        });
+        tokio::spawn(admin::serve_admin(
+            admin_listener,
+            admin,
+            admin_stop.clone(),
+        ));
+    }
+    health.serving.store(true, Ordering::Relaxed);
+
     let shutdown = CancellationToken::new();
     let signals = shutdown.clone();
+    let shutdown_delay = Duration::from_millis(s.shutdown_delay_ms);
+    let health_on_signal = health.clone();
     tokio::spawn(async move {
-        wait_for_signal().await;
-        tracing::info!("shutting down");
+        wait_for_signal(&resolver).await;
+        // Readiness first, so load balancers stop sending before the listener closes.
+        health_on_signal.serving.store(false, Ordering::Relaxed);
+        tracing::info!(
+            delay_ms = shutdown_delay.as_millis() as u64,
+            "shutting down"
+        );
+        tokio::time::sleep(shutdown_delay).await;
         signals.cancel();
     });
     http::serve_tls(listener, tls, ctx, shutdown).await;
     sync.shutdown();
     let writer_stats = writer.sender();
     tokio::task::spawn_blocking(move || writer.shutdown()).await?;
+    admin_stop.cancel();
     let st = writer_stats.stats();
-    let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
     if load(&st.events_lost) > 0 {
         tracing::error!(
             events_lost = load(&st.events_lost),
@@ -103,17 +161,31 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn wait_for_signal() {
+/// Waits for SIGTERM or SIGINT; reloads the TLS certificate on every SIGHUP meanwhile.
+async fn wait_for_signal(resolver: &CertResolver) {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
     ) else {
         tracing::error!("cannot install signal handlers; stop with SIGKILL");
         return std::future::pending().await;
     };
-    tokio::select! {
-        _ = term.recv() => {},
-        _ = int.recv() => {},
+    loop {
+        tokio::select! {
+            _ = term.recv() => return,
+            _ = int.recv() => return,
+            _ = hup.recv() => match resolver.reload() {
+                Ok(()) => {
+                    tracing::info!("TLS certificate reloaded");
+                    crate::metrics::tls_reload("ok");
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "TLS certificate reload failed; keeping the old one");
+                    crate::metrics::tls_reload("failed");
+                }
+            },
+        }
     }
 }

@@ -14,6 +14,7 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub server: Server,
     pub store: StoreCfg,
+    pub admin: Admin,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -29,13 +30,28 @@ pub struct Server {
     /// The address recorded as this node's "proxy IP"; the local socket address when unset.
     pub proxy_ip: Option<String>,
     pub max_body_bytes: usize,
+    /// Request line plus headers (HTTP/1.1), or the header list (HTTP/2).
+    pub max_header_bytes: usize,
+    /// Peers (CIDR ranges) whose `X-Forwarded-For` is believed; from anyone else it is ignored.
+    pub trusted_proxies: Vec<String>,
     pub header_read_timeout_ms: u64,
     pub body_read_timeout_ms: u64,
     pub tls_handshake_timeout_ms: u64,
     pub max_connections: usize,
     pub drain_timeout_ms: u64,
+    /// On SIGTERM, how long `/readyz` answers 503 before the listener closes, so that load
+    /// balancers stop sending first.
+    pub shutdown_delay_ms: u64,
     /// Tokio worker threads; 0 = one per core.
     pub worker_threads: usize,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Admin {
+    /// Plain-HTTP listener for `/metrics`, `/livez` and `/readyz`; "" turns it off. Keep it on
+    /// loopback or a private network: it has no authentication.
+    pub listen: String,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -59,6 +75,7 @@ impl Default for Config {
             data_dir: PathBuf::from("keygate-data"),
             server: Server::default(),
             store: StoreCfg::default(),
+            admin: Admin::default(),
         }
     }
 }
@@ -72,12 +89,23 @@ impl Default for Server {
             tls_names: vec!["localhost".into(), "127.0.0.1".into(), "::1".into()],
             proxy_ip: None,
             max_body_bytes: 16 * 1024,
+            max_header_bytes: 16 * 1024,
+            trusted_proxies: Vec::new(),
             header_read_timeout_ms: 10_000,
             body_read_timeout_ms: 10_000,
             tls_handshake_timeout_ms: 10_000,
             max_connections: 10_000,
             drain_timeout_ms: 20_000,
+            shutdown_delay_ms: 0,
             worker_threads: 0,
+        }
+    }
+}
+
+impl Default for Admin {
+    fn default() -> Self {
+        Admin {
+            listen: "127.0.0.1:9464".into(),
         }
     }
 }
@@ -171,6 +199,20 @@ impl Config {
         }
         if !(256..=1 << 20).contains(&s.max_body_bytes) {
             p.push("server.max_body_bytes must be between 256 and 1048576".into());
+        }
+        if !(1024..=1 << 20).contains(&s.max_header_bytes) {
+            p.push("server.max_header_bytes must be between 1024 and 1048576".into());
+        }
+        for c in &s.trusted_proxies {
+            if let Err(e) = c.parse::<crate::http::client_ip::Cidr>() {
+                p.push(format!("server.trusted_proxies: {e}"));
+            }
+        }
+        if !self.admin.listen.is_empty() && self.admin.listen.parse::<SocketAddr>().is_err() {
+            p.push(format!(
+                "admin.listen: {:?} is not an address like 127.0.0.1:9464 (or \"\" to turn it off)",
+                self.admin.listen
+            ));
         }
         for (name, v) in [
             ("server.header_read_timeout_ms", s.header_read_timeout_ms),
@@ -298,11 +340,37 @@ mod tests {
                 ("KEYGATE_SERVER__LISTEN", "nowhere"),
                 ("KEYGATE_SERVER__TLS_CERT", "/x.pem"),
                 ("KEYGATE_STORE__FLUSH_INTERVAL_MS", "0"),
+                ("KEYGATE_SERVER__TRUSTED_PROXIES", "[\"10.0.0.0/33\"]"),
+                ("KEYGATE_ADMIN__LISTEN", "localhost"),
             ]),
         )
         .unwrap_err();
-        assert_eq!(e.problems.len(), 3, "{e}");
+        assert_eq!(e.problems.len(), 5, "{e}");
         let unknown = Config::load(None, &env(&[("KEYGATE_SERVER__LISTN", "1")])).unwrap_err();
         assert!(unknown.to_string().contains("listn"), "{unknown}");
+    }
+
+    /// The commented example in deploy/ sets every key, so it must parse and validate.
+    #[test]
+    fn example_config_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/keygate.example.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let c = Config::load(Some(&path), &env(&[])).unwrap();
+        // Every key of the effective configuration appears in the example.
+        let effective = toml::Table::try_from(&c).unwrap();
+        for (section, v) in &effective {
+            match v {
+                toml::Value::Table(t) => {
+                    assert!(
+                        text.contains(&format!("[{section}]")),
+                        "[{section}] missing"
+                    );
+                    for k in t.keys() {
+                        assert!(text.contains(&format!("{k} =")), "{section}.{k} missing");
+                    }
+                }
+                _ => assert!(text.contains(&format!("{section} =")), "{section} missing"),
+            }
+        }
     }
 }

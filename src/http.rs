@@ -2,6 +2,8 @@
 //! limits, routing, and turning every outcome into a response and a log row. The only module
 //! that knows hyper.
 
+pub mod admin;
+pub mod client_ip;
 pub mod error;
 pub mod handlers;
 
@@ -10,6 +12,7 @@ use crate::state::State;
 use crate::store::writer::WriterSender;
 use crate::store::Store;
 use bytes::Bytes;
+use client_ip::TrustedProxies;
 use error::{ApiError, Failure};
 use handlers::LogCtx;
 use http::{header, Method as HttpMethod, Response, StatusCode};
@@ -19,7 +22,6 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -30,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 #[derive(Clone, Debug)]
 pub struct Limits {
     pub max_body_bytes: usize,
+    pub max_header_bytes: usize,
     pub body_read_timeout: Duration,
     pub header_read_timeout: Duration,
     pub tls_handshake_timeout: Duration,
@@ -47,6 +50,8 @@ pub struct Ctx {
     pub limits: Limits,
     /// The edge node's own address recorded as "proxy IP"; the local socket address if unset.
     pub proxy_ip: Option<String>,
+    /// Peers whose `X-Forwarded-For` names the client.
+    pub trusted_proxies: TrustedProxies,
 }
 
 impl Ctx {
@@ -63,8 +68,42 @@ pub fn unix_now() -> i64 {
 
 /// The addresses of one connection.
 struct Conn {
+    peer: std::net::IpAddr,
+    /// The peer is a trusted proxy: each request's `X-Forwarded-For` names its client.
+    behind_proxy: bool,
     client_ip: String,
     proxy_ip: String,
+}
+
+impl Conn {
+    fn client_ip(&self, ctx: &Ctx, headers: &http::HeaderMap) -> String {
+        if !self.behind_proxy {
+            return self.client_ip.clone();
+        }
+        let xff = headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .map(|v| v.as_bytes());
+        ctx.trusted_proxies
+            .client_behind(self.peer, xff)
+            .to_string()
+    }
+}
+
+/// Counts a connection in `keygate_connections_open` for as long as it lives.
+struct OpenConnection;
+
+impl OpenConnection {
+    fn new() -> OpenConnection {
+        crate::metrics::connections_open(1.0);
+        OpenConnection
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        crate::metrics::connections_open(-1.0);
+    }
 }
 
 fn json_response(status: StatusCode, body: Vec<u8>) -> Response<Full<Bytes>> {
@@ -95,7 +134,8 @@ async fn handle(
     let started = tokio::time::Instant::now();
     let mut log = LogCtx::default();
     let route = request::route(req.uri().path()).ok();
-    let outcome = serve(&ctx, &conn, req, &mut log).await;
+    let client_ip = conn.client_ip(&ctx, req.headers());
+    let outcome = serve(&ctx, &client_ip, &conn.proxy_ip, req, &mut log).await;
     let (status, body, code, label) = match outcome {
         Ok((body, code)) => (StatusCode::OK, body, code, "ok"),
         Err(f) => (
@@ -106,14 +146,15 @@ async fn handle(
         ),
     };
     ctx.writer
-        .log(log.row(&conn.client_ip, &conn.proxy_ip, ctx.now(), code));
+        .log(log.row(&client_ip, &conn.proxy_ip, ctx.now(), code));
     crate::metrics::request(route_name(route), label, started.elapsed());
     Ok(json_response(status, body))
 }
 
 async fn serve(
     ctx: &Arc<Ctx>,
-    conn: &Conn,
+    client_ip: &str,
+    proxy_ip: &str,
     req: hyper::Request<Incoming>,
     log: &mut LogCtx,
 ) -> handlers::Outcome {
@@ -160,11 +201,11 @@ async fn serve(
     let request =
         decoded.map_err(|e| Failure::new(request::DecodeOutcome::Params(e).into(), fail_code))?;
     match request {
-        Request::Activate(r) => handlers::activate(ctx, r, &conn.client_ip, &conn.proxy_ip, log),
+        Request::Activate(r) => handlers::activate(ctx, r, client_ip, proxy_ip, log),
         Request::GetKey(r) => handlers::get_key(ctx, r, log),
         Request::Deactivate(r) => handlers::deactivate(ctx, r, log),
         Request::CreateTrialKey(r) => {
-            handlers::create_trial_key(ctx, r, &conn.client_ip, &conn.proxy_ip, log).await
+            handlers::create_trial_key(ctx, r, client_ip, proxy_ip, log).await
         }
     }
 }
@@ -185,12 +226,13 @@ pub async fn serve_tls(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
-        .max_buf_size(64 * 1024);
+        // hyper's floor for its read buffer is 8 KiB; headers beyond it get 431.
+        .max_buf_size(limits.max_header_bytes.max(8192));
     builder
         .http2()
         .timer(TokioTimer::new())
         .max_concurrent_streams(256)
-        .max_header_list_size(32 * 1024);
+        .max_header_list_size(limits.max_header_bytes as u32);
     let builder = Arc::new(builder);
     loop {
         let (tcp, peer) = tokio::select! {
@@ -207,6 +249,7 @@ pub async fn serve_tls(
         };
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             tracing::warn!("connection limit reached; closing new connection");
+            crate::metrics::connection_refused();
             continue;
         };
         let _ = tcp.set_nodelay(true);
@@ -215,8 +258,11 @@ pub async fn serve_tls(
             (None, Ok(a)) => a.ip().to_string(),
             (None, Err(_)) => String::new(),
         };
+        let peer_ip = client_ip::canonical(peer.ip());
         let conn = Arc::new(Conn {
-            client_ip: client_ip(peer),
+            peer: peer_ip,
+            behind_proxy: ctx.trusted_proxies.contains(peer_ip),
+            client_ip: peer_ip.to_string(),
             proxy_ip,
         });
         let (acceptor, ctx, builder, watcher) = (
@@ -228,17 +274,22 @@ pub async fn serve_tls(
         let handshake_timeout = limits.tls_handshake_timeout;
         tokio::spawn(async move {
             let _permit = permit;
+            let _open = OpenConnection::new();
             let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
                     tracing::debug!(error = %e, "TLS handshake failed");
+                    crate::metrics::tls_handshake("failed");
                     return;
                 }
                 Err(_) => {
                     tracing::debug!("TLS handshake timed out");
+                    crate::metrics::tls_handshake("timeout");
                     return;
                 }
             };
+            let resumed = tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+            crate::metrics::tls_handshake(if resumed { "resumed" } else { "full" });
             let svc = service_fn(move |req| handle(ctx.clone(), conn.clone(), req));
             let c = builder.serve_connection(TokioIo::new(tls), svc);
             if let Err(e) = watcher.watch(c.into_owned()).await {
@@ -250,15 +301,5 @@ pub async fn serve_tls(
     tokio::select! {
         _ = graceful.shutdown() => tracing::info!("all connections drained"),
         _ = tokio::time::sleep(limits.drain_timeout) => tracing::warn!("drain timeout; closing remaining connections"),
-    }
-}
-
-fn client_ip(peer: SocketAddr) -> String {
-    // IPv4-mapped IPv6 peers are reported as plain IPv4, as clients expect in `IP`.
-    match peer.ip() {
-        std::net::IpAddr::V6(v6) => v6
-            .to_ipv4_mapped()
-            .map_or_else(|| v6.to_string(), |v4| v4.to_string()),
-        ip => ip.to_string(),
     }
 }

@@ -1,15 +1,44 @@
-//! Every metric name Keygate emits, in one place. The recorder and `/metrics` endpoint are set
-//! up by the binary; without a recorder these calls are no-ops.
+//! Every metric name Keygate emits, in one place, and the recorder behind `/metrics`. Labels
+//! are low-cardinality by construction: fixed route names, result classes and outcomes, never
+//! keys, tokens, machine codes or IPs. Without an installed recorder these calls are no-ops.
 
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use std::time::Duration;
 
+pub const BUILD_INFO: &str = "keygate_build_info";
 pub const REQUESTS_TOTAL: &str = "keygate_requests_total";
 pub const REQUEST_DURATION_SECONDS: &str = "keygate_request_duration_seconds";
-pub const SIGNATURES_TOTAL: &str = "keygate_signatures_total";
+pub const SIGNING_DURATION_SECONDS: &str = "keygate_signing_duration_seconds";
+pub const CONNECTIONS_OPEN: &str = "keygate_connections_open";
+pub const CONNECTIONS_REFUSED_TOTAL: &str = "keygate_connections_refused_total";
+pub const TLS_HANDSHAKES_TOTAL: &str = "keygate_tls_handshakes_total";
+pub const TLS_RELOADS_TOTAL: &str = "keygate_tls_reloads_total";
+pub const LICENSES_LOADED: &str = "keygate_licenses_loaded";
 pub const STORE_FLUSH_DURATION_SECONDS: &str = "keygate_store_flush_duration_seconds";
+pub const STORE_FLUSH_FAILURES_TOTAL: &str = "keygate_store_flush_failures_total";
+pub const LOG_ROWS_QUEUED_TOTAL: &str = "keygate_log_rows_queued_total";
 pub const LOG_ROWS_WRITTEN_TOTAL: &str = "keygate_log_rows_written_total";
 pub const LOG_ROWS_DROPPED_TOTAL: &str = "keygate_log_rows_dropped_total";
 pub const STORE_EVENTS_WRITTEN_TOTAL: &str = "keygate_store_events_written_total";
+pub const STORE_EVENTS_LOST_TOTAL: &str = "keygate_store_events_lost_total";
+
+/// Histogram buckets in seconds: 50 µs (a cached answer) up to 10 s (a stalled store).
+const BUCKETS: [f64; 16] = [
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 10.0,
+];
+
+/// Installs the process-wide Prometheus recorder, with real buckets for every `_seconds`
+/// histogram, and records the build info.
+pub fn install() -> Result<PrometheusHandle, String> {
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &BUCKETS)
+        .map_err(|e| e.to_string())?
+        .install_recorder()
+        .map_err(|e| e.to_string())?;
+    metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    Ok(handle)
+}
 
 /// One answered request: `method` is a fixed route name, `result` "ok" or an error class.
 pub fn request(method: &'static str, result: &'static str, elapsed: Duration) {
@@ -17,16 +46,49 @@ pub fn request(method: &'static str, result: &'static str, elapsed: Duration) {
     metrics::histogram!(REQUEST_DURATION_SECONDS, "method" => method).record(elapsed.as_secs_f64());
 }
 
-pub fn signature() {
-    metrics::counter!(SIGNATURES_TOTAL).increment(1);
+pub fn signing(elapsed: Duration) {
+    metrics::histogram!(SIGNING_DURATION_SECONDS).record(elapsed.as_secs_f64());
 }
 
-pub fn store_flush(elapsed: Duration, log_rows: usize, events: usize) {
+/// A connection opened (+1) or closed (-1).
+pub fn connections_open(delta: f64) {
+    metrics::gauge!(CONNECTIONS_OPEN).increment(delta);
+}
+
+pub fn connection_refused() {
+    metrics::counter!(CONNECTIONS_REFUSED_TOTAL).increment(1);
+}
+
+/// `outcome`: "full", "resumed", "failed" or "timeout".
+pub fn tls_handshake(outcome: &'static str) {
+    metrics::counter!(TLS_HANDSHAKES_TOTAL, "outcome" => outcome).increment(1);
+}
+
+/// `result`: "ok" or "failed".
+pub fn tls_reload(result: &'static str) {
+    metrics::counter!(TLS_RELOADS_TOTAL, "result" => result).increment(1);
+}
+
+pub fn licenses_loaded(n: usize) {
+    metrics::gauge!(LICENSES_LOADED).set(n as f64);
+}
+
+pub fn store_flush(elapsed: Duration) {
     metrics::histogram!(STORE_FLUSH_DURATION_SECONDS).record(elapsed.as_secs_f64());
-    metrics::counter!(LOG_ROWS_WRITTEN_TOTAL).increment(log_rows as u64);
-    metrics::counter!(STORE_EVENTS_WRITTEN_TOTAL).increment(events as u64);
 }
 
-pub fn log_rows_dropped() {
-    metrics::counter!(LOG_ROWS_DROPPED_TOTAL).increment(1);
+/// Copies the store writer's own counters into the registry. Called at scrape time, so the
+/// request path only bumps an atomic.
+pub fn writer_stats(s: &crate::store::writer::WriterStats) {
+    use std::sync::atomic::Ordering::Relaxed;
+    for (name, v) in [
+        (LOG_ROWS_QUEUED_TOTAL, &s.log_queued),
+        (LOG_ROWS_WRITTEN_TOTAL, &s.log_written),
+        (LOG_ROWS_DROPPED_TOTAL, &s.log_dropped),
+        (STORE_EVENTS_WRITTEN_TOTAL, &s.events_written),
+        (STORE_EVENTS_LOST_TOTAL, &s.events_lost),
+        (STORE_FLUSH_FAILURES_TOTAL, &s.failed_flushes),
+    ] {
+        metrics::counter!(name).absolute(v.load(Relaxed));
+    }
 }

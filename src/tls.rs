@@ -4,6 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
@@ -50,33 +52,75 @@ fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
     f.write_all(data)
 }
 
-/// The server configuration for a certificate chain and key in PEM files.
-pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+/// The certificate rustls presents, re-read from its PEM files on `reload` (SIGHUP). New
+/// handshakes get the new pair; open connections keep the one they started with.
+#[derive(Debug)]
+pub struct CertResolver {
+    cert: PathBuf,
+    key: PathBuf,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    current: parking_lot::RwLock<Arc<CertifiedKey>>,
+}
+
+impl ResolvesServerCert for CertResolver {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.read().clone())
+    }
+}
+
+impl CertResolver {
+    /// Loads the pair again; on any problem the old pair stays in use.
+    pub fn reload(&self) -> Result<(), TlsError> {
+        let ck = load_pair(&self.cert, &self.key, &self.provider)?;
+        *self.current.write() = Arc::new(ck);
+        Ok(())
+    }
+}
+
+fn load_pair(
+    cert: &Path,
+    key: &Path,
+    provider: &rustls::crypto::CryptoProvider,
+) -> Result<CertifiedKey, TlsError> {
+    let file_err = |path: &Path, msg: String| TlsError::File {
+        path: path.to_owned(),
+        msg,
+    };
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
         .and_then(|it| it.collect::<Result<_, _>>())
-        .map_err(|e| TlsError::File {
-            path: cert.to_owned(),
-            msg: e.to_string(),
-        })?;
+        .map_err(|e| file_err(cert, e.to_string()))?;
     if certs.is_empty() {
-        return Err(TlsError::File {
-            path: cert.to_owned(),
-            msg: "no certificate found".into(),
-        });
+        return Err(file_err(cert, "no certificate found".into()));
     }
-    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| TlsError::File {
-        path: key.to_owned(),
-        msg: e.to_string(),
-    })?;
+    let pk = PrivateKeyDer::from_pem_file(key).map_err(|e| file_err(key, e.to_string()))?;
+    // Also refuses a key that does not belong to the certificate.
+    CertifiedKey::from_der(certs, pk, provider).map_err(|e| file_err(key, e.to_string()))
+}
+
+/// The server configuration for a certificate chain and key in PEM files, and the resolver
+/// that reloads them.
+pub fn server_config(
+    cert: &Path,
+    key: &Path,
+) -> Result<(Arc<rustls::ServerConfig>, Arc<CertResolver>), TlsError> {
     // Explicit provider: a dev-dependency enabling ring must not make the builder ambiguous.
-    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| TlsError::Config(e.to_string()))?
-    .with_no_client_auth()
-    .with_single_cert(certs, key)
-    .map_err(|e| TlsError::Config(e.to_string()))?;
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let resolver = Arc::new(CertResolver {
+        cert: cert.to_owned(),
+        key: key.to_owned(),
+        current: parking_lot::RwLock::new(Arc::new(load_pair(cert, key, &provider)?)),
+        provider: provider.clone(),
+    });
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_no_client_auth()
+        .with_cert_resolver(resolver.clone());
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(Arc::new(cfg))
+    // Stateless tickets (rotating keys) and a larger session cache, so that returning clients
+    // resume instead of paying for a full handshake.
+    cfg.ticketer =
+        rustls::crypto::aws_lc_rs::Ticketer::new().map_err(|e| TlsError::Config(e.to_string()))?;
+    cfg.session_storage = rustls::server::ServerSessionMemoryCache::new(64 * 1024);
+    Ok((Arc::new(cfg), resolver))
 }

@@ -167,10 +167,11 @@ fn respond(
     now: i64,
 ) -> Result<Vec<u8>, ApiError> {
     let signer = ctx.state.signer(tenant_id).ok_or(ApiError::Internal)?;
+    let started = std::time::Instant::now();
     let sig = signer
         .sign_sha256(&enc.license_json)
         .map_err(|_| ApiError::Internal)?;
-    crate::metrics::signature();
+    crate::metrics::signing(started.elapsed());
     let md = match enc.metadata {
         Some(_) if mask.hides(Mask::METADATA) => Some(b"null".to_vec()),
         Some(md) => {

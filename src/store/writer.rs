@@ -8,7 +8,7 @@
 
 use super::{LogRow, Store, StoreEvent};
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender, TrySendError};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -29,6 +29,8 @@ pub struct WriterStats {
     /// Activation changes in a batch given up at shutdown: acknowledged but not stored.
     pub events_lost: AtomicU64,
     pub failed_flushes: AtomicU64,
+    /// False from a failed batch write until the next one succeeds (readiness).
+    pub healthy: AtomicBool,
 }
 
 enum Msg {
@@ -59,7 +61,6 @@ impl WriterSender {
             }
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
                 self.stats.log_dropped.fetch_add(1, Ordering::Relaxed);
-                crate::metrics::log_rows_dropped();
             }
         }
     }
@@ -86,7 +87,10 @@ impl Writer {
     pub fn spawn(store: Store, policy: BatchPolicy) -> Writer {
         let (etx, erx) = unbounded();
         let (ltx, lrx) = bounded(policy.log_queue_rows.max(1));
-        let stats = Arc::new(WriterStats::default());
+        let stats = Arc::new(WriterStats {
+            healthy: AtomicBool::new(true),
+            ..WriterStats::default()
+        });
         let st = stats.clone();
         let thread = std::thread::Builder::new()
             .name("keygate-store-writer".into())
@@ -207,7 +211,8 @@ fn flush(store: &mut Store, p: &mut Pending, stats: &WriterStats, stopping: bool
         let started = Instant::now();
         match store.write_batch(&p.events, &p.logs) {
             Ok(()) => {
-                crate::metrics::store_flush(started.elapsed(), p.logs.len(), p.events.len());
+                crate::metrics::store_flush(started.elapsed());
+                stats.healthy.store(true, Ordering::Relaxed);
                 stats
                     .log_written
                     .fetch_add(p.logs.len() as u64, Ordering::Relaxed);
@@ -225,6 +230,7 @@ fn flush(store: &mut Store, p: &mut Pending, stats: &WriterStats, stopping: bool
             Err(e) => {
                 attempt += 1;
                 stats.failed_flushes.fetch_add(1, Ordering::Relaxed);
+                stats.healthy.store(false, Ordering::Relaxed);
                 tracing::error!(error = %e, attempt, "store batch write failed; retrying");
                 if stopping && attempt >= 5 {
                     tracing::error!(

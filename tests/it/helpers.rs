@@ -115,6 +115,8 @@ impl Seed {
 pub struct Server {
     child: Option<Child>,
     pub addr: SocketAddr,
+    /// The admin listener (`/metrics`, `/livez`, `/readyz`), on its own free port.
+    pub admin: SocketAddr,
     pub data_dir: PathBuf,
     pub cert: PathBuf,
 }
@@ -127,6 +129,7 @@ impl Server {
             .arg(data_dir)
             .arg("serve")
             .env("KEYGATE_SERVER__LISTEN", "127.0.0.1:0")
+            .env("KEYGATE_ADMIN__LISTEN", "127.0.0.1:0")
             .env("KEYGATE_STORE__SYNC_INTERVAL_MS", "50")
             .env("KEYGATE_LOG", "warn")
             .stdout(Stdio::piped())
@@ -142,16 +145,22 @@ impl Server {
                 let _ = tx.send(line);
             }
         });
-        let line = rx
-            .recv_timeout(Duration::from_secs(60))
-            .expect("keygate did not report its address within 60 s");
-        let url = line
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix("https://"))
-            .unwrap_or_else(|| panic!("unexpected first line: {line}"));
+        // Two lines: the client port, then the admin port.
+        let addr = |scheme: &str| -> SocketAddr {
+            let line = rx
+                .recv_timeout(Duration::from_secs(60))
+                .expect("keygate did not report its addresses within 60 s");
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(scheme))
+                .unwrap_or_else(|| panic!("expected a {scheme} address, got: {line}"))
+                .parse()
+                .unwrap()
+        };
+        let (addr, admin) = (addr("https://"), addr("http://"));
         Server {
             child: Some(child),
-            addr: url.parse().unwrap(),
+            addr,
+            admin,
             data_dir: data_dir.to_owned(),
             cert: data_dir.join("tls/cert.pem"),
         }
@@ -166,16 +175,51 @@ impl Server {
         Connection::connect(self.addr, tls, protocol).await.unwrap()
     }
 
-    /// SIGTERM, then waits for a clean exit (connections drained, store writer flushed).
-    pub fn stop(&mut self) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
+    /// Sends a signal (`"TERM"`, `"HUP"`, ...) to the server process.
+    pub fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().expect("server running").id();
         let ok = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
+            .args([&format!("-{sig}"), &pid.to_string()])
             .status()
             .is_ok_and(|s| s.success());
-        assert!(ok, "sending SIGTERM failed");
+        assert!(ok, "sending SIG{sig} failed");
+    }
+
+    /// GET on the admin listener: (status, body).
+    pub fn admin_get(&self, path: &str) -> (u16, String) {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(self.admin).expect("admin port");
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut raw = String::new();
+        s.read_to_string(&mut raw).expect("admin response");
+        let status = raw
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = raw.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_owned();
+        (status, body)
+    }
+
+    /// Whether the process is still running.
+    pub fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().unwrap().is_none())
+    }
+
+    /// SIGTERM, then waits for a clean exit (connections drained, store writer flushed).
+    pub fn stop(&mut self) {
+        if self.child.is_none() {
+            return;
+        }
+        self.signal("TERM");
+        let mut child = self.child.take().unwrap();
         for _ in 0..600 {
             if let Some(status) = child.try_wait().unwrap() {
                 assert!(status.success(), "keygate exited with {status}");

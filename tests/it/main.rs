@@ -4,4 +4,5 @@
 mod activation;
 mod helpers;
 mod hostile;
+mod ops;
 mod sdk;

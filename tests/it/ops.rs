@@ -1,0 +1,287 @@
+//! Operations over real sockets: Prometheus metrics during real traffic, `/livez` and
+//! `/readyz`, SIGTERM during load (readiness off, drain, nothing accepted is lost), SIGHUP
+//! certificate reload, and `X-Forwarded-For` believed only from trusted proxies.
+
+use super::helpers::{cli, eventually, Seed, Server, TempDir};
+use keygate_loadtest::{form, tls_config, Connection, Protocol};
+use std::time::Duration;
+
+fn activate(seed: &Seed, key: &str, machine: &str) -> String {
+    form(&[
+        ("token", &seed.token),
+        ("ProductId", &seed.product.to_string()),
+        ("Key", key),
+        ("MachineCode", machine),
+        ("SignMethod", "1"),
+    ])
+}
+
+/// The value of one exposition line `name{labels} value`, `name` including its labels.
+fn sample(metrics: &str, series: &str) -> Option<f64> {
+    metrics.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_real_traffic_and_health_endpoints_answer() {
+    let dir = TempDir::new("metrics");
+    let seed = Seed::new(&dir.0);
+    let key = seed.key(&dir.0, &["--max-machines", "5"]);
+    let server = Server::start(&dir.0, &[]);
+    assert_eq!(server.admin_get("/livez"), (200, "ok\n".into()));
+    assert_eq!(server.admin_get("/readyz"), (200, "ready\n".into()));
+    assert_eq!(server.admin_get("/nope").0, 404);
+
+    let mut conn = server.connect(Protocol::Http2).await;
+    for i in 0..7 {
+        let r = conn
+            .post(
+                "/api/key/Activate",
+                &activate(&seed, &key, &format!("m{i}")),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status, if i < 5 { 200 } else { 400 }, "{}", r.text());
+    }
+    assert_eq!(conn.post("/api/key/Unknown", "").await.unwrap().status, 404);
+
+    let (status, m) = server.admin_get("/metrics");
+    assert_eq!(status, 200);
+    let expect = [
+        (
+            r#"keygate_requests_total{method="activate",result="ok"}"#,
+            5.0,
+        ),
+        (
+            r#"keygate_requests_total{method="activate",result="limit_reached"}"#,
+            2.0,
+        ),
+        (
+            r#"keygate_requests_total{method="other",result="bad_request"}"#,
+            1.0,
+        ),
+        (
+            r#"keygate_request_duration_seconds_count{method="activate"}"#,
+            7.0,
+        ),
+        ("keygate_signing_duration_seconds_count", 5.0),
+        (r#"keygate_tls_handshakes_total{outcome="full"}"#, 1.0),
+        ("keygate_connections_open", 1.0),
+        ("keygate_log_rows_queued_total", 8.0),
+        ("keygate_licenses_loaded", 1.0),
+        (r#"keygate_build_info{version="0.1.0"}"#, 1.0),
+    ];
+    for (series, want) in expect {
+        assert_eq!(sample(&m, series), Some(want), "{series} in\n{m}");
+    }
+    // Real histograms: cumulative buckets ending in +Inf.
+    let inf = sample(
+        &m,
+        r#"keygate_request_duration_seconds_bucket{method="activate",le="+Inf"}"#,
+    );
+    assert_eq!(inf, Some(7.0), "{m}");
+    assert!(m.contains(r#"keygate_request_duration_seconds_bucket{method="activate",le="0.001"}"#));
+    // No key, token, machine code or IP ever appears in a label.
+    for secret in [key.as_str(), seed.token.as_str(), "m0", "127.0.0.1"] {
+        assert!(!m.contains(secret), "{secret} leaked into /metrics");
+    }
+    // The writer's counters catch up once the batch is flushed.
+    let written = eventually(Duration::from_secs(5), || async {
+        let (_, m) = server.admin_get("/metrics");
+        (sample(&m, "keygate_log_rows_written_total") == Some(8.0)).then_some(())
+    })
+    .await;
+    assert!(written.is_some(), "log rows were not reported as written");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_load_turns_readiness_off_and_loses_nothing_accepted() {
+    let dir = TempDir::new("sigterm");
+    let seed = Seed::new(&dir.0);
+    let key = seed.key(&dir.0, &["--max-machines", "1000000"]);
+    let mut server = Server::start(&dir.0, &[("KEYGATE_SERVER__SHUTDOWN_DELAY_MS", "1500")]);
+
+    // Four clients activate new machines back to back until the server closes their
+    // connection in its drain.
+    let mut tasks = Vec::new();
+    for c in 0..4 {
+        let mut conn = server.connect(Protocol::Http1).await;
+        let (seed_token, product, key) = (seed.token.clone(), seed.product, key.clone());
+        tasks.push(tokio::spawn(async move {
+            let (mut accepted, mut answered) = (Vec::new(), 0u32);
+            for i in 0.. {
+                let machine = format!("c{c}-{i}");
+                let body = form(&[
+                    ("token", &seed_token),
+                    ("ProductId", &product.to_string()),
+                    ("Key", &key),
+                    ("MachineCode", &machine),
+                ]);
+                match conn.post("/api/key/Activate", &body).await {
+                    Ok(r) => {
+                        answered += 1;
+                        assert_eq!(r.status, 200, "{}", r.text());
+                        accepted.push(machine);
+                    }
+                    Err(_) => break, // the server closed the connection: not accepted
+                }
+            }
+            (accepted, answered)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    server.signal("TERM");
+    // During the shutdown delay the node says it is not ready, yet still answers.
+    let unready = eventually(Duration::from_secs(1), || async {
+        (server.admin_get("/readyz").0 == 503).then_some(())
+    })
+    .await;
+    assert!(unready.is_some(), "/readyz did not turn 503 after SIGTERM");
+    assert_eq!(server.admin_get("/livez").0, 200);
+    let mut accepted = Vec::new();
+    let mut answered = 0;
+    for t in tasks {
+        let (a, n) = tokio::time::timeout(Duration::from_secs(30), t)
+            .await
+            .expect("the drain did not close the client connections")
+            .unwrap();
+        accepted.extend(a);
+        answered += n;
+    }
+    server.stop();
+    println!("accepted {} activations, answered {answered} requests", accepted.len());
+    assert!(accepted.len() > 20, "too little load: {}", accepted.len());
+
+    // Every accepted activation and every answered request is in the store.
+    let mut stored = seed.mids(&dir.0, &key);
+    stored.sort();
+    accepted.sort();
+    assert_eq!(stored, accepted);
+    let logs = cli(&dir.0, &["log", "list", "--limit", "1000000"]);
+    assert_eq!(logs["logs"].as_array().unwrap().len(), answered as usize);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_certificate_without_dropping_connections() {
+    let dir = TempDir::new("sighup");
+    let seed = Seed::new(&dir.0);
+    let key = seed.key(&dir.0, &[]);
+    let mut server = Server::start(&dir.0, &[]);
+    let old_cert = dir.0.join("old-cert.pem");
+    std::fs::copy(&server.cert, &old_cert).unwrap();
+    let mut old_conn = server.connect(Protocol::Http1).await;
+
+    // A new pair in place of the generated one.
+    let ck =
+        rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()]).unwrap();
+    std::fs::write(dir.0.join("tls/key.pem"), ck.signing_key.serialize_pem()).unwrap();
+    std::fs::write(dir.0.join("tls/cert.pem"), ck.cert.pem()).unwrap();
+    server.signal("HUP");
+
+    let addr = server.addr;
+    let connect_with = |ca: std::path::PathBuf| async move {
+        let tls = tls_config(&ca, Protocol::Http1).unwrap();
+        Connection::connect(addr, tls, Protocol::Http1).await
+    };
+    let reloaded = eventually(Duration::from_secs(5), || async {
+        connect_with(dir.0.join("tls/cert.pem"))
+            .await
+            .ok()
+            .map(|_| ())
+    })
+    .await;
+    assert!(
+        reloaded.is_some(),
+        "the new certificate was not served after SIGHUP"
+    );
+    assert!(
+        connect_with(old_cert.clone()).await.is_err(),
+        "new handshakes must not get the old certificate"
+    );
+    // The connection made before the reload still works.
+    let r = old_conn
+        .post("/api/key/GetKey", &activate(&seed, &key, ""))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+
+    // A broken pair is refused and the current one stays.
+    std::fs::write(dir.0.join("tls/key.pem"), "not a key").unwrap();
+    server.signal("HUP");
+    let failed = eventually(Duration::from_secs(5), || async {
+        let (_, m) = server.admin_get("/metrics");
+        (sample(&m, r#"keygate_tls_reloads_total{result="failed"}"#) == Some(1.0)).then_some(())
+    })
+    .await;
+    assert!(failed.is_some(), "the failed reload was not counted");
+    assert!(server.running());
+    let mut c = connect_with(dir.0.join("tls/cert.pem")).await.unwrap();
+    let r = c
+        .post("/api/key/GetKey", &activate(&seed, &key, ""))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    let (_, m) = server.admin_get("/metrics");
+    assert_eq!(
+        sample(&m, r#"keygate_tls_reloads_total{result="ok"}"#),
+        Some(1.0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_for_is_believed_only_from_trusted_proxies() {
+    let dir = TempDir::new("xff");
+    let seed = Seed::new(&dir.0);
+    let key = seed.key(&dir.0, &["--max-machines", "10"]);
+    async fn send(server: &Server, body: String) {
+        let mut c = server.connect(Protocol::Http1).await;
+        let headers = [("X-Forwarded-For", "198.51.100.23, 203.0.113.50")];
+        let r = c
+            .request("POST", "/api/key/Activate", &headers, body)
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    // No trusted proxies: a client cannot choose its logged IP.
+    let mut server = Server::start(&dir.0, &[]);
+    send(&server, activate(&seed, &key, "spoofer")).await;
+    server.stop();
+    // Loopback as the trusted proxy: the nearest untrusted hop is the client.
+    let mut server = Server::start(
+        &dir.0,
+        &[("KEYGATE_SERVER__TRUSTED_PROXIES", r#"["127.0.0.0/8"]"#)],
+    );
+    send(&server, activate(&seed, &key, "proxied")).await;
+    server.stop();
+
+    let ips: Vec<(String, String)> = seed
+        .activations(&dir.0, &key)
+        .iter()
+        .map(|a| {
+            (
+                a["mid"].as_str().unwrap().into(),
+                a["ip"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        ips,
+        [
+            ("spoofer".into(), "127.0.0.1".into()),
+            ("proxied".into(), "203.0.113.50".into())
+        ]
+    );
+    let logs = cli(&dir.0, &["log", "list", "--limit", "10"]);
+    let log_ips: Vec<&str> = logs["logs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["client_ip"].as_str().unwrap())
+        .collect();
+    assert_eq!(log_ips, ["203.0.113.50", "127.0.0.1"], "newest first");
+}
