@@ -84,6 +84,7 @@ fn fixture() -> Fixture {
         },
         proxy_ip: None,
         trusted_proxies: Default::default(),
+        rate_limits: keygate::http::rate::RateLimits::off(),
     });
     Fixture {
         ctx,

@@ -6,6 +6,7 @@
 use crate::config::Config;
 use crate::http::admin::{self, Admin, Health};
 use crate::http::client_ip::TrustedProxies;
+use crate::http::rate::RateLimits;
 use crate::http::{self, Ctx, Limits};
 use crate::state::{State, Sync};
 use crate::store::writer::{BatchPolicy, Writer};
@@ -90,6 +91,15 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         },
         proxy_ip: s.proxy_ip.clone(),
         trusted_proxies: TrustedProxies::parse(&s.trusted_proxies).map_err(anyhow::Error::msg)?,
+        rate_limits: RateLimits::new(&cfg.rate_limits),
+    });
+    let housekeeping_ctx = ctx.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(60));
+        loop {
+            tick.tick().await;
+            housekeeping_ctx.rate_limits.housekeeping();
+        }
     });
 
     let listener = tokio::net::TcpListener::bind(&s.listen)
@@ -106,6 +116,8 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         serving: AtomicBool::new(false),
         writer: writer.sender(),
     });
+    // State is loaded and the client port is bound: ready from here until shutdown begins.
+    health.serving.store(true, Ordering::Relaxed);
     let admin_stop = CancellationToken::new();
     if !cfg.admin.listen.is_empty() {
         let admin_listener = tokio::net::TcpListener::bind(&cfg.admin.listen)
@@ -122,7 +134,6 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
             admin_stop.clone(),
         ));
     }
-    health.serving.store(true, Ordering::Relaxed);
 
     let shutdown = CancellationToken::new();
     let signals = shutdown.clone();

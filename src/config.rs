@@ -15,6 +15,7 @@ pub struct Config {
     pub server: Server,
     pub store: StoreCfg,
     pub admin: Admin,
+    pub rate_limits: RateLimitCfg,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -54,6 +55,21 @@ pub struct Admin {
     pub listen: String,
 }
 
+/// Per-node rate limits; a rate of 0 turns that limit off. A burst below the rate means the rate.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimitCfg {
+    /// Requests per second from one client IP (after trusted-proxy resolution).
+    pub per_client_ip_per_second: u32,
+    pub per_client_ip_burst: u32,
+    /// Requests per second with one access token.
+    pub per_token_per_second: u32,
+    pub per_token_burst: u32,
+    /// New machines (node-locked or floating) activated per license per minute.
+    pub new_machines_per_license_per_minute: u32,
+    pub new_machines_per_license_burst: u32,
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreCfg {
@@ -76,6 +92,7 @@ impl Default for Config {
             server: Server::default(),
             store: StoreCfg::default(),
             admin: Admin::default(),
+            rate_limits: RateLimitCfg::default(),
         }
     }
 }
@@ -98,6 +115,21 @@ impl Default for Server {
             drain_timeout_ms: 20_000,
             shutdown_delay_ms: 0,
             worker_threads: 0,
+        }
+    }
+}
+
+impl Default for RateLimitCfg {
+    fn default() -> Self {
+        // Generous per IP (offices behind one NAT start many machines at 9:00); token and
+        // license limits are the vendor's call, so off.
+        RateLimitCfg {
+            per_client_ip_per_second: 100,
+            per_client_ip_burst: 200,
+            per_token_per_second: 0,
+            per_token_burst: 0,
+            new_machines_per_license_per_minute: 0,
+            new_machines_per_license_burst: 0,
         }
     }
 }

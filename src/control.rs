@@ -261,6 +261,7 @@ pub fn create_token(store: &mut Store, spec: &TokenSpec) -> Result<Value> {
         ));
     }
     let scope = Scope {
+        token_id: 0, // the row id, assigned by the store
         tenant_id: spec.tenant_id,
         methods,
         product_lock: spec.product_lock,

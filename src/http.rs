@@ -6,6 +6,7 @@ pub mod admin;
 pub mod client_ip;
 pub mod error;
 pub mod handlers;
+pub mod rate;
 
 use crate::request::{self, Params, Request, Route};
 use crate::state::State;
@@ -52,6 +53,7 @@ pub struct Ctx {
     pub proxy_ip: Option<String>,
     /// Peers whose `X-Forwarded-For` names the client.
     pub trusted_proxies: TrustedProxies,
+    pub rate_limits: rate::RateLimits,
 }
 
 impl Ctx {
@@ -71,22 +73,19 @@ struct Conn {
     peer: std::net::IpAddr,
     /// The peer is a trusted proxy: each request's `X-Forwarded-For` names its client.
     behind_proxy: bool,
-    client_ip: String,
     proxy_ip: String,
 }
 
 impl Conn {
-    fn client_ip(&self, ctx: &Ctx, headers: &http::HeaderMap) -> String {
+    fn client_ip(&self, ctx: &Ctx, headers: &http::HeaderMap) -> std::net::IpAddr {
         if !self.behind_proxy {
-            return self.client_ip.clone();
+            return self.peer;
         }
         let xff = headers
             .get_all("x-forwarded-for")
             .iter()
             .map(|v| v.as_bytes());
-        ctx.trusted_proxies
-            .client_behind(self.peer, xff)
-            .to_string()
+        ctx.trusted_proxies.client_behind(self.peer, xff)
     }
 }
 
@@ -135,7 +134,7 @@ async fn handle(
     let mut log = LogCtx::default();
     let route = request::route(req.uri().path()).ok();
     let client_ip = conn.client_ip(&ctx, req.headers());
-    let outcome = serve(&ctx, &client_ip, &conn.proxy_ip, req, &mut log).await;
+    let outcome = serve(&ctx, client_ip, &conn.proxy_ip, req, &mut log).await;
     let (status, body, code, label) = match outcome {
         Ok((body, code)) => (StatusCode::OK, body, code, "ok"),
         Err(f) => (
@@ -146,14 +145,14 @@ async fn handle(
         ),
     };
     ctx.writer
-        .log(log.row(&client_ip, &conn.proxy_ip, ctx.now(), code));
+        .log(log.row(&client_ip.to_string(), &conn.proxy_ip, ctx.now(), code));
     crate::metrics::request(route_name(route), label, started.elapsed());
     Ok(json_response(status, body))
 }
 
 async fn serve(
     ctx: &Arc<Ctx>,
-    client_ip: &str,
+    client_ip: std::net::IpAddr,
     proxy_ip: &str,
     req: hyper::Request<Incoming>,
     log: &mut LogCtx,
@@ -164,6 +163,15 @@ async fn serve(
     }
     let route = request::route(req.uri().path())
         .map_err(|e| other(request::DecodeOutcome::Route(e).into()))?;
+    let fail_code = match route {
+        Route::Activate => crate::domain::StateCode::ACTIVATE_FAILED,
+        Route::GetKey => crate::domain::StateCode::GETKEY_FAILED,
+        Route::Deactivate => crate::domain::StateCode::DEACTIVATE_FAILED,
+        Route::CreateTrialKey => crate::domain::StateCode::TRIAL_FAILED,
+    };
+    ctx.rate_limits
+        .client_ip(client_ip)
+        .map_err(|_| Failure::new(ApiError::RateLimited, fail_code))?;
     if let Some(enc) = req.headers().get(header::CONTENT_ENCODING) {
         if !enc.as_bytes().eq_ignore_ascii_case(b"identity") {
             return Err(other(ApiError::UnsupportedEncoding));
@@ -192,14 +200,9 @@ async fn serve(
     let query = parts.uri.query().unwrap_or("").as_bytes();
     let params = Params::parse(query, &body);
     let decoded = Request::decode(route, &params);
-    let fail_code = match route {
-        Route::Activate => crate::domain::StateCode::ACTIVATE_FAILED,
-        Route::GetKey => crate::domain::StateCode::GETKEY_FAILED,
-        Route::Deactivate => crate::domain::StateCode::DEACTIVATE_FAILED,
-        Route::CreateTrialKey => crate::domain::StateCode::TRIAL_FAILED,
-    };
     let request =
         decoded.map_err(|e| Failure::new(request::DecodeOutcome::Params(e).into(), fail_code))?;
+    let client_ip = &client_ip.to_string();
     match request {
         Request::Activate(r) => handlers::activate(ctx, r, client_ip, proxy_ip, log),
         Request::GetKey(r) => handlers::get_key(ctx, r, log),
@@ -262,7 +265,6 @@ pub async fn serve_tls(
         let conn = Arc::new(Conn {
             peer: peer_ip,
             behind_proxy: ctx.trusted_proxies.contains(peer_ip),
-            client_ip: peer_ip.to_string(),
             proxy_ip,
         });
         let (acceptor, ctx, builder, watcher) = (

@@ -13,6 +13,7 @@ pub const CONNECTIONS_OPEN: &str = "keygate_connections_open";
 pub const CONNECTIONS_REFUSED_TOTAL: &str = "keygate_connections_refused_total";
 pub const TLS_HANDSHAKES_TOTAL: &str = "keygate_tls_handshakes_total";
 pub const TLS_RELOADS_TOTAL: &str = "keygate_tls_reloads_total";
+pub const RATE_LIMITED_TOTAL: &str = "keygate_rate_limited_total";
 pub const LICENSES_LOADED: &str = "keygate_licenses_loaded";
 pub const STORE_FLUSH_DURATION_SECONDS: &str = "keygate_store_flush_duration_seconds";
 pub const STORE_FLUSH_FAILURES_TOTAL: &str = "keygate_store_flush_failures_total";
@@ -67,6 +68,11 @@ pub fn tls_handshake(outcome: &'static str) {
 /// `result`: "ok" or "failed".
 pub fn tls_reload(result: &'static str) {
     metrics::counter!(TLS_RELOADS_TOTAL, "result" => result).increment(1);
+}
+
+/// `limit`: "client_ip", "token" or "license_new_machines".
+pub fn rate_limited(limit: &'static str) {
+    metrics::counter!(RATE_LIMITED_TOTAL, "limit" => limit).increment(1);
 }
 
 pub fn licenses_loaded(n: usize) {

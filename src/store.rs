@@ -658,6 +658,7 @@ fn token_row(r: &Row<'_>) -> rusqlite::Result<TokenRow> {
         id: r.get(0)?,
         hash: r.get(2)?,
         scope: Scope {
+            token_id: r.get(0)?,
             tenant_id: r.get(1)?,
             methods: r.get(3)?,
             product_lock: r.get(4)?,

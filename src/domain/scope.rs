@@ -42,6 +42,8 @@ impl Method {
 /// What a token may do. Built from its stored row; checked before any license is touched.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Scope {
+    /// The token's row id: what per-token rate limits count by.
+    pub token_id: i64,
     pub tenant_id: i64,
     pub methods: i64,
     /// `None`: any product of the tenant.

@@ -308,6 +308,7 @@ fn visible_machines_per_model_version_and_mask() {
 #[test]
 fn scopes() {
     let s = Scope {
+        token_id: 9,
         tenant_id: 1,
         methods: Method::GetKey as i64,
         product_lock: Some(3),

@@ -26,6 +26,7 @@ pub enum ApiError {
     UnknownMethod,
     LegacyApi,
     HttpMethod,
+    RateLimited,
 }
 
 impl ApiError {
@@ -53,6 +54,7 @@ impl ApiError {
             ApiError::UnknownMethod => "The requested method does not exist.",
             ApiError::LegacyApi => "Web API 2 is not supported. Please use Web API 3 (/api/key/Activate).",
             ApiError::HttpMethod => "Only GET and POST are supported.",
+            ApiError::RateLimited => "Too many requests. Please try again later.",
         }
     }
 
@@ -65,6 +67,7 @@ impl ApiError {
             ApiError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::UnsupportedEncoding => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::HttpMethod => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
             _ => StatusCode::BAD_REQUEST,
         }
@@ -91,6 +94,7 @@ impl ApiError {
             | ApiError::UnknownMethod
             | ApiError::LegacyApi
             | ApiError::HttpMethod => "bad_request",
+            ApiError::RateLimited => "rate_limited",
         }
     }
 }

@@ -57,6 +57,9 @@ fn authorize(
 ) -> Result<(Arc<Scope>, Arc<ProductRow>), ApiError> {
     let scope = ctx.state.scope(token).ok_or(ApiError::Unauthenticated)?;
     log.tenant_id = Some(scope.tenant_id);
+    ctx.rate_limits
+        .token(scope.token_id)
+        .map_err(|_| ApiError::RateLimited)?;
     scope
         .allows_method(method)
         .map_err(|_| ApiError::AccessDenied)?;
@@ -219,6 +222,17 @@ pub fn activate(
             ActivateOutcome::Rejected(rj) => return Err(Failure::new(rj.into(), rj.code())),
             ActivateOutcome::Accepted { code, change } => (code, change),
         };
+        if let Change::Upsert(m) | Change::UpsertWithExpiry(m, _) = &change {
+            let known = lic
+                .machines
+                .iter()
+                .any(|x| x.machine_code == m.machine_code && x.is_floating() == m.is_floating());
+            if !known {
+                ctx.rate_limits
+                    .new_machine(lic.global_id)
+                    .map_err(|_| Failure::new(ApiError::RateLimited, StateCode::ACTIVATE_FAILED))?;
+            }
+        }
         lic.apply(&change, now);
         // Forwarded under the lock, so the store sees one license's changes in order.
         let gid = lic.global_id;

@@ -122,7 +122,8 @@ pub struct Server {
 }
 
 impl Server {
-    /// Starts on a free loopback port with a fast sync interval and extra `KEYGATE_*` settings.
+    /// Starts on free loopback ports (client and admin) with a fast sync interval, no per-IP
+    /// rate limit, and extra `KEYGATE_*` settings (which win).
     pub fn start(data_dir: &Path, env: &[(&str, &str)]) -> Server {
         let mut cmd = Command::new(BIN);
         cmd.arg("--data-dir")
@@ -130,6 +131,8 @@ impl Server {
             .arg("serve")
             .env("KEYGATE_SERVER__LISTEN", "127.0.0.1:0")
             .env("KEYGATE_ADMIN__LISTEN", "127.0.0.1:0")
+            // Every test client is 127.0.0.1; the rate-limit test turns this back on.
+            .env("KEYGATE_RATE_LIMITS__PER_CLIENT_IP_PER_SECOND", "0")
             .env("KEYGATE_STORE__SYNC_INTERVAL_MS", "50")
             .env("KEYGATE_LOG", "warn")
             .stdout(Stdio::piped())

@@ -154,7 +154,10 @@ async fn sigterm_during_load_turns_readiness_off_and_loses_nothing_accepted() {
         answered += n;
     }
     server.stop();
-    println!("accepted {} activations, answered {answered} requests", accepted.len());
+    println!(
+        "accepted {} activations, answered {answered} requests",
+        accepted.len()
+    );
     assert!(accepted.len() > 20, "too little load: {}", accepted.len());
 
     // Every accepted activation and every answered request is in the store.
@@ -284,4 +287,111 @@ async fn forwarded_for_is_believed_only_from_trusted_proxies() {
         .map(|r| r["client_ip"].as_str().unwrap())
         .collect();
     assert_eq!(log_ips, ["203.0.113.50", "127.0.0.1"], "newest first");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limits_refuse_with_429_and_count() {
+    let dir = TempDir::new("rate");
+    let seed = Seed::new(&dir.0);
+    let key = seed.key(&dir.0, &["--max-machines", "10"]);
+    const TOO_MANY: &str = "Too many requests. Please try again later.";
+
+    // Per client IP: a burst of 5 at 1/s, so the 6th request in a row is refused.
+    let mut server = Server::start(
+        &dir.0,
+        &[
+            ("KEYGATE_RATE_LIMITS__PER_CLIENT_IP_PER_SECOND", "1"),
+            ("KEYGATE_RATE_LIMITS__PER_CLIENT_IP_BURST", "5"),
+        ],
+    );
+    let mut c = server.connect(Protocol::Http2).await;
+    let mut statuses = Vec::new();
+    for _ in 0..6 {
+        statuses.push(
+            c.post("/api/key/GetKey", &activate(&seed, &key, ""))
+                .await
+                .unwrap(),
+        );
+    }
+    let codes: Vec<u16> = statuses.iter().map(|r| r.status).collect();
+    assert_eq!(codes, [200, 200, 200, 200, 200, 429]);
+    let v = statuses[5].json().unwrap();
+    assert_eq!(
+        (v["result"].as_i64(), v["message"].as_str()),
+        (Some(1), Some(TOO_MANY))
+    );
+    let (_, m) = server.admin_get("/metrics");
+    assert_eq!(
+        sample(&m, r#"keygate_rate_limited_total{limit="client_ip"}"#),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(
+            &m,
+            r#"keygate_requests_total{method="getkey",result="rate_limited"}"#
+        ),
+        Some(1.0)
+    );
+    server.stop();
+
+    // Per license: two new machines a minute; known machines and other licenses still pass.
+    let other = seed.key(&dir.0, &["--max-machines", "10"]);
+    let mut server = Server::start(
+        &dir.0,
+        &[(
+            "KEYGATE_RATE_LIMITS__NEW_MACHINES_PER_LICENSE_PER_MINUTE",
+            "2",
+        )],
+    );
+    let mut c = server.connect(Protocol::Http1).await;
+    let cases = [
+        (&key, "m1", 200, "new"),
+        (&key, "m2", 200, "new"),
+        (&key, "m3", 429, "a third new machine within the minute"),
+        (&key, "m1", 200, "re-activation is not churn"),
+        (&other, "m3", 200, "each license has its own budget"),
+    ];
+    for (k, m, want, why) in cases {
+        let r = c
+            .post("/api/key/Activate", &activate(&seed, k, m))
+            .await
+            .unwrap();
+        assert_eq!(r.status, want, "{m}: {why}: {}", r.text());
+    }
+    server.stop();
+    assert_eq!(
+        seed.mids(&dir.0, &key),
+        ["m1", "m2"],
+        "the refused machine was not recorded"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_headers_are_cut_off_while_normal_clients_are_served() {
+    let dir = TempDir::new("headers");
+    let seed = Seed::new(&dir.0);
+    let key = seed.key(&dir.0, &[]);
+    let server = Server::start(&dir.0, &[("KEYGATE_SERVER__MAX_HEADER_BYTES", "8192")]);
+    let mut normal = server.connect(Protocol::Http1).await;
+    let big = "x".repeat(20_000);
+    for proto in [Protocol::Http1, Protocol::Http2] {
+        let mut c = server.connect(proto).await;
+        let refused = c
+            .request(
+                "POST",
+                "/api/key/GetKey",
+                &[("X-Padding", &big)],
+                activate(&seed, &key, ""),
+            )
+            .await;
+        // HTTP/1.1 answers 431; HTTP/2 resets the stream or the connection.
+        if let Ok(r) = refused {
+            assert_eq!(r.status, 431, "{proto:?}: {}", r.text());
+        }
+        let r = normal
+            .post("/api/key/GetKey", &activate(&seed, &key, ""))
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "other clients are still served");
+    }
 }
