@@ -106,11 +106,30 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", s.listen))?;
     let addr = listener.local_addr()?;
-    // Scripts and tests read this line to find the port.
+    // Scripts and tests read these lines to find the ports.
     println!(
         "keygate listening on https://{addr} (certificate {})",
         cert.display()
     );
+    let mut listeners = vec![http::Listener {
+        tcp: listener,
+        tls: Some(tls),
+        proxy_protocol: s.proxy_protocol,
+    }];
+    if !s.plain_http_listen.is_empty() {
+        let plain = tokio::net::TcpListener::bind(&s.plain_http_listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", s.plain_http_listen))?;
+        println!("keygate plain HTTP on http://{}", plain.local_addr()?);
+        tracing::warn!(
+            "plain HTTP is on (server.plain_http_listen): only behind a TLS-terminating proxy"
+        );
+        listeners.push(http::Listener {
+            tcp: plain,
+            tls: None,
+            proxy_protocol: s.proxy_protocol,
+        });
+    }
 
     let health = Arc::new(Health {
         serving: AtomicBool::new(false),
@@ -150,7 +169,12 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         tokio::time::sleep(shutdown_delay).await;
         signals.cancel();
     });
-    http::serve_tls(listener, tls, ctx, shutdown).await;
+    let served = listeners
+        .into_iter()
+        .map(|l| tokio::spawn(http::serve_listener(l, ctx.clone(), shutdown.clone())));
+    for s in served.collect::<Vec<_>>() {
+        s.await?;
+    }
     sync.shutdown();
     let writer_stats = writer.sender();
     tokio::task::spawn_blocking(move || writer.shutdown()).await?;

@@ -35,6 +35,10 @@ pub struct Server {
     pub max_header_bytes: usize,
     /// Peers (CIDR ranges) whose `X-Forwarded-For` is believed; from anyone else it is ignored.
     pub trusted_proxies: Vec<String>,
+    /// Every connection must start with a PROXY protocol v2 header from a trusted proxy.
+    pub proxy_protocol: bool,
+    /// Plain-HTTP client API (for a TLS-terminating balancer in front); "" = off.
+    pub plain_http_listen: String,
     pub header_read_timeout_ms: u64,
     pub body_read_timeout_ms: u64,
     pub tls_handshake_timeout_ms: u64,
@@ -108,6 +112,8 @@ impl Default for Server {
             max_body_bytes: 16 * 1024,
             max_header_bytes: 16 * 1024,
             trusted_proxies: Vec::new(),
+            proxy_protocol: false,
+            plain_http_listen: String::new(),
             header_read_timeout_ms: 10_000,
             body_read_timeout_ms: 10_000,
             tls_handshake_timeout_ms: 10_000,
@@ -239,6 +245,15 @@ impl Config {
             if let Err(e) = c.parse::<crate::http::client_ip::Cidr>() {
                 p.push(format!("server.trusted_proxies: {e}"));
             }
+        }
+        if s.proxy_protocol && s.trusted_proxies.is_empty() {
+            p.push("server.proxy_protocol needs server.trusted_proxies: the balancers allowed to send it".into());
+        }
+        if !s.plain_http_listen.is_empty() && s.plain_http_listen.parse::<SocketAddr>().is_err() {
+            p.push(format!(
+                "server.plain_http_listen: {:?} is not an address like 127.0.0.1:8080 (or \"\" for off)",
+                s.plain_http_listen
+            ));
         }
         if !self.admin.listen.is_empty() && self.admin.listen.parse::<SocketAddr>().is_err() {
             p.push(format!(

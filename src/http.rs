@@ -6,6 +6,7 @@ pub mod admin;
 pub mod client_ip;
 pub mod error;
 pub mod handlers;
+pub mod proxy_protocol;
 pub mod rate;
 
 use crate::request::{self, Params, Request, Route};
@@ -213,17 +214,22 @@ async fn serve(
     }
 }
 
-/// Serves HTTPS on `listener` until `shutdown` fires, then drains open connections.
-pub async fn serve_tls(
-    listener: TcpListener,
-    tls: Arc<rustls::ServerConfig>,
-    ctx: Arc<Ctx>,
-    shutdown: CancellationToken,
-) {
+/// One client-API listener: HTTPS, or plain HTTP when configured explicitly
+/// (`server.plain_http_listen`). With `proxy_protocol`, every connection must come from a
+/// trusted proxy and start with a PROXY protocol v2 header.
+pub struct Listener {
+    pub tcp: TcpListener,
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    pub proxy_protocol: bool,
+}
+
+/// Serves `listener` until `shutdown` fires, then drains its open connections.
+pub async fn serve_listener(listener: Listener, ctx: Arc<Ctx>, shutdown: CancellationToken) {
     let limits = ctx.limits.clone();
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let permits = Arc::new(Semaphore::new(limits.max_connections));
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let acceptor = listener.tls.map(tokio_rustls::TlsAcceptor::from);
+    let proxy_protocol = listener.proxy_protocol;
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -238,9 +244,9 @@ pub async fn serve_tls(
         .max_header_list_size(limits.max_header_bytes as u32);
     let builder = Arc::new(builder);
     loop {
-        let (tcp, peer) = tokio::select! {
+        let (mut tcp, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
-            r = listener.accept() => match r {
+            r = listener.tcp.accept() => match r {
                 Ok(x) => x,
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
@@ -262,11 +268,6 @@ pub async fn serve_tls(
             (None, Err(_)) => String::new(),
         };
         let peer_ip = client_ip::canonical(peer.ip());
-        let conn = Arc::new(Conn {
-            peer: peer_ip,
-            behind_proxy: ctx.trusted_proxies.contains(peer_ip),
-            proxy_ip,
-        });
         let (acceptor, ctx, builder, watcher) = (
             acceptor.clone(),
             ctx.clone(),
@@ -277,6 +278,42 @@ pub async fn serve_tls(
         tokio::spawn(async move {
             let _permit = permit;
             let _open = OpenConnection::new();
+            let mut peer = peer_ip;
+            if proxy_protocol {
+                if !ctx.trusted_proxies.contains(peer_ip) {
+                    tracing::debug!("PROXY protocol connection from an untrusted peer; closed");
+                    crate::metrics::proxy_protocol_refused("untrusted_peer");
+                    return;
+                }
+                match tokio::time::timeout(handshake_timeout, proxy_protocol::read_v2(&mut tcp))
+                    .await
+                {
+                    Ok(Ok(Some(ip))) => peer = client_ip::canonical(ip),
+                    Ok(Ok(None)) => {}
+                    Ok(Err(e)) => {
+                        tracing::debug!(error = ?e, "bad PROXY protocol header; closed");
+                        crate::metrics::proxy_protocol_refused("invalid_header");
+                        return;
+                    }
+                    Err(_) => {
+                        crate::metrics::proxy_protocol_refused("timeout");
+                        return;
+                    }
+                }
+            }
+            let conn = Arc::new(Conn {
+                peer,
+                behind_proxy: ctx.trusted_proxies.contains(peer),
+                proxy_ip,
+            });
+            let svc = service_fn(move |req| handle(ctx.clone(), conn.clone(), req));
+            let Some(acceptor) = acceptor else {
+                let c = builder.serve_connection(TokioIo::new(tcp), svc);
+                if let Err(e) = watcher.watch(c.into_owned()).await {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+                return;
+            };
             let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
@@ -292,14 +329,13 @@ pub async fn serve_tls(
             };
             let resumed = tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
             crate::metrics::tls_handshake(if resumed { "resumed" } else { "full" });
-            let svc = service_fn(move |req| handle(ctx.clone(), conn.clone(), req));
             let c = builder.serve_connection(TokioIo::new(tls), svc);
             if let Err(e) = watcher.watch(c.into_owned()).await {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
         });
     }
-    drop(listener);
+    drop(listener.tcp);
     tokio::select! {
         _ = graceful.shutdown() => tracing::info!("all connections drained"),
         _ = tokio::time::sleep(limits.drain_timeout) => tracing::warn!("drain timeout; closing remaining connections"),

@@ -12,6 +12,7 @@ pub const SIGNING_DURATION_SECONDS: &str = "keygate_signing_duration_seconds";
 pub const CONNECTIONS_OPEN: &str = "keygate_connections_open";
 pub const CONNECTIONS_REFUSED_TOTAL: &str = "keygate_connections_refused_total";
 pub const TLS_HANDSHAKES_TOTAL: &str = "keygate_tls_handshakes_total";
+pub const PROXY_PROTOCOL_REFUSED_TOTAL: &str = "keygate_proxy_protocol_refused_total";
 pub const TLS_RELOADS_TOTAL: &str = "keygate_tls_reloads_total";
 pub const RATE_LIMITED_TOTAL: &str = "keygate_rate_limited_total";
 pub const LICENSES_LOADED: &str = "keygate_licenses_loaded";
@@ -63,6 +64,11 @@ pub fn connection_refused() {
 /// `outcome`: "full", "resumed", "failed" or "timeout".
 pub fn tls_handshake(outcome: &'static str) {
     metrics::counter!(TLS_HANDSHAKES_TOTAL, "outcome" => outcome).increment(1);
+}
+
+/// `reason`: "untrusted_peer", "invalid_header" or "timeout".
+pub fn proxy_protocol_refused(reason: &'static str) {
+    metrics::counter!(PROXY_PROTOCOL_REFUSED_TOTAL, "reason" => reason).increment(1);
 }
 
 /// `result`: "ok" or "failed".

@@ -10,6 +10,7 @@ use rustls_pki_types::{CertificateDer, ServerName};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
+use tokio::io::AsyncWriteExt;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Protocol {
@@ -69,13 +70,38 @@ impl Connection {
         tls: Arc<rustls::ClientConfig>,
         protocol: Protocol,
     ) -> anyhow::Result<Connection> {
-        let tcp = tokio::net::TcpStream::connect(addr).await?;
+        Self::connect_with_prefix(addr, tls, protocol, &[]).await
+    }
+
+    /// Like `connect`, but writes `prefix` (a PROXY protocol header, say) before the TLS
+    /// handshake.
+    pub async fn connect_with_prefix(
+        addr: SocketAddr,
+        tls: Arc<rustls::ClientConfig>,
+        protocol: Protocol,
+        prefix: &[u8],
+    ) -> anyhow::Result<Connection> {
+        let mut tcp = tokio::net::TcpStream::connect(addr).await?;
         tcp.set_nodelay(true)?;
+        tcp.write_all(prefix).await?;
         let name = ServerName::IpAddress(addr.ip().into());
         let stream = tokio_rustls::TlsConnector::from(tls)
             .connect(name, tcp)
             .await?;
-        let io = TokioIo::new(stream);
+        Self::over(TokioIo::new(stream), addr, protocol).await
+    }
+
+    /// Plain HTTP (no TLS), for a listener with `server.plain_http_listen`.
+    pub async fn connect_plain(addr: SocketAddr, protocol: Protocol) -> anyhow::Result<Connection> {
+        let tcp = tokio::net::TcpStream::connect(addr).await?;
+        tcp.set_nodelay(true)?;
+        Self::over(TokioIo::new(tcp), addr, protocol).await
+    }
+
+    async fn over<I>(io: I, addr: SocketAddr, protocol: Protocol) -> anyhow::Result<Connection>
+    where
+        I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    {
         let sender = match protocol {
             Protocol::Http1 => {
                 let (s, conn) = http1::handshake(io).await?;

@@ -115,6 +115,8 @@ impl Seed {
 pub struct Server {
     child: Option<Child>,
     pub addr: SocketAddr,
+    /// The plain-HTTP client listener, when `KEYGATE_SERVER__PLAIN_HTTP_LISTEN` turned it on.
+    pub plain: Option<SocketAddr>,
     /// The admin listener (`/metrics`, `/livez`, `/readyz`), on its own free port.
     pub admin: SocketAddr,
     pub data_dir: PathBuf,
@@ -148,21 +150,33 @@ impl Server {
                 let _ = tx.send(line);
             }
         });
-        // Two lines: the client port, then the admin port.
-        let addr = |scheme: &str| -> SocketAddr {
+        // The client port first, then the plain-HTTP port if any, then the admin port.
+        let (mut addr, mut plain) = (None, None);
+        let admin = loop {
             let line = rx
                 .recv_timeout(Duration::from_secs(60))
                 .expect("keygate did not report its addresses within 60 s");
-            line.split_whitespace()
-                .find_map(|w| w.strip_prefix(scheme))
-                .unwrap_or_else(|| panic!("expected a {scheme} address, got: {line}"))
-                .parse()
-                .unwrap()
+            let url = |scheme: &str| -> Option<SocketAddr> {
+                line.split_whitespace()
+                    .find_map(|w| w.strip_prefix(scheme))?
+                    .parse()
+                    .ok()
+            };
+            if line.starts_with("keygate listening on") {
+                addr = url("https://");
+            } else if line.starts_with("keygate plain HTTP on") {
+                plain = url("http://");
+            } else if line.starts_with("keygate admin on") {
+                break url("http://").expect("admin address");
+            } else {
+                panic!("unexpected line: {line}");
+            }
         };
-        let (addr, admin) = (addr("https://"), addr("http://"));
+        let addr = addr.expect("client address before the admin line");
         Server {
             child: Some(child),
             addr,
+            plain,
             admin,
             data_dir: data_dir.to_owned(),
             cert: data_dir.join("tls/cert.pem"),

@@ -395,3 +395,112 @@ async fn oversized_headers_are_cut_off_while_normal_clients_are_served() {
         assert_eq!(r.status, 200, "other clients are still served");
     }
 }
+
+/// A PROXY protocol v2 PROXY/TCP4 header, built by hand from the specification.
+fn proxy_v2(src: [u8; 4]) -> Vec<u8> {
+    let mut h = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    h.extend_from_slice(&[0x21, 0x11, 0, 12]);
+    h.extend_from_slice(&src);
+    h.extend_from_slice(&[127, 0, 0, 1]);
+    h.extend_from_slice(&4711u16.to_be_bytes());
+    h.extend_from_slice(&443u16.to_be_bytes());
+    h
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_protocol_names_the_client_and_plain_http_is_opt_in() {
+    let dir = TempDir::new("ppv2");
+    let seed = Seed::new(&dir.0);
+    let key = seed.key(&dir.0, &["--max-machines", "10"]);
+    // A PROXY header from a peer that is not a trusted proxy closes the connection.
+    let mut server = Server::start(
+        &dir.0,
+        &[
+            ("KEYGATE_SERVER__PROXY_PROTOCOL", "true"),
+            ("KEYGATE_SERVER__TRUSTED_PROXIES", r#"["10.0.0.0/8"]"#),
+        ],
+    );
+    assert!(server.plain.is_none(), "no plain HTTP unless configured");
+    let tls = tls_config(&server.cert, Protocol::Http1).unwrap();
+    let spoof = proxy_v2([198, 51, 100, 1]);
+    let refused = Connection::connect_with_prefix(server.addr, tls, Protocol::Http1, &spoof).await;
+    assert!(refused.is_err());
+    let (_, m) = server.admin_get("/metrics");
+    assert_eq!(
+        sample(
+            &m,
+            r#"keygate_proxy_protocol_refused_total{reason="untrusted_peer"}"#
+        ),
+        Some(1.0)
+    );
+    server.stop();
+
+    let mut server = Server::start(
+        &dir.0,
+        &[
+            ("KEYGATE_SERVER__PROXY_PROTOCOL", "true"),
+            ("KEYGATE_SERVER__TRUSTED_PROXIES", r#"["127.0.0.1"]"#),
+            ("KEYGATE_SERVER__PLAIN_HTTP_LISTEN", "127.0.0.1:0"),
+        ],
+    );
+    let tls = tls_config(&server.cert, Protocol::Http2).unwrap();
+    let mut c = Connection::connect_with_prefix(
+        server.addr,
+        tls.clone(),
+        Protocol::Http2,
+        &proxy_v2([198, 51, 100, 77]),
+    )
+    .await
+    .unwrap();
+    let r = c
+        .post("/api/key/Activate", &activate(&seed, &key, "via-tls"))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    // Without the header the connection is refused (the TLS hello is not a PROXY header).
+    assert!(Connection::connect(server.addr, tls, Protocol::Http2)
+        .await
+        .is_err());
+    // Plain HTTP, also behind the PROXY header.
+    let plain = server.plain.expect("plain listener");
+    let mut tcp = tokio::net::TcpStream::connect(plain).await.unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let body = activate(&seed, &key, "via-plain");
+    let req = format!(
+        "POST /api/key/Activate HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    tcp.write_all(&proxy_v2([203, 0, 113, 88])).await.unwrap();
+    tcp.write_all(req.as_bytes()).await.unwrap();
+    let mut raw = String::new();
+    tcp.read_to_string(&mut raw).await.unwrap();
+    assert!(raw.starts_with("HTTP/1.1 200"), "{raw}");
+    let (_, m) = server.admin_get("/metrics");
+    assert_eq!(
+        sample(
+            &m,
+            r#"keygate_proxy_protocol_refused_total{reason="invalid_header"}"#
+        ),
+        Some(1.0),
+        "{m}"
+    );
+    server.stop();
+
+    let ips: Vec<(String, String)> = seed
+        .activations(&dir.0, &key)
+        .iter()
+        .map(|a| {
+            (
+                a["mid"].as_str().unwrap().into(),
+                a["ip"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        ips,
+        [
+            ("via-tls".into(), "198.51.100.77".into()),
+            ("via-plain".into(), "203.0.113.88".into())
+        ]
+    );
+}
