@@ -146,3 +146,36 @@ fn no_should_panic_or_ignored_tests() {
         );
     }
 }
+
+/// The dashboard and the alert rules may only use metrics Keygate emits: every `keygate_*`
+/// name in them (histogram suffixes stripped) is a constant in `src/metrics.rs`.
+#[test]
+fn deploy_files_use_only_metrics_that_exist() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let metrics = std::fs::read_to_string(root.join("src/metrics.rs")).unwrap();
+    let known: Vec<&str> = metrics
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("pub const ")?.split('"').nth(1))
+        .collect();
+    assert!(known.len() > 10, "{known:?}");
+    let mut used = 0;
+    for file in [
+        "deploy/grafana/dashboards/keygate.json",
+        "deploy/prometheus/alerts.yml",
+    ] {
+        let text = std::fs::read_to_string(root.join(file)).unwrap();
+        for (i, _) in text.match_indices("keygate_") {
+            let name: String = text[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            let base = ["_bucket", "_count", "_sum"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s))
+                .unwrap_or(&name);
+            assert!(known.contains(&base), "{file} uses unknown metric {name}");
+            used += 1;
+        }
+    }
+    assert!(used > 10, "only {used} metric references found");
+}
