@@ -15,6 +15,9 @@ pub const TLS_HANDSHAKES_TOTAL: &str = "keygate_tls_handshakes_total";
 pub const PROXY_PROTOCOL_REFUSED_TOTAL: &str = "keygate_proxy_protocol_refused_total";
 pub const TLS_RELOADS_TOTAL: &str = "keygate_tls_reloads_total";
 pub const RATE_LIMITED_TOTAL: &str = "keygate_rate_limited_total";
+pub const SYNC_CHANGES_APPLIED_TOTAL: &str = "keygate_sync_changes_applied_total";
+pub const SYNC_FAILURES_TOTAL: &str = "keygate_sync_failures_total";
+pub const SYNC_LAST_SUCCESS_SECONDS: &str = "keygate_sync_last_success_timestamp_seconds";
 pub const LICENSES_LOADED: &str = "keygate_licenses_loaded";
 pub const STORE_FLUSH_DURATION_SECONDS: &str = "keygate_store_flush_duration_seconds";
 pub const STORE_FLUSH_FAILURES_TOTAL: &str = "keygate_store_flush_failures_total";
@@ -79,6 +82,21 @@ pub fn tls_reload(result: &'static str) {
 /// `limit`: "client_ip", "token" or "license_new_machines".
 pub fn rate_limited(limit: &'static str) {
     metrics::counter!(RATE_LIMITED_TOTAL, "limit" => limit).increment(1);
+}
+
+/// One successful read of the change feed: how staleness is measured
+/// (`time() - keygate_sync_last_success_timestamp_seconds`).
+pub fn sync_polled(applied: usize, failed: usize, licenses: usize) {
+    metrics::counter!(SYNC_CHANGES_APPLIED_TOTAL).increment(applied as u64);
+    if failed > 0 {
+        metrics::counter!(SYNC_FAILURES_TOTAL).increment(failed as u64);
+    }
+    metrics::gauge!(SYNC_LAST_SUCCESS_SECONDS).set(crate::http::unix_now() as f64);
+    licenses_loaded(licenses);
+}
+
+pub fn sync_poll_failed() {
+    metrics::counter!(SYNC_FAILURES_TOTAL).increment(1);
 }
 
 pub fn licenses_loaded(n: usize) {

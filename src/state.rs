@@ -187,17 +187,23 @@ impl Sync {
                 while !flag.load(Ordering::Relaxed) {
                     match store.changes_since(seq, 1000) {
                         Ok(changes) => {
+                            let mut failed = 0;
                             for c in &changes {
                                 if let Err(e) = state.apply_change(&store, c) {
                                     tracing::warn!(seq = c.seq, entity = %c.entity, error = %e, "change not applied");
+                                    failed += 1;
                                 }
                                 seq = c.seq;
                             }
+                            crate::metrics::sync_polled(changes.len() - failed, failed, state.license_count());
                             if changes.len() == 1000 {
                                 continue;
                             }
                         }
-                        Err(e) => tracing::warn!(error = %e, "reading the change feed failed"),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "reading the change feed failed");
+                            crate::metrics::sync_poll_failed();
+                        }
                     }
                     std::thread::sleep(interval);
                 }

@@ -79,6 +79,8 @@ async fn metrics_count_real_traffic_and_health_endpoints_answer() {
     for (series, want) in expect {
         assert_eq!(sample(&m, series), Some(want), "{series} in\n{m}");
     }
+    let synced = sample(&m, "keygate_sync_last_success_timestamp_seconds").unwrap_or(0.0);
+    assert!(synced > 1.7e9, "the change feed is being read: {synced}");
     // Real histograms: cumulative buckets ending in +Inf.
     let inf = sample(
         &m,
