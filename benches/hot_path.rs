@@ -6,7 +6,7 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use keygate::domain::{self, ActivateInput, Machine, Mask};
 use keygate::http::handlers::{self, LogCtx};
 use keygate::http::{Ctx, Limits};
-use keygate::request::{self, Request};
+use keygate::request::{self, ActivateRequest, Request};
 use keygate::state::State;
 use keygate::store::writer::{BatchPolicy, Writer};
 use keygate::store::{LogRow, Store};
@@ -24,8 +24,9 @@ struct Fixture {
     dir: std::path::PathBuf,
 }
 
-fn fixture() -> Fixture {
-    let dir = std::env::temp_dir().join(format!("keygate-bench-{}", std::process::id()));
+/// A node's context over a fresh store with one key; `cached` turns the response cache on.
+fn fixture(cached: bool) -> Fixture {
+    let dir = std::env::temp_dir().join(format!("keygate-bench-{}-{cached}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let db = dir.join("k.db");
     let mut store = Store::open(&db).unwrap();
@@ -85,6 +86,12 @@ fn fixture() -> Fixture {
         proxy_ip: None,
         trusted_proxies: Default::default(),
         rate_limits: keygate::http::rate::RateLimits::off(),
+        sign_pool: keygate::http::sign_pool::SignPool::new(1, 64),
+        responses: if cached {
+            keygate::http::response_cache::ResponseCache::new(Duration::from_secs(3600), 1 << 20)
+        } else {
+            keygate::http::response_cache::ResponseCache::off()
+        },
     });
     Fixture {
         ctx,
@@ -104,7 +111,12 @@ fn python_body(f: &Fixture, machine: &str) -> String {
 }
 
 fn benches(c: &mut Criterion) {
-    let f = fixture();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let f = fixture(false);
+    let cached = fixture(true);
     let machine = "9d9520019964e2f4aae3d0098ceae3c83bc0b841a21fe6d087d7e70937d6f5f8";
     let body = python_body(&f, machine);
     // Activate once so the benches below see a known machine (the re-activation storm case).
@@ -112,14 +124,26 @@ fn benches(c: &mut Criterion) {
     else {
         panic!("decode failed")
     };
-    handlers::activate(
-        &f.ctx,
-        req.clone(),
-        "203.0.113.5",
-        "10.0.0.1",
-        &mut LogCtx::default(),
-    )
-    .unwrap();
+    let reactivate = |f: &Fixture, req: &ActivateRequest| {
+        let mut log = LogCtx::default();
+        rt.block_on(handlers::activate(
+            &f.ctx,
+            req.clone(),
+            "203.0.113.5",
+            "10.0.0.1",
+            &mut log,
+        ))
+        .unwrap()
+    };
+    reactivate(&f, &req);
+    let Ok(Request::Activate(cached_req)) = request::decode(
+        "/api/key/activate",
+        b"",
+        python_body(&cached, machine).as_bytes(),
+    ) else {
+        panic!("decode failed")
+    };
+    reactivate(&cached, &cached_req);
 
     c.bench_function("decode_python_activate", |b| {
         b.iter(|| {
@@ -170,18 +194,13 @@ fn benches(c: &mut Criterion) {
     c.bench_function("sign_rsa2048_sha256", |b| {
         b.iter(|| signer.sign_sha256(black_box(&json)).unwrap())
     });
+    // The whole handler, signing on the pool every time (cache off)...
     c.bench_function("handler_reactivate_known_machine", |b| {
-        b.iter(|| {
-            let mut log = LogCtx::default();
-            handlers::activate(
-                &f.ctx,
-                black_box(req.clone()),
-                "203.0.113.5",
-                "10.0.0.1",
-                &mut log,
-            )
-            .unwrap()
-        })
+        b.iter(|| reactivate(&f, black_box(&req)))
+    });
+    // ...and answered from the signed-response cache (a retry storm).
+    c.bench_function("handler_reactivate_cached", |b| {
+        b.iter(|| reactivate(&cached, black_box(&cached_req)))
     });
     let row = LogRow {
         tenant_id: Some(1),
@@ -199,6 +218,7 @@ fn benches(c: &mut Criterion) {
         b.iter(|| f.ctx.writer.log(black_box(row.clone())))
     });
     let _ = std::fs::remove_dir_all(&f.dir);
+    let _ = std::fs::remove_dir_all(&cached.dir);
 }
 
 criterion_group! {

@@ -7,6 +7,8 @@ use crate::config::Config;
 use crate::http::admin::{self, Admin, Health};
 use crate::http::client_ip::TrustedProxies;
 use crate::http::rate::RateLimits;
+use crate::http::response_cache::ResponseCache;
+use crate::http::sign_pool::SignPool;
 use crate::http::{self, Ctx, Limits};
 use crate::state::{State, Sync};
 use crate::store::writer::{BatchPolicy, Writer};
@@ -92,6 +94,11 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         proxy_ip: s.proxy_ip.clone(),
         trusted_proxies: TrustedProxies::parse(&s.trusted_proxies).map_err(anyhow::Error::msg)?,
         rate_limits: RateLimits::new(&cfg.rate_limits),
+        sign_pool: SignPool::new(s.signing_threads, 1024),
+        responses: ResponseCache::new(
+            Duration::from_millis(cfg.cache.response_ttl_ms),
+            cfg.cache.response_max_bytes,
+        ),
     });
     let housekeeping_ctx = ctx.clone();
     tokio::spawn(async move {

@@ -16,6 +16,7 @@ pub struct Config {
     pub store: StoreCfg,
     pub admin: Admin,
     pub rate_limits: RateLimitCfg,
+    pub cache: CacheCfg,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -49,6 +50,8 @@ pub struct Server {
     pub shutdown_delay_ms: u64,
     /// Tokio worker threads; 0 = one per core.
     pub worker_threads: usize,
+    /// Threads that do the RSA signing, off the async workers; 0 = one per core.
+    pub signing_threads: usize,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -57,6 +60,25 @@ pub struct Admin {
     /// Plain-HTTP listener for `/metrics`, `/livez` and `/readyz`; "" turns it off. Keep it on
     /// loopback or a private network: it has no authentication.
     pub listen: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheCfg {
+    /// How long a signed answer that changed nothing is reused for an identical request; its
+    /// `SignDate` is at most this old. 0 turns the cache off.
+    pub response_ttl_ms: u64,
+    /// Memory bound of the signed-response cache; 0 turns it off.
+    pub response_max_bytes: u64,
+}
+
+impl Default for CacheCfg {
+    fn default() -> Self {
+        CacheCfg {
+            response_ttl_ms: 5_000,
+            response_max_bytes: 64 << 20,
+        }
+    }
 }
 
 /// Per-node rate limits; a rate of 0 turns that limit off. A burst below the rate means the rate.
@@ -97,6 +119,7 @@ impl Default for Config {
             store: StoreCfg::default(),
             admin: Admin::default(),
             rate_limits: RateLimitCfg::default(),
+            cache: CacheCfg::default(),
         }
     }
 }
@@ -121,6 +144,7 @@ impl Default for Server {
             drain_timeout_ms: 20_000,
             shutdown_delay_ms: 0,
             worker_threads: 0,
+            signing_threads: 0,
         }
     }
 }

@@ -8,6 +8,8 @@ pub mod error;
 pub mod handlers;
 pub mod proxy_protocol;
 pub mod rate;
+pub mod response_cache;
+pub mod sign_pool;
 
 use crate::request::{self, Params, Request, Route};
 use crate::state::State;
@@ -55,6 +57,8 @@ pub struct Ctx {
     /// Peers whose `X-Forwarded-For` names the client.
     pub trusted_proxies: TrustedProxies,
     pub rate_limits: rate::RateLimits,
+    pub sign_pool: sign_pool::SignPool,
+    pub responses: response_cache::ResponseCache,
 }
 
 impl Ctx {
@@ -205,8 +209,8 @@ async fn serve(
         decoded.map_err(|e| Failure::new(request::DecodeOutcome::Params(e).into(), fail_code))?;
     let client_ip = &client_ip.to_string();
     match request {
-        Request::Activate(r) => handlers::activate(ctx, r, client_ip, proxy_ip, log),
-        Request::GetKey(r) => handlers::get_key(ctx, r, log),
+        Request::Activate(r) => handlers::activate(ctx, r, client_ip, proxy_ip, log).await,
+        Request::GetKey(r) => handlers::get_key(ctx, r, log).await,
         Request::Deactivate(r) => handlers::deactivate(ctx, r, log),
         Request::CreateTrialKey(r) => {
             handlers::create_trial_key(ctx, r, client_ip, proxy_ip, log).await

@@ -14,6 +14,8 @@ pub const CONNECTIONS_REFUSED_TOTAL: &str = "keygate_connections_refused_total";
 pub const TLS_HANDSHAKES_TOTAL: &str = "keygate_tls_handshakes_total";
 pub const PROXY_PROTOCOL_REFUSED_TOTAL: &str = "keygate_proxy_protocol_refused_total";
 pub const TLS_RELOADS_TOTAL: &str = "keygate_tls_reloads_total";
+pub const RESPONSE_CACHE_TOTAL: &str = "keygate_response_cache_total";
+pub const RESPONSE_CACHE_EVICTIONS_TOTAL: &str = "keygate_response_cache_evictions_total";
 pub const RATE_LIMITED_TOTAL: &str = "keygate_rate_limited_total";
 pub const SYNC_CHANGES_APPLIED_TOTAL: &str = "keygate_sync_changes_applied_total";
 pub const SYNC_FAILURES_TOTAL: &str = "keygate_sync_failures_total";
@@ -77,6 +79,17 @@ pub fn proxy_protocol_refused(reason: &'static str) {
 /// `result`: "ok" or "failed".
 pub fn tls_reload(result: &'static str) {
     metrics::counter!(TLS_RELOADS_TOTAL, "result" => result).increment(1);
+}
+
+/// A lookup in the signed-response cache.
+pub fn response_cache(hit: bool) {
+    let result = if hit { "hit" } else { "miss" };
+    metrics::counter!(RESPONSE_CACHE_TOTAL, "result" => result).increment(1);
+}
+
+/// An entry pushed out by the size bound (not by its TTL).
+pub fn response_cache_evicted() {
+    metrics::counter!(RESPONSE_CACHE_EVICTIONS_TOTAL).increment(1);
 }
 
 /// `limit`: "client_ip", "token" or "license_new_machines".

@@ -214,7 +214,7 @@ pub fn error_response(message: &str) -> Vec<u8> {
 }
 
 /// The license status reported in `metadata` (§2.5 of the reference).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct LicenseStatus {
     pub is_valid: bool,
     /// 0 none, 1 expired, 2 blocked.
@@ -224,7 +224,7 @@ pub struct LicenseStatus {
     pub time_left_days: i64,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Metadata {
     pub activated_machines: i64,
     pub status: LicenseStatus,

@@ -4,6 +4,7 @@
 //! (CreateTrialKey, which creates a key, is the one documented exception).
 
 use super::error::{ApiError, Failure};
+use super::response_cache::Probe;
 use super::Ctx;
 use crate::domain::{
     self, decide::Change, ActivateInput, ActivateOutcome, DeactivateOutcome, License, Machine,
@@ -12,6 +13,7 @@ use crate::domain::{
 use crate::request::{
     ActivateRequest, CreateTrialKeyRequest, DeactivateRequest, GetKeyRequest, ResponseOptions,
 };
+use crate::signing::Signer;
 use crate::state::LicenseEntry;
 use crate::store::{LogRow, NewKey, ProductRow, StoreEvent};
 use crate::wire::{self, LicenseStatus, LicenseView, Metadata};
@@ -132,6 +134,7 @@ fn encode(
     mask: Mask,
     caller: Option<&Machine>,
     now: i64,
+    sign_date: i64,
 ) -> Encoded {
     let machines = lic.visible_machines(
         opts.model_version,
@@ -146,7 +149,7 @@ fn encode(
             machines: &machines,
             model_version: opts.model_version,
             mask,
-            sign_date: now,
+            sign_date,
         },
         &mut license_json,
     );
@@ -161,37 +164,91 @@ fn encode(
     }
 }
 
-/// Signs outside any lock and builds the response body.
-fn respond(
+/// What a handler takes out of the license lock: a cached answer, or what to sign.
+enum Prepared {
+    Cached(Vec<u8>),
+    Sign(Encoded, Option<Probe>),
+}
+
+/// Encodes under the license lock. A `cacheable` answer (one that changed nothing) is first
+/// looked up by its canonical form (`SignDate` 0) in the response cache.
+#[allow(clippy::too_many_arguments)]
+fn prepare(
     ctx: &Ctx,
-    tenant_id: i64,
-    enc: Encoded,
+    signer: &Arc<Signer>,
+    lic: &License,
+    product: &ProductRow,
+    opts: &ResponseOptions,
+    mask: Mask,
+    caller: Option<&Machine>,
+    now: i64,
+    cacheable: bool,
+) -> Prepared {
+    if !(cacheable && ctx.responses.enabled()) {
+        return Prepared::Sign(encode(lic, product, opts, mask, caller, now, now), None);
+    }
+    let canonical = encode(lic, product, opts, mask, caller, now, 0);
+    let probe = Probe::new(
+        signer.clone(),
+        canonical.license_json,
+        canonical.metadata,
+        mask.hides(Mask::METADATA),
+    );
+    match ctx.responses.get(&probe) {
+        Some(body) => Prepared::Cached(body),
+        None => Prepared::Sign(
+            encode(lic, product, opts, mask, caller, now, now),
+            Some(probe),
+        ),
+    }
+}
+
+/// Signs on the signing pool (never on an async worker), builds the response body and
+/// remembers it when it is cacheable.
+async fn respond(
+    ctx: &Ctx,
+    signer: Arc<Signer>,
+    prepared: Prepared,
     mask: Mask,
     now: i64,
 ) -> Result<Vec<u8>, ApiError> {
-    let signer = ctx.state.signer(tenant_id).ok_or(ApiError::Internal)?;
-    let started = std::time::Instant::now();
-    let sig = signer
-        .sign_sha256(&enc.license_json)
-        .map_err(|_| ApiError::Internal)?;
-    crate::metrics::signing(started.elapsed());
-    let md = match enc.metadata {
-        Some(_) if mask.hides(Mask::METADATA) => Some(b"null".to_vec()),
-        Some(md) => {
-            let data = wire::metadata_data(&md);
-            let dsig = signer.sign_sha512(&data).map_err(|_| ApiError::Internal)?;
-            Some(wire::metadata_object(&md, &data, &dsig, now))
-        }
-        None => None,
+    let (enc, probe) = match prepared {
+        Prepared::Cached(body) => return Ok(body),
+        Prepared::Sign(enc, probe) => (enc, probe),
     };
-    Ok(wire::license_response(
-        &enc.license_json,
-        &sig,
-        md.as_deref(),
-    ))
+    let hide_metadata = mask.hides(Mask::METADATA);
+    let body = ctx
+        .sign_pool
+        .run(move || -> Result<Vec<u8>, ApiError> {
+            let started = std::time::Instant::now();
+            let sig = signer
+                .sign_sha256(&enc.license_json)
+                .map_err(|_| ApiError::Internal)?;
+            crate::metrics::signing(started.elapsed());
+            let md = match enc.metadata {
+                Some(_) if hide_metadata => Some(b"null".to_vec()),
+                Some(md) => {
+                    let data = wire::metadata_data(&md);
+                    let dsig = signer.sign_sha512(&data).map_err(|_| ApiError::Internal)?;
+                    Some(wire::metadata_object(&md, &data, &dsig, now))
+                }
+                None => None,
+            };
+            Ok(wire::license_response(
+                &enc.license_json,
+                &sig,
+                md.as_deref(),
+            ))
+        })
+        .await
+        .map_err(|_| ApiError::Internal)??;
+    if let Some(probe) = probe {
+        ctx.responses.insert(probe, body.clone());
+    }
+    Ok(body)
 }
 
-pub fn activate(
+pub async fn activate(
     ctx: &Ctx,
     r: ActivateRequest,
     client_ip: &str,
@@ -205,6 +262,10 @@ pub fn activate(
     let (scope, product) =
         authorize(ctx, &r.token, Method::Activate, r.product_id, log).map_err(fail)?;
     let entry = authorize_key(ctx, &scope, r.product_id, &r.key, log).map_err(fail)?;
+    let signer = ctx
+        .state
+        .signer(scope.tenant_id)
+        .ok_or(fail(ApiError::Internal))?;
     let now = ctx.now();
     let input = ActivateInput {
         machine_code: &r.machine_code,
@@ -216,7 +277,7 @@ pub fn activate(
         now,
     };
     let mask = scope.mask(r.options.fields_to_return);
-    let (enc, code) = {
+    let (prepared, code) = {
         let mut lic = entry.license.lock();
         let (code, change) = match domain::activate(&lic, &input) {
             ActivateOutcome::Rejected(rj) => return Err(Failure::new(rj.into(), rj.code())),
@@ -271,28 +332,47 @@ pub fn activate(
                 .cloned(),
         };
         log.floating_expires = caller.as_ref().map_or(0, |m| m.floating_expires);
-        (
-            encode(&lic, &product, &r.options, mask, caller.as_ref(), now),
-            code,
-        )
+        let cacheable = change == Change::None;
+        let prepared = prepare(
+            ctx,
+            &signer,
+            &lic,
+            &product,
+            &r.options,
+            mask,
+            caller.as_ref(),
+            now,
+            cacheable,
+        );
+        (prepared, code)
     };
-    let body = respond(ctx, scope.tenant_id, enc, mask, now).map_err(fail)?;
+    let body = respond(ctx, signer, prepared, mask, now)
+        .await
+        .map_err(fail)?;
     Ok((body, code))
 }
 
-pub fn get_key(ctx: &Ctx, r: GetKeyRequest, log: &mut LogCtx) -> Outcome {
+pub async fn get_key(ctx: &Ctx, r: GetKeyRequest, log: &mut LogCtx) -> Outcome {
     let fail = |e: ApiError| Failure::new(e, StateCode::GETKEY_FAILED);
     log.product_id = Some(r.product_id);
     let (scope, product) =
         authorize(ctx, &r.token, Method::GetKey, r.product_id, log).map_err(fail)?;
     let entry = authorize_key(ctx, &scope, r.product_id, &r.key, log).map_err(fail)?;
+    let signer = ctx
+        .state
+        .signer(scope.tenant_id)
+        .ok_or(fail(ApiError::Internal))?;
     let now = ctx.now();
     let mask = scope.mask(r.options.fields_to_return);
-    let enc = {
+    let prepared = {
         let lic = entry.license.lock();
-        encode(&lic, &product, &r.options, mask, None, now)
+        prepare(
+            ctx, &signer, &lic, &product, &r.options, mask, None, now, true,
+        )
     };
-    let body = respond(ctx, scope.tenant_id, enc, mask, now).map_err(fail)?;
+    let body = respond(ctx, signer, prepared, mask, now)
+        .await
+        .map_err(fail)?;
     Ok((body, StateCode::GETKEY_OK))
 }
 

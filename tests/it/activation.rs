@@ -1,7 +1,7 @@
 //! Activation behaviour over real sockets: parallel activations never exceed the limit, state
 //! survives a restart, every request is logged with client and proxy IP, h1 and h2 both serve.
 
-use super::helpers::{cli, Seed, Server, TempDir};
+use super::helpers::{cli, eventually, Seed, Server, TempDir};
 use keygate_loadtest::{form, Protocol};
 use std::time::Duration;
 
@@ -307,4 +307,63 @@ async fn futures_flatten(
         all.extend(t.await.unwrap());
     }
     all
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_answers_come_from_the_cache_until_the_license_changes() {
+    let dir = TempDir::new("cache");
+    let seed = Seed::new(&dir.0);
+    let key = seed.key(&dir.0, &["--max-machines", "5"]);
+    let mut server = Server::start(&dir.0, &[]);
+    let mut conn = server.connect(Protocol::Http2).await;
+    async fn ok(conn: &mut keygate_loadtest::Connection, body: String) -> String {
+        let r = conn.post("/api/key/Activate", &body).await.unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.text()
+    }
+    let first = ok(&mut conn, activate_form(&seed, &key, "m1")).await;
+    let again = ok(&mut conn, activate_form(&seed, &key, "m1")).await;
+    let third = ok(&mut conn, activate_form(&seed, &key, "m1")).await;
+    assert_eq!(again, third, "an unchanged answer is reused byte for byte");
+    // A new machine changes the license, so m1's next answer is signed afresh and lists m2.
+    ok(&mut conn, activate_form(&seed, &key, "m2")).await;
+    let after = ok(&mut conn, activate_form(&seed, &key, "m1")).await;
+    assert_ne!(after, third);
+    let license = |body: &str| {
+        let v: serde_json::Value = serde_json::from_str(body).unwrap();
+        use base64::Engine as _;
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(v["licenseKey"].as_str().unwrap())
+            .unwrap();
+        String::from_utf8(raw).unwrap()
+    };
+    assert!(!license(&first).contains("\"Mid\":\"m2\""));
+    assert!(
+        license(&after).contains("\"Mid\":\"m2\""),
+        "{}",
+        license(&after)
+    );
+    let (_, m) = server.admin_get("/metrics");
+    let hits = m
+        .lines()
+        .find_map(|l| l.strip_prefix(r#"keygate_response_cache_total{result="hit"} "#))
+        .and_then(|v| v.parse::<f64>().ok());
+    assert_eq!(hits, Some(1.0), "{m}");
+    // A block is a rejection decided before any cache lookup.
+    let pid = seed.product.to_string();
+    cli(&dir.0, &["key", "block", "--product", &pid, "--key", &key]);
+    let blocked = eventually(Duration::from_secs(5), || async {
+        let mut c = server.connect(Protocol::Http1).await;
+        let r = c
+            .post("/api/key/Activate", &activate_form(&seed, &key, "m1"))
+            .await
+            .unwrap();
+        (r.status == 400).then(|| r.json().unwrap()["message"].clone())
+    })
+    .await;
+    assert_eq!(
+        blocked.unwrap(),
+        "The key is blocked and cannot be accessed."
+    );
+    server.stop();
 }

@@ -1,0 +1,113 @@
+//! Dedicated signing threads. An RSA-2048 signature costs a few hundred microseconds of CPU;
+//! run on a tokio worker it would stall every connection on that worker meanwhile. Handlers
+//! hand the work here and await the result, so async workers only ever do short steps.
+
+use crossbeam_channel::{bounded, Receiver, Sender};
+use std::thread::JoinHandle;
+
+type Job = Box<dyn FnOnce() + Send>;
+
+pub struct SignPool {
+    jobs: Option<Sender<Job>>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("the signing pool has stopped")]
+pub struct PoolStopped;
+
+impl SignPool {
+    /// `threads` workers (0 = one per core) sharing a queue of `queue` jobs; senders wait
+    /// (asynchronously) when it is full.
+    pub fn new(threads: usize, queue: usize) -> SignPool {
+        let n = if threads == 0 {
+            std::thread::available_parallelism().map_or(2, |n| n.get())
+        } else {
+            threads
+        };
+        let (tx, rx): (Sender<Job>, Receiver<Job>) = bounded(queue.max(1));
+        let threads = (0..n)
+            .map(|i| {
+                let rx = rx.clone();
+                std::thread::Builder::new()
+                    .name(format!("keygate-sign-{i}"))
+                    .spawn(move || {
+                        for job in rx {
+                            job();
+                        }
+                    })
+                    .expect("spawning a signing thread")
+            })
+            .collect();
+        SignPool {
+            jobs: Some(tx),
+            threads,
+        }
+    }
+
+    /// Runs `f` on a signing thread and waits for its result without blocking the caller's
+    /// async worker.
+    pub async fn run<T, F>(&self, f: F) -> Result<T, PoolStopped>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> T + Send + 'static,
+    {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let mut job: Job = Box::new(move || {
+            let _ = tx.send(f());
+        });
+        let jobs = self.jobs.as_ref().ok_or(PoolStopped)?;
+        // Usually there is room; when there is not, yield until there is.
+        loop {
+            match jobs.try_send(job) {
+                Ok(()) => break,
+                Err(crossbeam_channel::TrySendError::Full(j)) => {
+                    job = j;
+                    tokio::time::sleep(std::time::Duration::from_micros(200)).await;
+                }
+                Err(crossbeam_channel::TrySendError::Disconnected(_)) => return Err(PoolStopped),
+            }
+        }
+        rx.await.map_err(|_| PoolStopped)
+    }
+}
+
+impl Drop for SignPool {
+    fn drop(&mut self) {
+        self.jobs = None;
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn runs_jobs_off_the_runtime_thread_and_loses_none() {
+        let pool = std::sync::Arc::new(SignPool::new(2, 1));
+        let here = std::thread::current().id();
+        let there = pool.run(move || std::thread::current().id()).await.unwrap();
+        assert_ne!(here, there);
+        // Many more concurrent jobs than queue slots and threads: all complete.
+        let tasks: Vec<_> = (0..50u64)
+            .map(|i| {
+                let pool = pool.clone();
+                tokio::spawn(async move {
+                    pool.run(move || {
+                        std::thread::sleep(std::time::Duration::from_millis(1));
+                        i * 2
+                    })
+                    .await
+                })
+            })
+            .collect();
+        let mut results = Vec::new();
+        for t in tasks {
+            results.push(t.await.unwrap().unwrap());
+        }
+        assert_eq!(results, (0..50).map(|i| i * 2).collect::<Vec<_>>());
+    }
+}
