@@ -1,5 +1,11 @@
 //! A small HTTPS client for Keygate over HTTP/1.1 or HTTP/2 (hyper + tokio-rustls on the
-//! aws-lc-rs provider), used by the system tests and, later, the load generator (issue 5).
+//! aws-lc-rs provider), used by the system tests and by the load generator (`run`, with its
+//! scenarios, reports and the static baseline server).
+
+pub mod report;
+pub mod run;
+pub mod scenario;
+pub mod static_server;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};

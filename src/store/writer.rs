@@ -7,7 +7,7 @@
 //! holds `batch_rows` items or its oldest item is `flush_interval` old, and on shutdown.
 
 use super::{LogRow, Store, StoreEvent};
-use crossbeam_channel::{bounded, unbounded, Receiver, Sender, TrySendError};
+use crossbeam_channel::{bounded, unbounded, Receiver, RecvTimeoutError, Sender, TrySendError};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -158,19 +158,43 @@ fn run(
         acks: Vec::new(),
     };
     let mut stopping = false;
+    // Log rows are collected by polling on this tick, never by blocking on their channel, so
+    // a request handler's `try_send` finds no sleeping receiver to wake: no futex wake and no
+    // context switch per request. Events (activations, flush and stop requests) still wake
+    // the thread at once.
+    let tick = policy.flush_interval.min(Duration::from_millis(20));
     loop {
         let wait = match p.since {
-            Some(t) => policy.flush_interval.saturating_sub(t.elapsed()),
-            None => policy.flush_interval,
+            Some(t) => policy.flush_interval.saturating_sub(t.elapsed()).min(tick),
+            None => tick,
         };
-        crossbeam_channel::select! {
-            recv(events) -> m => match m {
-                Ok(Msg::Event(e)) => { p.events.push(e); p.touch(); }
-                Ok(Msg::Flush(ack)) => { p.acks.push(ack); p.touch(); }
-                Ok(Msg::Stop) | Err(_) => stopping = true,
-            },
-            recv(logs) -> r => if let Ok(r) = r { p.logs.push(r); p.touch(); },
-            default(wait) => {},
+        match events.recv_timeout(wait) {
+            Ok(Msg::Event(e)) => {
+                p.events.push(e);
+                p.touch();
+            }
+            Ok(Msg::Flush(ack)) => {
+                p.acks.push(ack);
+                p.touch();
+            }
+            Ok(Msg::Stop) | Err(RecvTimeoutError::Disconnected) => stopping = true,
+            Err(RecvTimeoutError::Timeout) => {}
+        }
+        // Everything sent before a Flush or Stop is already in the channel: drain all of it
+        // then; otherwise up to a few batches' worth per pass.
+        let cap = if p.acks.is_empty() && !stopping {
+            policy.batch_rows * 4
+        } else {
+            usize::MAX
+        };
+        while p.logs.len() < cap {
+            match logs.try_recv() {
+                Ok(r) => {
+                    p.logs.push(r);
+                    p.touch();
+                }
+                Err(_) => break,
+            }
         }
         if stopping {
             // Take everything still queued; new sends after Stop are not waited for.
@@ -190,13 +214,6 @@ fn run(
             || p.since
                 .is_some_and(|t| t.elapsed() >= policy.flush_interval);
         if (due || stopping) && (p.len() > 0 || !p.acks.is_empty()) {
-            // Drain what is already waiting so one transaction carries as much as it can.
-            while p.len() < policy.batch_rows * 4 {
-                match logs.try_recv() {
-                    Ok(r) => p.logs.push(r),
-                    Err(_) => break,
-                }
-            }
             flush(&mut store, &mut p, &stats, stopping);
         }
         if stopping {

@@ -1,0 +1,227 @@
+//! The load engine: workers over keep-alive (or per-request) TLS connections, closed loop
+//! (as fast as answers come) or open loop (a fixed schedule; latency is measured from when a
+//! request was due, so a stalled server cannot hide its queue: no coordinated omission).
+
+use crate::scenario::{render, Scenario, Vars};
+use crate::{Connection, Protocol};
+use hdrhistogram::Histogram;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Mode {
+    /// Closed loop: each worker sends its next request when the last is answered.
+    Max,
+    /// Open loop: this many requests per second in total, on a fixed schedule.
+    Rate(f64),
+}
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub addr: SocketAddr,
+    /// Client TLS settings (built once, so new connections can resume sessions); `None` for
+    /// plain HTTP.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+    pub protocol: Protocol,
+    pub connections: usize,
+    /// Concurrent streams per HTTP/2 connection (1 for HTTP/1.1).
+    pub streams: usize,
+    pub mode: Mode,
+    pub warmup: Duration,
+    pub duration: Duration,
+    /// A new connection (TLS handshake, with session resumption) for every request.
+    pub new_connection: bool,
+}
+
+/// What one run measured (after warm-up).
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    pub requests: u64,
+    pub by_status: BTreeMap<u16, u64>,
+    pub transport_errors: u64,
+    pub elapsed: Duration,
+    /// Latency in microseconds.
+    pub latency: Histogram<u64>,
+}
+
+impl Outcome {
+    pub fn throughput(&self) -> f64 {
+        self.requests as f64 / self.elapsed.as_secs_f64()
+    }
+
+    pub fn percentile_ms(&self, q: f64) -> f64 {
+        self.latency.value_at_quantile(q) as f64 / 1000.0
+    }
+
+    fn merge(&mut self, o: &Outcome) {
+        self.requests += o.requests;
+        self.transport_errors += o.transport_errors;
+        for (s, n) in &o.by_status {
+            *self.by_status.entry(*s).or_default() += n;
+        }
+        self.latency.add(&o.latency).expect("same histogram bounds");
+    }
+
+    fn empty() -> Outcome {
+        Outcome {
+            requests: 0,
+            by_status: BTreeMap::new(),
+            transport_errors: 0,
+            elapsed: Duration::ZERO,
+            latency: Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds"),
+        }
+    }
+
+    /// Adds up several runs of the same kind (compare mode's rounds).
+    pub fn sum(runs: &[Outcome]) -> Outcome {
+        let mut total = Outcome::empty();
+        for r in runs {
+            total.merge(r);
+            total.elapsed += r.elapsed;
+        }
+        total
+    }
+}
+
+async fn connect(o: &Options) -> anyhow::Result<Connection> {
+    match &o.tls {
+        Some(tls) => Connection::connect(o.addr, tls.clone(), o.protocol).await,
+        None => Connection::connect_plain(o.addr, o.protocol).await,
+    }
+}
+
+struct Worker {
+    id: u64,
+    workers: u64,
+    conn: Option<Connection>,
+}
+
+/// Runs `scenario` against `o.addr` and returns what was measured after the warm-up.
+pub async fn run(o: &Options, scenario: &Scenario, vars: &Vars) -> anyhow::Result<Outcome> {
+    let streams = if o.protocol == Protocol::Http2 {
+        o.streams.max(1)
+    } else {
+        1
+    };
+    let mut workers = Vec::new();
+    let total = (o.connections * streams) as u64;
+    for c in 0..o.connections {
+        let conn = if o.new_connection {
+            None
+        } else {
+            Some(connect(o).await?)
+        };
+        for s in 0..streams {
+            let conn = match (&conn, s) {
+                (None, _) => None,
+                (Some(_), 0) => None, // filled below so the first stream owns the original
+                (Some(c), _) => c.clone_h2(),
+            };
+            workers.push(Worker {
+                id: (c * streams + s) as u64,
+                workers: total,
+                conn,
+            });
+        }
+        if let (Some(c), Some(w)) = (conn, workers.get_mut(c * streams)) {
+            w.conn = Some(c);
+        }
+    }
+    let start = Instant::now() + Duration::from_millis(50);
+    let measure_from = start + o.warmup;
+    let end = measure_from + o.duration;
+    let scenario = Arc::new(scenario.clone());
+    let vars = Arc::new(vars.clone());
+    let opts = Arc::new(o.clone());
+    let tasks: Vec<_> = workers
+        .into_iter()
+        .map(|w| {
+            let (scenario, vars, opts) = (scenario.clone(), vars.clone(), opts.clone());
+            tokio::spawn(
+                async move { work(w, &opts, &scenario, &vars, start, measure_from, end).await },
+            )
+        })
+        .collect();
+    let mut total_outcome = Outcome::empty();
+    for t in tasks {
+        total_outcome.merge(&t.await??);
+    }
+    total_outcome.elapsed = o.duration;
+    Ok(total_outcome)
+}
+
+async fn work(
+    mut w: Worker,
+    o: &Options,
+    scenario: &Scenario,
+    vars: &Vars,
+    start: Instant,
+    measure_from: Instant,
+    end: Instant,
+) -> anyhow::Result<Outcome> {
+    let mut out = Outcome::empty();
+    // Open loop: this worker's share of the rate, on its own fixed schedule (staggered).
+    let interval = match o.mode {
+        Mode::Rate(r) => Some(Duration::from_secs_f64(w.workers as f64 / r)),
+        Mode::Max => None,
+    };
+    let mut due = start
+        + interval.map_or(Duration::ZERO, |i| {
+            i.mul_f64(w.id as f64 / w.workers as f64)
+        });
+    let mut iteration = 0u64;
+    tokio::time::sleep_until(start).await;
+    loop {
+        let seq = iteration * w.workers + w.id;
+        iteration += 1;
+        let flow = scenario.flow(seq);
+        for step in &flow.steps {
+            if let Some(i) = interval {
+                tokio::time::sleep_until(due).await;
+                due += i;
+            }
+            let sent = match interval {
+                Some(_) => due - interval.unwrap_or_default(),
+                None => Instant::now(),
+            };
+            if sent >= end {
+                return Ok(out);
+            }
+            let body = render(&step.form, vars, seq, scenario.known_machines);
+            let reply = send(&mut w, o, &step.path, body).await;
+            let done = Instant::now();
+            if sent < measure_from {
+                continue;
+            }
+            out.requests += 1;
+            match reply {
+                Ok(status) => *out.by_status.entry(status).or_default() += 1,
+                Err(_) => out.transport_errors += 1,
+            }
+            let us = (done - sent).as_micros().max(1) as u64;
+            out.latency.saturating_record(us);
+        }
+    }
+}
+
+async fn send(w: &mut Worker, o: &Options, path: &str, body: String) -> anyhow::Result<u16> {
+    if o.new_connection || w.conn.is_none() {
+        w.conn = Some(connect(o).await?);
+    }
+    let conn = w.conn.as_mut().expect("connected above");
+    match conn.post(path, &body).await {
+        Ok(r) => {
+            if o.new_connection {
+                w.conn = None;
+            }
+            Ok(r.status)
+        }
+        Err(e) => {
+            w.conn = None; // reconnect next time
+            Err(e)
+        }
+    }
+}
