@@ -40,14 +40,16 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         }
     };
     if let Some(h) = metrics_handle.clone() {
-        // Histograms need periodic upkeep to age out old samples.
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(5));
-            loop {
-                tick.tick().await;
+        // Upkeep folds the samples recorded since the last run into the histograms. With tens
+        // of thousands of samples per second that takes milliseconds, so it runs often (small
+        // batches) and on its own thread, never on an async worker where it would stall every
+        // connection.
+        std::thread::Builder::new()
+            .name("keygate-metrics".into())
+            .spawn(move || loop {
+                std::thread::sleep(Duration::from_millis(500));
                 h.run_upkeep();
-            }
-        });
+            })?;
     }
     let db = cfg.sqlite_path();
     let store = Store::open(&db)?;

@@ -5,6 +5,7 @@
 pub mod report;
 pub mod run;
 pub mod scenario;
+pub mod seed;
 pub mod static_server;
 
 use bytes::Bytes;

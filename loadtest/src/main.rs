@@ -5,10 +5,9 @@
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use keygate_loadtest::run::{self, Mode, Options, Outcome};
 use keygate_loadtest::scenario::{self, Scenario, Vars};
-use keygate_loadtest::{report, static_server, tls_config, Protocol};
+use keygate_loadtest::{report, seed, static_server, tls_config, Protocol};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 use std::time::Duration;
 
 #[derive(Parser)]
@@ -89,6 +88,10 @@ struct SeedArgs {
     keys: usize,
 }
 
+fn seed(s: &SeedArgs) -> anyhow::Result<Vars> {
+    seed::seed(&s.keygate, &s.data_dir, s.keys)
+}
+
 #[derive(Args, Clone)]
 struct Load {
     /// Scenario name from the scenarios file.
@@ -137,69 +140,6 @@ struct Load {
     svg: Option<PathBuf>,
 }
 
-fn cli_json(keygate: &Path, data_dir: &Path, args: &[&str]) -> anyhow::Result<serde_json::Value> {
-    let out = Command::new(keygate)
-        .arg("--json")
-        .arg("--data-dir")
-        .arg(data_dir)
-        .args(args)
-        .output()?;
-    anyhow::ensure!(
-        out.status.success(),
-        "keygate {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(serde_json::from_slice(&out.stdout)?)
-}
-
-fn seed(s: &SeedArgs) -> anyhow::Result<Vars> {
-    let (kg, dir) = (&s.keygate, &s.data_dir);
-    let t = cli_json(kg, dir, &["tenant", "create", "--name", "loadtest"])?;
-    let tenant = t["tenant_id"].as_i64().unwrap_or_default().to_string();
-    let p = cli_json(
-        kg,
-        dir,
-        &[
-            "product", "create", "--tenant", &tenant, "--name", "loadtest",
-        ],
-    )?;
-    let product = p["product_id"].as_i64().unwrap_or_default();
-    let tok = cli_json(kg, dir, &["token", "create", "--tenant", &tenant])?;
-    let pid = product.to_string();
-    let keys = (0..s.keys.max(1))
-        .map(|_| {
-            let k = cli_json(
-                kg,
-                dir,
-                &[
-                    "key",
-                    "create",
-                    "--product",
-                    &pid,
-                    "--max-machines",
-                    "100000000",
-                    "--period",
-                    "365",
-                ],
-            )?;
-            Ok(k["key"].as_str().unwrap_or_default().to_owned())
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    Ok(Vars {
-        token: tok["token"].as_str().unwrap_or_default().to_owned(),
-        product,
-        keys,
-        run: run_id(),
-    })
-}
-
-fn run_id() -> String {
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    format!("{:x}", t.as_millis())
-}
-
 fn prepare(load: &Load) -> anyhow::Result<(Scenario, Vars)> {
     let file = scenario::load(&std::fs::read_to_string(&load.scenarios)?)?;
     let scenario = file
@@ -228,7 +168,7 @@ fn prepare(load: &Load) -> anyhow::Result<(Scenario, Vars)> {
             token: token.clone(),
             product: load.product,
             keys: load.key.clone(),
-            run: run_id(),
+            run: seed::run_id(),
         },
         _ => anyhow::bail!("give --keygate and --data-dir to seed, or --token/--product/--key"),
     };

@@ -97,6 +97,45 @@ struct Worker {
     id: u64,
     workers: u64,
     conn: Option<Connection>,
+    /// Open loop: when each of this worker's requests is due, from the pacer thread.
+    schedule: Option<tokio::sync::mpsc::UnboundedReceiver<Instant>>,
+}
+
+/// The open-loop clock: an OS thread that releases request `k` to worker `k % workers` at
+/// `start + k / rate`. It sleeps precisely (not on tokio's millisecond timer), so generator
+/// timer lateness is not counted as server latency; a worker still busy with its previous
+/// request finds the due time waiting, and that wait is counted, as it should be.
+fn pacer(
+    start: Instant,
+    end: Instant,
+    rate: f64,
+    workers: Vec<tokio::sync::mpsc::UnboundedSender<Instant>>,
+) {
+    let (start_std, end_std) = (start.into_std(), end.into_std());
+    std::thread::spawn(move || {
+        let step = Duration::from_secs_f64(1.0 / rate);
+        let mut k = 0u64;
+        loop {
+            // Release everything due by now, then sleep until the next one (no spinning: the
+            // generator's core is needed for the connections; a wake-up is ~0.1 ms late at most).
+            let now = std::time::Instant::now();
+            loop {
+                let due = start_std + step.mul_f64(k as f64);
+                if due >= end_std {
+                    return;
+                }
+                if due > now {
+                    std::thread::sleep(due - now);
+                    break;
+                }
+                let w = &workers[(k % workers.len() as u64) as usize];
+                if w.send(Instant::from_std(due)).is_err() {
+                    return;
+                }
+                k += 1;
+            }
+        }
+    });
 }
 
 /// Runs `scenario` against `o.addr` and returns what was measured after the warm-up.
@@ -124,6 +163,7 @@ pub async fn run(o: &Options, scenario: &Scenario, vars: &Vars) -> anyhow::Resul
                 id: (c * streams + s) as u64,
                 workers: total,
                 conn,
+                schedule: None,
             });
         }
         if let (Some(c), Some(w)) = (conn, workers.get_mut(c * streams)) {
@@ -133,6 +173,17 @@ pub async fn run(o: &Options, scenario: &Scenario, vars: &Vars) -> anyhow::Resul
     let start = Instant::now() + Duration::from_millis(50);
     let measure_from = start + o.warmup;
     let end = measure_from + o.duration;
+    if let Mode::Rate(rate) = o.mode {
+        let senders = workers
+            .iter_mut()
+            .map(|w| {
+                let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+                w.schedule = Some(rx);
+                tx
+            })
+            .collect();
+        pacer(start, end, rate, senders);
+    }
     let scenario = Arc::new(scenario.clone());
     let vars = Arc::new(vars.clone());
     let opts = Arc::new(o.clone());
@@ -163,15 +214,7 @@ async fn work(
     end: Instant,
 ) -> anyhow::Result<Outcome> {
     let mut out = Outcome::empty();
-    // Open loop: this worker's share of the rate, on its own fixed schedule (staggered).
-    let interval = match o.mode {
-        Mode::Rate(r) => Some(Duration::from_secs_f64(w.workers as f64 / r)),
-        Mode::Max => None,
-    };
-    let mut due = start
-        + interval.map_or(Duration::ZERO, |i| {
-            i.mul_f64(w.id as f64 / w.workers as f64)
-        });
+    let mut schedule = w.schedule.take();
     let mut iteration = 0u64;
     tokio::time::sleep_until(start).await;
     loop {
@@ -179,12 +222,12 @@ async fn work(
         iteration += 1;
         let flow = scenario.flow(seq);
         for step in &flow.steps {
-            if let Some(i) = interval {
-                tokio::time::sleep_until(due).await;
-                due += i;
-            }
-            let sent = match interval {
-                Some(_) => due - interval.unwrap_or_default(),
+            // Open loop: latency counts from when the request was due, not when it went out.
+            let sent = match &mut schedule {
+                Some(rx) => match rx.recv().await {
+                    Some(due) => due,
+                    None => return Ok(out),
+                },
                 None => Instant::now(),
             };
             if sent >= end {

@@ -55,6 +55,25 @@ struct Entry {
     body: Vec<u8>,
 }
 
+/// Each entry lives between half the TTL and the TTL (by its hash). Entries made together (a
+/// fleet starting at once) then do not all expire together, and their re-signing is spread
+/// out instead of arriving as one burst that would stall the signing threads.
+struct Jittered {
+    ttl: Duration,
+}
+
+impl moka::Expiry<u64, Arc<Entry>> for Jittered {
+    fn expire_after_create(
+        &self,
+        key: &u64,
+        _value: &Arc<Entry>,
+        _created_at: std::time::Instant,
+    ) -> Option<Duration> {
+        let fraction = (key >> 11) as f64 / (1u64 << 53) as f64;
+        Some(self.ttl.mul_f64(0.5 + 0.5 * fraction))
+    }
+}
+
 pub struct ResponseCache {
     cache: Option<Cache<u64, Arc<Entry>>>,
 }
@@ -71,7 +90,7 @@ impl ResponseCache {
                 let bytes = e.body.len() + e.probe.canonical.len() + 128;
                 u32::try_from(bytes).unwrap_or(u32::MAX)
             })
-            .time_to_live(ttl)
+            .expire_after(Jittered { ttl })
             .eviction_listener(|_, _, cause| {
                 if cause == moka::notification::RemovalCause::Size {
                     crate::metrics::response_cache_evicted();

@@ -222,22 +222,41 @@ fn run(
     }
 }
 
+/// Log rows per transaction. A batch is written in slices with a yield between them, so on a
+/// node whose threads share one core a large batch never stalls request handling for long.
+const SLICE_ROWS: usize = 256;
+
+/// Commits the events with the first slice of rows, then the other slices. What is committed
+/// leaves `p` at once, so a retry after a failure resumes where the writing stopped.
+fn write_in_slices(
+    store: &mut Store,
+    p: &mut Pending,
+    stats: &WriterStats,
+) -> crate::store::Result<()> {
+    loop {
+        let n = p.logs.len().min(SLICE_ROWS);
+        store.write_batch(&p.events, &p.logs[..n])?;
+        stats
+            .events_written
+            .fetch_add(p.events.len() as u64, Ordering::Relaxed);
+        stats.log_written.fetch_add(n as u64, Ordering::Relaxed);
+        p.events.clear();
+        p.logs.drain(..n);
+        if p.logs.is_empty() {
+            return Ok(());
+        }
+        std::thread::yield_now();
+    }
+}
+
 fn flush(store: &mut Store, p: &mut Pending, stats: &WriterStats, stopping: bool) {
     let mut attempt = 0u32;
     loop {
         let started = Instant::now();
-        match store.write_batch(&p.events, &p.logs) {
+        match write_in_slices(store, p, stats) {
             Ok(()) => {
                 crate::metrics::store_flush(started.elapsed());
                 stats.healthy.store(true, Ordering::Relaxed);
-                stats
-                    .log_written
-                    .fetch_add(p.logs.len() as u64, Ordering::Relaxed);
-                stats
-                    .events_written
-                    .fetch_add(p.events.len() as u64, Ordering::Relaxed);
-                p.events.clear();
-                p.logs.clear();
                 p.since = None;
                 for a in p.acks.drain(..) {
                     let _ = a.send(());

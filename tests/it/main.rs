@@ -4,5 +4,6 @@
 mod activation;
 mod helpers;
 mod hostile;
+mod loadgen;
 mod ops;
 mod sdk;

@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# The headline figures of loadtest/README.md, as ratios from one run on this machine.
+# The server under test (Keygate, or the static hyper+rustls baseline) runs pinned to one core
+# with one worker thread (and one signing thread); the load generator runs on the other core.
+# Then the re-activation comparison again on two unpinned cores.
+#   loadtest/bench.sh [seconds per measurement, default 10]
+# Needs: a Rust toolchain, taskset, curl, openssl, python3. Writes loadtest/results/<time>/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+secs=${1:-10}
+server_cpu=${SERVER_CPU:-0}
+load_cpu=${LOAD_CPU:-1}
+cargo build --release --locked --workspace --bins
+kg=$PWD/target/release/keygate
+lt=$PWD/target/release/keygate-loadtest
+out=$PWD/loadtest/results/$(date -u +%Y%m%dT%H%M%SZ)
+mkdir -p "$out"
+work=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
+trap cleanup EXIT
+
+# Starts a process in the background and waits for the line with its address ($2 = pattern).
+start() {
+    local log=$1 pattern=$2; shift 2
+    "$@" >"$log" 2>&1 &
+    pids+=($!)
+    for _ in $(seq 100); do
+        if grep -q "$pattern" "$log"; then grep -o "$pattern[0-9.:]*" "$log" | head -1 | sed "s|$pattern||"; return; fi
+        sleep 0.1
+    done
+    echo "no address from: $*" >&2; cat "$log" >&2; exit 1
+}
+
+keygate_env=(env KEYGATE_LOG=warn KEYGATE_SERVER__LISTEN=127.0.0.1:0 KEYGATE_ADMIN__LISTEN=127.0.0.1:0
+    KEYGATE_RATE_LIMITS__PER_CLIENT_IP_PER_SECOND=0)
+pinned=$(start "$work/kg1.log" "https://" taskset -c "$server_cpu" "${keygate_env[@]}" \
+    KEYGATE_SERVER__WORKER_THREADS=1 KEYGATE_SERVER__SIGNING_THREADS=1 "$kg" --data-dir "$work/data" serve)
+cert=$work/data/tls/cert.pem
+"$lt" seed --keygate "$kg" --data-dir "$work/data" --keys 100 >"$work/seed.json"
+sleep 1
+seed_args=$(python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print("--token", d["token"], "--product", d["product"], " ".join("--key " + k for k in d["keys"]))' "$work/seed.json")
+first_key=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["keys"][0])' "$work/seed.json")
+token=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["token"])' "$work/seed.json")
+product=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["product"])' "$work/seed.json")
+# The baseline answers with a real Activate response of the same size class.
+curl -s --cacert "$cert" "https://$pinned/api/key/Activate" \
+    -d "token=$token&ProductId=$product&key=$first_key&MachineCode=known-0&ModelVersion=3&Sign=True&SignMethod=1" >"$work/body.json"
+static=$(start "$work/static.log" "static server on " taskset -c "$server_cpu" "$lt" static-server --threads 1 \
+    --cert "$cert" --key "$work/data/tls/key.pem" --body "$work/body.json")
+
+LT() { taskset -c "$load_cpu" "$lt" "$@"; }
+common=(--ca "$cert" $seed_args --duration-secs "$secs" --warmup-secs 3 --connections 16)
+json_of() { python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(eval(sys.argv[2]))' "$@"; }
+
+echo "== 1. re-activation, keep-alive HTTP/1.1, pinned: static baseline vs keygate"
+LT compare --a "$static" --b "$pinned" --label-a static --label-b keygate --scenario reactivate "${common[@]}" \
+    --rounds 2 --json "$out/reactivate-vs-static.json" --svg "$out/reactivate-vs-static.svg"
+react=$(json_of "$out/reactivate-vs-static.json" 'd["runs"][1]["throughput_rps"]')
+
+echo "== 2. p99 at half the maximum re-activation rate (open loop), and the baseline at that rate"
+half=$(python3 -c "print(round($react / 2))")
+LT run --target "$pinned" --scenario reactivate "${common[@]}" --rate "$half" --json "$out/reactivate-half-rate.json" --svg "$out/reactivate-half-rate.svg"
+LT run --target "$static" --label static --scenario reactivate "${common[@]}" --rate "$half" --json "$out/static-half-rate.json"
+
+echo "== 3. unknown-key flood vs re-activation"
+LT run --target "$pinned" --scenario unknown-key "${common[@]}" --json "$out/unknown-key.json"
+
+echo "== 4. new machines (a fresh RSA-2048 signature each) vs openssl speed rsa2048, same core"
+# Keys of their own, so the growing machine lists do not change the other scenarios' answers.
+"$lt" seed --keygate "$kg" --data-dir "$work/data" --keys 100 >"$work/seed-new.json"
+sleep 1
+new_args=$(python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print("--token", d["token"], "--product", d["product"], " ".join("--key " + k for k in d["keys"]))' "$work/seed-new.json")
+LT run --target "$pinned" --scenario new-machines --ca "$cert" $new_args --duration-secs "$secs" --warmup-secs 3 --connections 16 --json "$out/new-machines.json"
+taskset -c "$server_cpu" openssl speed -seconds "$secs" rsa2048 2>/dev/null | tee "$out/openssl-speed.txt" | tail -2
+
+echo "== 5. a new TLS connection per request (with session resumption): static vs keygate"
+LT compare --a "$static" --b "$pinned" --label-a static --label-b keygate --scenario reactivate "${common[@]}" \
+    --new-connection --rounds 2 --json "$out/new-connections.json"
+
+echo "== 6. the same re-activation comparison on two unpinned cores (server and generator share them)"
+for p in "${pids[@]}"; do kill "$p"; done
+pids=()
+sleep 1
+free=$(start "$work/kg2.log" "https://" "${keygate_env[@]}" "$kg" --data-dir "$work/data" serve)
+static2=$(start "$work/static2.log" "static server on " "$lt" static-server --cert "$cert" --key "$work/data/tls/key.pem" --body "$work/body.json")
+"$lt" compare --a "$static2" --b "$free" --label-a static --label-b keygate --scenario reactivate "${common[@]}" \
+    --rounds 2 --json "$out/reactivate-vs-static-2cores.json"
+
+python3 - "$out" <<'PY'
+import json, re, sys, os
+out = sys.argv[1]
+j = lambda f: json.load(open(os.path.join(out, f)))
+vs = j("reactivate-vs-static.json")
+static, keygate = vs["runs"][0]["throughput_rps"], vs["runs"][1]["throughput_rps"]
+half = j("reactivate-half-rate.json")["runs"][0]
+static_half = j("static-half-rate.json")["runs"][0]
+unknown = j("unknown-key.json")["runs"][0]["throughput_rps"]
+new = j("new-machines.json")["runs"][0]["throughput_rps"]
+speed = [l for l in open(os.path.join(out, "openssl-speed.txt")) if l.startswith("rsa 2048") or l.startswith("rsa  2048")]
+sign_s = float(speed[-1].split()[-2]) if speed else float("nan")
+conns = j("new-connections.json")
+two = j("reactivate-vs-static-2cores.json")
+s = {
+  "reactivate_rps": keygate, "static_rps": static, "reactivate_over_static": keygate / static,
+  "half_rate_rps": half["throughput_rps"], "half_rate_p99_ms": half["latency"]["p99_ms"],
+  "static_at_half_rate_p99_ms": static_half["latency"]["p99_ms"],
+  "unknown_key_rps": unknown, "unknown_over_reactivate": unknown / keygate,
+  "new_machine_rps": new, "openssl_rsa2048_sign_per_s": sign_s, "new_machine_over_openssl": new / sign_s,
+  "new_connection_keygate_rps": conns["runs"][1]["throughput_rps"], "new_connection_static_rps": conns["runs"][0]["throughput_rps"],
+  "new_connection_ratio": conns["summary"]["throughput_ratio_b_over_a"],
+  "two_cores_reactivate_over_static": two["summary"]["throughput_ratio_b_over_a"],
+  "two_cores_reactivate_rps": two["runs"][1]["throughput_rps"],
+}
+json.dump(s, open(os.path.join(out, "summary.json"), "w"), indent=2)
+for k, v in s.items():
+    print(f"{k:36} {v:,.3f}")
+PY
+echo "results in $out"

@@ -1,0 +1,74 @@
+//! The load generator against a real node: every shipped scenario runs, gets the answers it
+//! should (no transport errors, only the statuses the scenario implies), and the reports are
+//! well formed. A functional check of the tool; the figures are for loadtest/README.md.
+
+use super::helpers::{Server, TempDir, BIN};
+use keygate_loadtest::run::{self, Mode, Options};
+use keygate_loadtest::{report, scenario, seed, tls_config, Protocol};
+use std::path::Path;
+use std::time::Duration;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_scenario_runs_against_a_real_node() {
+    let dir = TempDir::new("loadgen");
+    let mut server = Server::start(&dir.0, &[]);
+    let vars = seed::seed(Path::new(BIN), &dir.0, 3).unwrap();
+    assert_eq!(vars.keys.len(), 3);
+    tokio::time::sleep(Duration::from_millis(300)).await; // the node's change-feed poll
+    let file = scenario::load(include_str!("../../loadtest/scenarios.toml")).unwrap();
+    let mut rows = Vec::new();
+    for (name, s) in &file.scenario {
+        for (protocol, mode) in [
+            (Protocol::Http1, Mode::Max),
+            (Protocol::Http2, Mode::Rate(200.0)),
+        ] {
+            let o = Options {
+                addr: server.addr,
+                tls: Some(tls_config(&server.cert, protocol).unwrap()),
+                protocol,
+                connections: 2,
+                streams: 4,
+                mode,
+                warmup: Duration::from_millis(100),
+                duration: Duration::from_millis(400),
+                new_connection: name == "unknown-key" && protocol == Protocol::Http1,
+            };
+            let out = run::run(&o, s, &vars).await.unwrap();
+            let label = format!("{name} {protocol:?} {mode:?}");
+            assert!(out.requests > 10, "{label}: only {} requests", out.requests);
+            assert_eq!(out.transport_errors, 0, "{label}");
+            let ok = out.by_status.get(&200).copied().unwrap_or(0);
+            let bad = out.by_status.get(&400).copied().unwrap_or(0);
+            assert_eq!(ok + bad, out.requests, "{label}: {:?}", out.by_status);
+            match name.as_str() {
+                "unknown-key" => assert_eq!(bad, out.requests, "{label}"),
+                "mix" => assert!(ok > 0 && bad > 0, "{label}: {:?}", out.by_status),
+                _ => assert_eq!(ok, out.requests, "{label}: {:?}", out.by_status),
+            }
+            if let Mode::Rate(r) = mode {
+                let achieved = out.throughput();
+                assert!(
+                    achieved > r * 0.5 && achieved < r * 1.5,
+                    "{label}: {achieved} req/s"
+                );
+            }
+            rows.push((label, out));
+        }
+    }
+    let refs: Vec<(String, &run::Outcome)> = rows.iter().map(|(l, o)| (l.clone(), o)).collect();
+    let table = report::table(&refs);
+    assert_eq!(table.lines().count(), refs.len() + 1, "{table}");
+    let json = report::to_json(&refs[0].0, refs[0].1);
+    assert!(json["throughput_rps"].as_f64().unwrap() > 0.0);
+    assert!(
+        json["latency"]["p99_ms"].as_f64().unwrap() >= json["latency"]["p50_ms"].as_f64().unwrap()
+    );
+    let svg = report::svg("smoke", &refs);
+    assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+    assert_eq!(
+        svg.matches("<rect x=").count(),
+        refs.len() * 5 + 5,
+        "a bar per percentile per run, plus the legend"
+    );
+    server.stop();
+}
