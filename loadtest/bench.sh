@@ -68,7 +68,7 @@ LT run --target "$pinned" --scenario unknown-key "${common[@]}" --json "$out/unk
 
 echo "== 4. new machines (a fresh RSA-2048 signature each) vs openssl speed rsa2048, same core"
 # Keys of their own, so the growing machine lists do not change the other scenarios' answers.
-"$lt" seed --keygate "$kg" --data-dir "$work/data" --keys 100 >"$work/seed-new.json"
+"$lt" seed --keygate "$kg" --data-dir "$work/data" --keys 1000 >"$work/seed-new.json"
 sleep 1
 new_args=$(python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print("--token", d["token"], "--product", d["product"], " ".join("--key " + k for k in d["keys"]))' "$work/seed-new.json")
 LT run --target "$pinned" --scenario new-machines --ca "$cert" $new_args --duration-secs "$secs" --warmup-secs 3 --connections 16 --json "$out/new-machines.json"

@@ -108,6 +108,9 @@ struct KeyRef {
 struct KeyCreate {
     #[arg(long)]
     product: i64,
+    /// Create this many keys with the same settings (printed as a list).
+    #[arg(long, default_value_t = 1, conflicts_with = "customer_name")]
+    count: u32,
     /// Validity in days (Expires = now + period unless --expires is given).
     #[arg(long, default_value_t = 30)]
     period: i64,
@@ -295,7 +298,14 @@ fn control_command(cfg: &Config, cmd: Cmd) -> Result<Value, control::ControlErro
                     .map(|n| (n, k.customer_email, k.customer_company)),
                 data_objects: k.data_object,
             };
-            control::create_key(s, &spec)
+            if k.count == 1 {
+                control::create_key(s, &spec)
+            } else {
+                (0..k.count)
+                    .map(|_| control::create_key(s, &spec))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map(|keys| serde_json::json!({ "count": keys.len(), "keys": keys }))
+            }
         }
         Cmd::Key(KeyCmd::List { product }) => control::list_keys(s, product),
         Cmd::Key(KeyCmd::Show(r)) => control::show_key(s, r.product, &r.key),
@@ -325,25 +335,26 @@ fn control_command(cfg: &Config, cmd: Cmd) -> Result<Value, control::ControlErro
 }
 
 /// JSON on one line, or `name: value` lines for people.
+/// Prints a command's result; a closed stdout (`keygate key list | head`) ends quietly.
 fn print_value(v: &Value, json: bool) {
-    if json {
-        println!("{v}");
-        return;
-    }
-    let Value::Object(map) = v else {
-        println!("{v}");
-        return;
-    };
-    for (k, val) in map {
-        match val {
-            Value::Array(items) if items.iter().all(Value::is_object) => {
-                println!("{k}: {}", items.len());
-                for i in items {
-                    println!("  {i}");
+    let mut out = String::new();
+    match v {
+        Value::Object(map) if !json => {
+            for (k, val) in map {
+                match val {
+                    Value::Array(items) if items.iter().all(Value::is_object) => {
+                        out.push_str(&format!("{k}: {}\n", items.len()));
+                        for i in items {
+                            out.push_str(&format!("  {i}\n"));
+                        }
+                    }
+                    Value::String(s) => out.push_str(&format!("{k}: {s}\n")),
+                    other => out.push_str(&format!("{k}: {other}\n")),
                 }
             }
-            Value::String(s) => println!("{k}: {s}"),
-            other => println!("{k}: {other}"),
         }
+        _ => out.push_str(&format!("{v}\n")),
     }
+    use std::io::Write as _;
+    let _ = std::io::stdout().lock().write_all(out.as_bytes());
 }

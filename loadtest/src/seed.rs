@@ -34,25 +34,31 @@ pub fn seed(kg: &Path, dir: &Path, keys: usize) -> anyhow::Result<Vars> {
     let product = p["product_id"].as_i64().unwrap_or_default();
     let tok = cli_json(kg, dir, &["token", "create", "--tenant", &tenant])?;
     let pid = product.to_string();
-    let keys = (0..keys.max(1))
-        .map(|_| {
-            let k = cli_json(
-                kg,
-                dir,
-                &[
-                    "key",
-                    "create",
-                    "--product",
-                    &pid,
-                    "--max-machines",
-                    "100000000",
-                    "--period",
-                    "365",
-                ],
-            )?;
-            Ok(k["key"].as_str().unwrap_or_default().to_owned())
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let count = keys.max(1).to_string();
+    let created = cli_json(
+        kg,
+        dir,
+        &[
+            "key",
+            "create",
+            "--product",
+            &pid,
+            "--max-machines",
+            "100000000",
+            "--period",
+            "365",
+            "--count",
+            &count,
+        ],
+    )?;
+    // One key prints the key itself; several print {"count", "keys": [...]}.
+    let keys = match created["keys"].as_array() {
+        Some(list) => list
+            .iter()
+            .map(|k| k["key"].as_str().unwrap_or_default().to_owned())
+            .collect(),
+        None => vec![created["key"].as_str().unwrap_or_default().to_owned()],
+    };
     Ok(Vars {
         token: tok["token"].as_str().unwrap_or_default().to_owned(),
         product,
