@@ -87,6 +87,7 @@ fn fixture(cached: bool) -> Fixture {
         trusted_proxies: Default::default(),
         rate_limits: keygate::http::rate::RateLimits::off(),
         sign_pool: keygate::http::sign_pool::SignPool::new(1, 64),
+        node_addresses: Default::default(),
         responses: if cached {
             keygate::http::response_cache::ResponseCache::new(Duration::from_secs(3600), 1 << 20)
         } else {
@@ -124,13 +125,14 @@ fn benches(c: &mut Criterion) {
     else {
         panic!("decode failed")
     };
+    let node: Arc<str> = "10.0.0.1".into();
     let reactivate = |f: &Fixture, req: &ActivateRequest| {
         let mut log = LogCtx::default();
         rt.block_on(handlers::activate(
             &f.ctx,
             req.clone(),
             "203.0.113.5",
-            "10.0.0.1",
+            &node,
             &mut log,
         ))
         .unwrap()
@@ -166,7 +168,7 @@ fn benches(c: &mut Criterion) {
         floating_interval: 0,
         max_overdraft: 0,
         ip: "203.0.113.5",
-        proxy_ip: "10.0.0.1",
+        proxy_ip: &node,
         now: 1_800_000_000,
     };
     c.bench_function("decide_known_machine", |b| {

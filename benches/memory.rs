@@ -38,6 +38,8 @@ fn main() {
     let licenses = args.first().copied().unwrap_or(1_000_000);
     let per = args.get(1).copied().unwrap_or(2);
     let state = State::default();
+    // One shared copy of the node address, as `Store::keys` interns it.
+    let node: std::sync::Arc<str> = "10.0.0.1".into();
     let before = rss_bytes();
     let started = Instant::now();
     for i in 0..licenses {
@@ -46,7 +48,7 @@ fn main() {
                 machine_code: machine_code(i * per + m),
                 kind: MachineKind::NodeLocked,
                 ip: format!("203.0.{}.{}", (i >> 8) & 255, i & 255),
-                proxy_ip: "10.0.0.1".into(),
+                proxy_ip: node.clone(),
                 time: 1_800_000_000 + i as i64,
                 friendly_name: String::new(),
                 floating_expires: 0,

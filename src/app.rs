@@ -97,6 +97,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         trusted_proxies: TrustedProxies::parse(&s.trusted_proxies).map_err(anyhow::Error::msg)?,
         rate_limits: RateLimits::new(&cfg.rate_limits),
         sign_pool: SignPool::new(s.signing_threads, 1024),
+        node_addresses: Default::default(),
         responses: ResponseCache::new(
             Duration::from_millis(cfg.cache.response_ttl_ms),
             cfg.cache.response_max_bytes,

@@ -196,7 +196,7 @@ pub fn create_key(store: &mut Store, spec: &KeySpec) -> Result<Value> {
 }
 
 fn machine_json(m: &Machine) -> Value {
-    json!({"mid": m.mid(), "ip": m.ip, "proxy_ip": m.proxy_ip, "time": m.time,
+    json!({"mid": m.mid(), "ip": m.ip, "proxy_ip": &*m.proxy_ip, "time": m.time,
            "friendly_name": m.friendly_name, "floating_expires": m.floating_expires})
 }
 

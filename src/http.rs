@@ -58,12 +58,24 @@ pub struct Ctx {
     pub trusted_proxies: TrustedProxies,
     pub rate_limits: rate::RateLimits,
     pub sign_pool: sign_pool::SignPool,
+    /// Interned node addresses (`proxy_ip` of recorded machines); see `Ctx::node_address`.
+    pub node_addresses: parking_lot::Mutex<std::collections::HashMap<String, Arc<str>>>,
     pub responses: response_cache::ResponseCache,
 }
 
 impl Ctx {
     pub fn now(&self) -> i64 {
         unix_now()
+    }
+
+    /// The one shared copy of a node address, so the machines it records do not each carry
+    /// their own (per connection, not per request).
+    fn node_address(&self, addr: String) -> Arc<str> {
+        self.node_addresses
+            .lock()
+            .entry(addr)
+            .or_insert_with_key(|a| a.as_str().into())
+            .clone()
     }
 }
 
@@ -78,7 +90,7 @@ struct Conn {
     peer: std::net::IpAddr,
     /// The peer is a trusted proxy: each request's `X-Forwarded-For` names its client.
     behind_proxy: bool,
-    proxy_ip: String,
+    proxy_ip: Arc<str>,
 }
 
 impl Conn {
@@ -158,7 +170,7 @@ async fn handle(
 async fn serve(
     ctx: &Arc<Ctx>,
     client_ip: std::net::IpAddr,
-    proxy_ip: &str,
+    proxy_ip: &Arc<str>,
     req: hyper::Request<Incoming>,
     log: &mut LogCtx,
 ) -> handlers::Outcome {
@@ -266,11 +278,11 @@ pub async fn serve_listener(listener: Listener, ctx: Arc<Ctx>, shutdown: Cancell
             continue;
         };
         let _ = tcp.set_nodelay(true);
-        let proxy_ip = match (&ctx.proxy_ip, tcp.local_addr()) {
+        let proxy_ip = ctx.node_address(match (&ctx.proxy_ip, tcp.local_addr()) {
             (Some(p), _) => p.clone(),
             (None, Ok(a)) => a.ip().to_string(),
             (None, Err(_)) => String::new(),
-        };
+        });
         let peer_ip = client_ip::canonical(peer.ip());
         let (acceptor, ctx, builder, watcher) = (
             acceptor.clone(),

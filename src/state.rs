@@ -25,7 +25,8 @@ pub struct State {
     tenants: DashMap<i64, Arc<Signer>>,
     products: DashMap<i64, Arc<ProductRow>>,
     licenses: DashMap<(i64, String), Arc<LicenseEntry>>,
-    keys_by_global: DashMap<i64, (i64, String)>,
+    /// The same entries by global key id (for reloads), sharing the `Arc`, not the key text.
+    keys_by_global: DashMap<i64, Arc<LicenseEntry>>,
     tokens: DashMap<[u8; 32], Arc<Scope>>,
     token_hashes: DashMap<i64, [u8; 32]>,
     /// (product, machine code) → global id of the trial key made for it.
@@ -92,7 +93,7 @@ impl State {
             self.trials
                 .insert((license.product_id, mc), license.global_id);
         }
-        self.keys_by_global.insert(license.global_id, k.clone());
+        let gid = license.global_id;
         match self.licenses.entry(k) {
             dashmap::Entry::Occupied(e) => {
                 let mut cur = e.get().license.lock();
@@ -109,10 +110,12 @@ impl State {
                 }
             }
             dashmap::Entry::Vacant(v) => {
-                v.insert(Arc::new(LicenseEntry {
+                let entry = Arc::new(LicenseEntry {
                     tenant_id,
                     license: Mutex::new(license),
-                }));
+                });
+                self.keys_by_global.insert(gid, entry.clone());
+                v.insert(entry);
             }
         }
     }
@@ -157,8 +160,7 @@ impl State {
     }
 
     pub fn license_by_global(&self, global_id: i64) -> Option<Arc<LicenseEntry>> {
-        let k = self.keys_by_global.get(&global_id)?.clone();
-        self.licenses.get(&k).map(|e| e.clone())
+        self.keys_by_global.get(&global_id).map(|e| e.clone())
     }
 
     pub fn trial_key(&self, product_id: i64, machine_code: &str) -> Option<Arc<LicenseEntry>> {

@@ -458,6 +458,9 @@ impl Store {
             "SELECT machine_code, kind, ip, proxy_ip, time, friendly_name, floating_expires
              FROM activations WHERE key_global_id = ?1 ORDER BY seq",
         )?;
+        // Node addresses repeat across millions of machines: keep one copy of each.
+        let mut node_addresses: std::collections::HashMap<String, std::sync::Arc<str>> =
+            Default::default();
         for r in &mut rows {
             let gid = r.license.global_id;
             r.license.data_objects = dos
@@ -476,13 +479,21 @@ impl Store {
                         machine_code: x.get(0)?,
                         kind: MachineKind::from_i64(x.get(1)?),
                         ip: x.get(2)?,
-                        proxy_ip: x.get(3)?,
+                        proxy_ip: {
+                            let a: String = x.get(3)?;
+                            node_addresses
+                                .entry(a)
+                                .or_insert_with_key(|a| a.as_str().into())
+                                .clone()
+                        },
                         time: x.get(4)?,
                         friendly_name: x.get(5)?,
                         floating_expires: x.get(6)?,
                     })
                 })?
                 .collect::<rusqlite::Result<_>>()?;
+            // Collected without a size hint, the list would keep room for more machines.
+            r.license.machines.shrink_to_fit();
         }
         Ok(rows)
     }

@@ -15,7 +15,8 @@ pub struct ActivateInput<'a> {
     pub floating_interval: i64,
     pub max_overdraft: i64,
     pub ip: &'a str,
-    pub proxy_ip: &'a str,
+    /// Shared, not copied: every machine a node records carries the same few node addresses.
+    pub proxy_ip: &'a std::sync::Arc<str>,
     pub now: UnixTime,
 }
 
@@ -80,7 +81,7 @@ fn new_machine(req: &ActivateInput<'_>, kind: MachineKind, floating_expires: Uni
         machine_code: req.machine_code.to_owned(),
         kind,
         ip: req.ip.to_owned(),
-        proxy_ip: req.proxy_ip.to_owned(),
+        proxy_ip: req.proxy_ip.clone(),
         time: req.now,
         friendly_name: req.friendly_name.to_owned(),
         floating_expires,

@@ -85,7 +85,7 @@ pub struct Machine {
     /// Client IP as seen by the edge node.
     pub ip: String,
     /// The edge node's own address that served the activation; stored, never returned.
-    pub proxy_ip: String,
+    pub proxy_ip: std::sync::Arc<str>,
     /// First activation (kept on re-activation).
     pub time: UnixTime,
     pub friendly_name: String,

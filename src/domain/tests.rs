@@ -26,6 +26,9 @@ fn license(max: i64) -> License {
     }
 }
 
+static PROXY: std::sync::LazyLock<std::sync::Arc<str>> =
+    std::sync::LazyLock::new(|| "10.0.0.1".into());
+
 fn input(mc: &str) -> ActivateInput<'_> {
     ActivateInput {
         machine_code: mc,
@@ -33,7 +36,7 @@ fn input(mc: &str) -> ActivateInput<'_> {
         floating_interval: 0,
         max_overdraft: 0,
         ip: "203.0.113.9",
-        proxy_ip: "10.0.0.1",
+        proxy_ip: &PROXY,
         now: NOW,
     }
 }
@@ -73,7 +76,7 @@ fn node_locked_limit_and_idempotent_reactivation() {
     assert_eq!(run(&mut l, &input("b")), Ok(StateCode::ACTIVATE_NEW));
     assert_eq!(run(&mut l, &input("c")), Err(Reject::Limit));
     assert_eq!(l.machines.len(), 2);
-    assert_eq!(l.machines[0].proxy_ip, "10.0.0.1");
+    assert_eq!(&*l.machines[0].proxy_ip, "10.0.0.1");
     assert_eq!(l.machines[0].ip, "203.0.113.9");
 }
 

@@ -252,7 +252,7 @@ pub async fn activate(
     ctx: &Ctx,
     r: ActivateRequest,
     client_ip: &str,
-    proxy_ip: &str,
+    proxy_ip: &Arc<str>,
     log: &mut LogCtx,
 ) -> Outcome {
     let fail = |e: ApiError| Failure::new(e, StateCode::ACTIVATE_FAILED);
@@ -411,7 +411,7 @@ pub async fn create_trial_key(
     ctx: &Arc<Ctx>,
     r: CreateTrialKeyRequest,
     client_ip: &str,
-    proxy_ip: &str,
+    proxy_ip: &Arc<str>,
     log: &mut LogCtx,
 ) -> Outcome {
     let fail = |e: ApiError| Failure::new(e, StateCode::TRIAL_FAILED);
@@ -462,7 +462,7 @@ pub async fn create_trial_key(
             machine_code: r.machine_code.clone(),
             kind: domain::MachineKind::NodeLocked,
             ip: client_ip.to_owned(),
-            proxy_ip: proxy_ip.to_owned(),
+            proxy_ip: proxy_ip.clone(),
             time: now,
             friendly_name: r.friendly_name.clone(),
             floating_expires: 0,

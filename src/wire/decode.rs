@@ -69,7 +69,7 @@ pub fn decode_license(bytes: &[u8]) -> Result<DecodedLicense, String> {
             machine_code: code.to_owned(),
             kind,
             ip: string(m, "IP")?,
-            proxy_ip: String::new(),
+            proxy_ip: "".into(),
             time: int(m, "Time")?,
             friendly_name: m
                 .get("FriendlyName")
