@@ -68,6 +68,7 @@ fn main() {
             customer: None,
             trial_activation: false,
             max_no_of_machines: 5,
+            version: 0,
             allowed_machines: String::new(),
             data_objects: Vec::new(),
             machines,

@@ -100,7 +100,9 @@ impl State {
                 let machines = std::mem::take(&mut cur.machines);
                 let expires = cur.expires;
                 let trial = cur.trial_activation;
+                let version = cur.version + 1;
                 *cur = license;
+                cur.version = version;
                 if keep_machines {
                     cur.machines = machines;
                     // A trial activation on this node may have moved Expires ahead of the store.

@@ -708,6 +708,7 @@ fn key_row(r: &Row<'_>) -> rusqlite::Result<KeyRow> {
             block: r.get::<_, i64>(9)? != 0,
             trial_activation: r.get::<_, i64>(10)? != 0,
             max_no_of_machines: r.get(11)?,
+            version: 0,
             allowed_machines: r.get(12)?,
             customer,
             data_objects: Vec::new(),

@@ -204,6 +204,7 @@ impl License {
             Change::Upsert(m) => (m, None),
             Change::UpsertWithExpiry(m, e) => (m, Some(*e)),
         };
+        self.version += 1;
         if let Some(e) = expires {
             self.expires = e;
         }
@@ -225,7 +226,11 @@ impl License {
         let before = self.machines.len();
         self.machines
             .retain(|m| m.is_floating() != floating || m.machine_code != machine_code);
-        self.machines.len() != before
+        let removed = self.machines.len() != before;
+        if removed {
+            self.version += 1;
+        }
+        removed
     }
 
     /// The activations a response lists.

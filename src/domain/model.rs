@@ -127,6 +127,9 @@ pub struct License {
     pub data_objects: Vec<DataObject>,
     /// Node-locked and floating activations, in activation order.
     pub machines: Vec<Machine>,
+    /// Bumped by every change to this license in memory (`apply`, `remove_machine`, a reload):
+    /// with the time, it identifies everything an answer about the license depends on.
+    pub version: u64,
 }
 
 impl License {

@@ -20,6 +20,7 @@ fn license(max: i64) -> License {
         customer: None,
         trial_activation: false,
         max_no_of_machines: max,
+        version: 0,
         allowed_machines: String::new(),
         data_objects: vec![],
         machines: vec![],
@@ -357,4 +358,21 @@ fn features() {
         .with(9, true);
     assert!(f.get(1) && f.get(8) && !f.get(2) && !f.get(9) && !f.get(0));
     assert_eq!(f.with(1, false), Features(0x80));
+}
+
+#[test]
+fn every_change_moves_the_version() {
+    let mut l = license(3);
+    let v0 = l.version;
+    run(&mut l, &input("a")).unwrap();
+    assert_eq!(l.version, v0 + 1, "a new machine");
+    run(&mut l, &input("a")).unwrap();
+    assert_eq!(l.version, v0 + 1, "a known machine changes nothing");
+    run(&mut l, &floating("f", 60, 0, NOW)).unwrap();
+    run(&mut l, &floating("f", 60, 0, NOW + 1)).unwrap();
+    assert_eq!(l.version, v0 + 3, "a lease and its renewal");
+    assert!(l.remove_machine("a", false));
+    assert_eq!(l.version, v0 + 4);
+    assert!(!l.remove_machine("a", false));
+    assert_eq!(l.version, v0 + 4, "nothing removed, nothing changed");
 }

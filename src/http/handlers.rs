@@ -4,7 +4,7 @@
 //! (CreateTrialKey, which creates a key, is the one documented exception).
 
 use super::error::{ApiError, Failure};
-use super::response_cache::Probe;
+use super::response_cache::{Probe, Shape};
 use super::Ctx;
 use crate::domain::{
     self, decide::Change, ActivateInput, ActivateOutcome, DeactivateOutcome, License, Machine,
@@ -127,6 +127,14 @@ fn license_status(lic: &License, product: &ProductRow, now: i64) -> LicenseStatu
     }
 }
 
+fn metadata(lic: &License, product: &ProductRow, now: i64) -> Metadata {
+    Metadata {
+        activated_machines: lic.node_locked().count() as i64,
+        status: license_status(lic, product, now),
+        used_floating_machines: lic.active_floating(now).count() as i64,
+    }
+}
+
 fn encode(
     lic: &License,
     product: &ProductRow,
@@ -134,7 +142,6 @@ fn encode(
     mask: Mask,
     caller: Option<&Machine>,
     now: i64,
-    sign_date: i64,
 ) -> Encoded {
     let machines = lic.visible_machines(
         opts.model_version,
@@ -149,15 +156,11 @@ fn encode(
             machines: &machines,
             model_version: opts.model_version,
             mask,
-            sign_date,
+            sign_date: now,
         },
         &mut license_json,
     );
-    let metadata = opts.metadata.then(|| Metadata {
-        activated_machines: lic.node_locked().count() as i64,
-        status: license_status(lic, product, now),
-        used_floating_machines: lic.active_floating(now).count() as i64,
-    });
+    let metadata = opts.metadata.then(|| metadata(lic, product, now));
     Encoded {
         license_json,
         metadata,
@@ -171,7 +174,7 @@ enum Prepared {
 }
 
 /// Encodes under the license lock. A `cacheable` answer (one that changed nothing) is first
-/// looked up by its canonical form (`SignDate` 0) in the response cache.
+/// looked up by its `Shape` in the response cache, which costs no encoding.
 #[allow(clippy::too_many_arguments)]
 fn prepare(
     ctx: &Ctx,
@@ -185,21 +188,23 @@ fn prepare(
     cacheable: bool,
 ) -> Prepared {
     if !(cacheable && ctx.responses.enabled()) {
-        return Prepared::Sign(encode(lic, product, opts, mask, caller, now, now), None);
+        return Prepared::Sign(encode(lic, product, opts, mask, caller, now), None);
     }
-    let canonical = encode(lic, product, opts, mask, caller, now, 0);
     let probe = Probe::new(
         signer.clone(),
-        canonical.license_json,
-        canonical.metadata,
-        mask.hides(Mask::METADATA),
+        Shape {
+            license_global_id: lic.global_id,
+            license_version: lic.version,
+            caller: caller.map(|m| (m.machine_code.clone(), m.is_floating())),
+            model_version: opts.model_version,
+            mask: mask.0,
+            metadata: opts.metadata.then(|| metadata(lic, product, now)),
+            running_leases: lic.active_floating(now).count(),
+        },
     );
     match ctx.responses.get(&probe) {
         Some(body) => Prepared::Cached(body),
-        None => Prepared::Sign(
-            encode(lic, product, opts, mask, caller, now, now),
-            Some(probe),
-        ),
+        None => Prepared::Sign(encode(lic, product, opts, mask, caller, now), Some(probe)),
     }
 }
 

@@ -1,10 +1,14 @@
 //! Signed responses for repeated requests. An answer that changes nothing (a known machine
-//! re-activating, a GetKey) is a function of the license content, the response options and the
-//! tenant's key, apart from its `SignDate`. So its canonical form (the license JSON encoded with
-//! `SignDate` 0, plus the metadata numbers) keys the signed body for `cache.response_ttl_ms`: a
-//! retry storm is answered without signing again, and the `SignDate` it carries is at most that
-//! old. Any change to the license changes the canonical bytes, so a stale answer is never served.
-//! Hits compare the whole canonical form, not just its hash.
+//! re-activating, a GetKey) depends only on the license's content, the caller, the response
+//! options, the tenant's key and the time, and, apart from its `SignDate`, on the time only
+//! through the metadata numbers and through which floating leases are still running. So a
+//! `Shape` (license id and version, caller, options, mask, the metadata numbers and the count
+//! of running leases) identifies it: the signed body is kept for up to `cache.response_ttl_ms`
+//! and any change to the license (its version moves) makes a new one. A retry storm is answered
+//! without encoding or signing; the `SignDate` it carries is at most the TTL old.
+//!
+//! Why the lease count suffices: without a new version, leases only run out, never start, so
+//! the running ones at two moments are nested sets and their count tells them apart.
 
 use crate::signing::Signer;
 use crate::wire::Metadata;
@@ -13,40 +17,40 @@ use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// What identifies a response apart from when it was signed.
+/// Everything an unchanged answer depends on, except when it was signed.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Shape {
+    pub license_global_id: i64,
+    pub license_version: u64,
+    /// The caller's own entry, for Activate: (machine code, floating).
+    pub caller: Option<(String, bool)>,
+    pub model_version: i64,
+    pub mask: i64,
+    pub metadata: Option<Metadata>,
+    pub running_leases: usize,
+}
+
+/// A lookup: the shape, and the tenant key that signs it.
 pub struct Probe {
     hash: u64,
     signer: Arc<Signer>,
-    canonical: Vec<u8>,
-    metadata: Option<Metadata>,
-    metadata_hidden: bool,
+    shape: Shape,
 }
 
 impl Probe {
-    pub fn new(
-        signer: Arc<Signer>,
-        canonical: Vec<u8>,
-        metadata: Option<Metadata>,
-        metadata_hidden: bool,
-    ) -> Probe {
+    pub fn new(signer: Arc<Signer>, shape: Shape) -> Probe {
         let mut h = std::collections::hash_map::DefaultHasher::new();
-        canonical.hash(&mut h);
-        metadata.hash(&mut h);
-        metadata_hidden.hash(&mut h);
+        shape.hash(&mut h);
+        Arc::as_ptr(&signer).hash(&mut h);
         Probe {
             hash: h.finish(),
             signer,
-            canonical,
-            metadata,
-            metadata_hidden,
+            shape,
         }
     }
 
     fn matches(&self, e: &Entry) -> bool {
-        Arc::ptr_eq(&self.signer, &e.probe.signer)
-            && self.canonical == e.probe.canonical
-            && self.metadata == e.probe.metadata
-            && self.metadata_hidden == e.probe.metadata_hidden
+        Arc::ptr_eq(&self.signer, &e.probe.signer) && self.shape == e.probe.shape
     }
 }
 
@@ -87,7 +91,7 @@ impl ResponseCache {
         let cache = Cache::builder()
             .max_capacity(max_bytes)
             .weigher(|_, e: &Arc<Entry>| {
-                let bytes = e.body.len() + e.probe.canonical.len() + 128;
+                let bytes = e.body.len() + 256;
                 u32::try_from(bytes).unwrap_or(u32::MAX)
             })
             .expire_after(Jittered { ttl })

@@ -112,6 +112,7 @@ pub fn decode_license(bytes: &[u8]) -> Result<DecodedLicense, String> {
         allowed_machines: string(&v, "AllowedMachines")?,
         data_objects,
         machines,
+        version: 0,
     };
     Ok(DecodedLicense {
         license,

@@ -349,6 +349,30 @@ async fn repeated_answers_come_from_the_cache_until_the_license_changes() {
         .find_map(|l| l.strip_prefix(r#"keygate_response_cache_total{result="hit"} "#))
         .and_then(|v| v.parse::<f64>().ok());
     assert_eq!(hits, Some(1.0), "{m}");
+
+    // A floating lease that runs out leaves the answer without any change to the license: the
+    // next GetKey must not come from the cache that still listed it.
+    let getkey = format!("{}&ModelVersion=3", activate_form(&seed, &key, ""));
+    let lease = format!(
+        "{}&FloatingTimeInterval=1",
+        activate_form(&seed, &key, "f1")
+    );
+    ok(&mut conn, lease).await;
+    let listed = conn.post("/api/key/GetKey", &getkey).await.unwrap().text();
+    let again = conn.post("/api/key/GetKey", &getkey).await.unwrap().text();
+    assert_eq!(listed, again, "cached");
+    assert!(
+        license(&listed).contains("\"Mid\":\"floating:f1\""),
+        "{}",
+        license(&listed)
+    );
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let expired = conn.post("/api/key/GetKey", &getkey).await.unwrap().text();
+    assert!(
+        !license(&expired).contains("floating:f1"),
+        "{}",
+        license(&expired)
+    );
     // A block is a rejection decided before any cache lookup.
     let pid = seed.product.to_string();
     cli(&dir.0, &["key", "block", "--product", &pid, "--key", &key]);
