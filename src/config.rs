@@ -66,7 +66,9 @@ pub struct Admin {
 #[serde(deny_unknown_fields, default)]
 pub struct CacheCfg {
     /// How long a signed answer that changed nothing is reused for an identical request; its
-    /// `SignDate` is at most this old. 0 turns the cache off.
+    /// `SignDate` is at most this old (clients use it to bound offline use in days, so a
+    /// minute is immaterial, while re-signing every cached answer more often costs CPU).
+    /// 0 turns the cache off.
     pub response_ttl_ms: u64,
     /// Memory bound of the signed-response cache; 0 turns it off.
     pub response_max_bytes: u64,
@@ -75,7 +77,7 @@ pub struct CacheCfg {
 impl Default for CacheCfg {
     fn default() -> Self {
         CacheCfg {
-            response_ttl_ms: 5_000,
+            response_ttl_ms: 60_000,
             response_max_bytes: 64 << 20,
         }
     }

@@ -71,7 +71,8 @@ pub struct Params<'a> {
 
 impl<'a> Params<'a> {
     pub fn parse(query: &'a [u8], body: &'a [u8]) -> Params<'a> {
-        let mut pairs: Vec<_> = form_urlencoded::parse(query).collect();
+        let mut pairs: Vec<_> = Vec::with_capacity(16);
+        pairs.extend(form_urlencoded::parse(query));
         pairs.extend(form_urlencoded::parse(body));
         Params { pairs }
     }
