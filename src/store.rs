@@ -616,7 +616,7 @@ const LOG_COLUMNS: usize = 10;
 
 /// `INSERT INTO request_log ... VALUES (?, ...), (?, ...)` for `rows` rows.
 fn log_insert_sql(rows: usize) -> String {
-    let one = format!("({})", vec!["?"; LOG_COLUMNS].join(", "));
+    let one = format!("({})", ["?"; LOG_COLUMNS].join(", "));
     format!(
         "INSERT INTO request_log (tenant_id, product_id, key_id, client_ip, proxy_ip, time, machine_code,
              friendly_name, state, floating_expires) VALUES {}",
