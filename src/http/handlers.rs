@@ -97,6 +97,38 @@ fn authorize_key(
     Ok(entry)
 }
 
+/// A request for a named key that passed every check, with what answering it needs.
+struct Authorized {
+    scope: Arc<Scope>,
+    product: Arc<ProductRow>,
+    entry: Arc<LicenseEntry>,
+    signer: Arc<Signer>,
+}
+
+/// `authorize` and `authorize_key`, plus the tenant's signer: the common start of the methods
+/// that answer with a signed license.
+fn authorize_answer(
+    ctx: &Ctx,
+    token: &str,
+    method: Method,
+    product_id: i64,
+    key: &str,
+    log: &mut LogCtx,
+) -> Result<Authorized, ApiError> {
+    let (scope, product) = authorize(ctx, token, method, product_id, log)?;
+    let entry = authorize_key(ctx, &scope, product_id, key, log)?;
+    let signer = ctx
+        .state
+        .signer(scope.tenant_id)
+        .ok_or(ApiError::Internal)?;
+    Ok(Authorized {
+        scope,
+        product,
+        entry,
+        signer,
+    })
+}
+
 /// The license JSON plus the metadata numbers, produced under the license lock.
 struct Encoded {
     license_json: Vec<u8>,
@@ -264,13 +296,13 @@ pub async fn activate(
     log.product_id = Some(r.product_id);
     log.machine_code.clone_from(&r.machine_code);
     log.friendly_name.clone_from(&r.friendly_name);
-    let (scope, product) =
-        authorize(ctx, &r.token, Method::Activate, r.product_id, log).map_err(fail)?;
-    let entry = authorize_key(ctx, &scope, r.product_id, &r.key, log).map_err(fail)?;
-    let signer = ctx
-        .state
-        .signer(scope.tenant_id)
-        .ok_or(fail(ApiError::Internal))?;
+    let Authorized {
+        scope,
+        product,
+        entry,
+        signer,
+    } = authorize_answer(ctx, &r.token, Method::Activate, r.product_id, &r.key, log)
+        .map_err(fail)?;
     let now = ctx.now();
     let input = ActivateInput {
         machine_code: &r.machine_code,
@@ -360,13 +392,12 @@ pub async fn activate(
 pub async fn get_key(ctx: &Ctx, r: GetKeyRequest, log: &mut LogCtx) -> Outcome {
     let fail = |e: ApiError| Failure::new(e, StateCode::GETKEY_FAILED);
     log.product_id = Some(r.product_id);
-    let (scope, product) =
-        authorize(ctx, &r.token, Method::GetKey, r.product_id, log).map_err(fail)?;
-    let entry = authorize_key(ctx, &scope, r.product_id, &r.key, log).map_err(fail)?;
-    let signer = ctx
-        .state
-        .signer(scope.tenant_id)
-        .ok_or(fail(ApiError::Internal))?;
+    let Authorized {
+        scope,
+        product,
+        entry,
+        signer,
+    } = authorize_answer(ctx, &r.token, Method::GetKey, r.product_id, &r.key, log).map_err(fail)?;
     let now = ctx.now();
     let mask = scope.mask(r.options.fields_to_return);
     let prepared = {

@@ -102,6 +102,19 @@ impl Seed {
             .clone()
     }
 
+    /// `(mid, client IP)` of each stored activation, in list order.
+    pub fn mids_and_ips(&self, dir: &Path, key: &str) -> Vec<(String, String)> {
+        self.activations(dir, key)
+            .iter()
+            .map(|a| {
+                (
+                    a["mid"].as_str().unwrap().into(),
+                    a["ip"].as_str().unwrap().into(),
+                )
+            })
+            .collect()
+    }
+
     /// The `mid` of each stored activation, in list order.
     pub fn mids(&self, dir: &Path, key: &str) -> Vec<String> {
         self.activations(dir, key)

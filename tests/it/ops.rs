@@ -264,16 +264,7 @@ async fn forwarded_for_is_believed_only_from_trusted_proxies() {
     send(&server, activate(&seed, &key, "proxied")).await;
     server.stop();
 
-    let ips: Vec<(String, String)> = seed
-        .activations(&dir.0, &key)
-        .iter()
-        .map(|a| {
-            (
-                a["mid"].as_str().unwrap().into(),
-                a["ip"].as_str().unwrap().into(),
-            )
-        })
-        .collect();
+    let ips = seed.mids_and_ips(&dir.0, &key);
     assert_eq!(
         ips,
         [
@@ -488,16 +479,7 @@ async fn proxy_protocol_names_the_client_and_plain_http_is_opt_in() {
     );
     server.stop();
 
-    let ips: Vec<(String, String)> = seed
-        .activations(&dir.0, &key)
-        .iter()
-        .map(|a| {
-            (
-                a["mid"].as_str().unwrap().into(),
-                a["ip"].as_str().unwrap().into(),
-            )
-        })
-        .collect();
+    let ips = seed.mids_and_ips(&dir.0, &key);
     assert_eq!(
         ips,
         [
