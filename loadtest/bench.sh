@@ -4,7 +4,8 @@
 # with one worker thread (and one signing thread); the load generator runs on the other core.
 # Then the re-activation comparison again on two unpinned cores.
 #   loadtest/bench.sh [seconds per measurement, default 10]
-# Needs: a Rust toolchain, taskset, curl, openssl, python3. Writes loadtest/results/<time>/.
+# Needs: a Rust toolchain, taskset, curl, openssl, python3; nginx (optional: a second baseline,
+# `apt-get install nginx-light`). Writes loadtest/results/<time>/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-10}
@@ -49,6 +50,38 @@ curl -s --cacert "$cert" "https://$pinned/api/key/Activate" \
 static=$(start "$work/static.log" "static server on " taskset -c "$server_cpu" "$lt" static-server --threads 1 \
     --cert "$cert" --key "$work/data/tls/key.pem" --body "$work/body.json")
 
+# nginx, when installed: one worker on the server core, the same certificate and body,
+# session cache and tickets on.
+nginx_addr=""
+if command -v nginx >/dev/null; then
+    mkdir -p "$work/nginx"
+    port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    body=$(python3 -c 'import sys; print(open(sys.argv[1]).read().replace("\\", "\\\\").replace("'"'"'", "\\'"'"'"))' "$work/body.json")
+    cat >"$work/nginx/nginx.conf" <<NGINX
+worker_processes 1;
+pid $work/nginx/nginx.pid;
+error_log $work/nginx/error.log;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    client_body_temp_path $work/nginx;
+    keepalive_requests 1000000;
+    server {
+        listen 127.0.0.1:$port ssl http2;
+        ssl_certificate $cert;
+        ssl_certificate_key $work/data/tls/key.pem;
+        ssl_session_cache shared:SSL:10m;
+        ssl_session_tickets on;
+        location / { default_type "application/json; charset=utf-8"; return 200 '$body'; }
+    }
+}
+NGINX
+    taskset -c "$server_cpu" nginx -c "$work/nginx/nginx.conf" -g 'daemon off;' &
+    pids+=($!)
+    sleep 0.5
+    nginx_addr=127.0.0.1:$port
+fi
+
 LT() { taskset -c "$load_cpu" "$lt" "$@"; }
 common=(--ca "$cert" $seed_args --duration-secs "$secs" --warmup-secs 3 --connections 16)
 json_of() { python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(eval(sys.argv[2]))' "$@"; }
@@ -78,6 +111,14 @@ echo "== 5. a new TLS connection per request (with session resumption): static v
 LT compare --a "$static" --b "$pinned" --label-a static --label-b keygate --scenario reactivate "${common[@]}" \
     --new-connection --rounds 2 --json "$out/new-connections.json"
 
+if [ -n "$nginx_addr" ]; then
+    echo "== 5b. nginx as the baseline: keep-alive re-activation, and a new TLS connection per request"
+    LT compare --a "$nginx_addr" --b "$pinned" --label-a nginx --label-b keygate --scenario reactivate "${common[@]}" \
+        --rounds 2 --json "$out/reactivate-vs-nginx.json"
+    LT compare --a "$nginx_addr" --b "$pinned" --label-a nginx --label-b keygate --scenario reactivate "${common[@]}" \
+        --new-connection --rounds 2 --json "$out/new-connections-vs-nginx.json"
+fi
+
 echo "== 6. the same re-activation comparison on two unpinned cores (server and generator share them)"
 for p in "${pids[@]}"; do kill "$p"; done
 pids=()
@@ -101,6 +142,7 @@ speed = [l for l in open(os.path.join(out, "openssl-speed.txt")) if l.startswith
 sign_s = float(speed[-1].split()[-2]) if speed else float("nan")
 conns = j("new-connections.json")
 two = j("reactivate-vs-static-2cores.json")
+nginx = os.path.exists(os.path.join(out, "reactivate-vs-nginx.json"))
 s = {
   "reactivate_rps": keygate, "static_rps": static, "reactivate_over_static": keygate / static,
   "half_rate_rps": half["throughput_rps"], "half_rate_p99_ms": half["latency"]["p99_ms"],
@@ -112,6 +154,12 @@ s = {
   "two_cores_reactivate_over_static": two["summary"]["throughput_ratio_b_over_a"],
   "two_cores_reactivate_rps": two["runs"][1]["throughput_rps"],
 }
+if nginx:
+    kn, cn = j("reactivate-vs-nginx.json"), j("new-connections-vs-nginx.json")
+    s.update({
+      "nginx_rps": kn["runs"][0]["throughput_rps"], "reactivate_over_nginx": kn["summary"]["throughput_ratio_b_over_a"],
+      "new_connection_nginx_rps": cn["runs"][0]["throughput_rps"], "new_connection_over_nginx": cn["summary"]["throughput_ratio_b_over_a"],
+    })
 json.dump(s, open(os.path.join(out, "summary.json"), "w"), indent=2)
 for k, v in s.items():
     print(f"{k:36} {v:,.3f}")

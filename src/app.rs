@@ -62,7 +62,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         (Some(c), Some(k)) => (c.clone(), k.clone()),
         _ => crate::tls::ensure_self_signed(&cfg.data_dir.join("tls"), &cfg.server.tls_names)?,
     };
-    let (tls, resolver) = crate::tls::server_config(&cert, &key)?;
+    let (tls, resolver) = crate::tls::server_config(&cert, &key, cfg.server.tls_post_quantum)?;
 
     let writer = Writer::spawn(
         store,

@@ -29,6 +29,9 @@ pub struct Server {
     pub tls_key: Option<PathBuf>,
     /// Subject names of the generated certificate.
     pub tls_names: Vec<String>,
+    /// Prefer the hybrid post-quantum key exchange (X25519MLKEM768) with clients that offer
+    /// it; false offers only classical groups, which makes new handshakes cheaper.
+    pub tls_post_quantum: bool,
     /// The address recorded as this node's "proxy IP"; the local socket address when unset.
     pub proxy_ip: Option<String>,
     pub max_body_bytes: usize,
@@ -133,6 +136,7 @@ impl Default for Server {
             tls_cert: None,
             tls_key: None,
             tls_names: vec!["localhost".into(), "127.0.0.1".into(), "::1".into()],
+            tls_post_quantum: true,
             proxy_ip: None,
             max_body_bytes: 16 * 1024,
             max_header_bytes: 16 * 1024,

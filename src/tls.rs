@@ -99,12 +99,22 @@ fn load_pair(
 
 /// The server configuration for a certificate chain and key in PEM files, and the resolver
 /// that reloads them.
+///
+/// `post_quantum`: prefer the hybrid X25519MLKEM768 key exchange (rustls's default) when the
+/// client offers it; otherwise offer only the classical groups (X25519, P-256, P-384), as
+/// OpenSSL 3.0 servers do. The hybrid costs more CPU per handshake.
 pub fn server_config(
     cert: &Path,
     key: &Path,
+    post_quantum: bool,
 ) -> Result<(Arc<rustls::ServerConfig>, Arc<CertResolver>), TlsError> {
     // Explicit provider: a dev-dependency enabling ring must not make the builder ambiguous.
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+    if !post_quantum {
+        use rustls::crypto::aws_lc_rs::kx_group;
+        provider.kx_groups = vec![kx_group::X25519, kx_group::SECP256R1, kx_group::SECP384R1];
+    }
+    let provider = Arc::new(provider);
     let resolver = Arc::new(CertResolver {
         cert: cert.to_owned(),
         key: key.to_owned(),

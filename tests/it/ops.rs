@@ -488,3 +488,27 @@ async fn proxy_protocol_names_the_client_and_plain_http_is_opt_in() {
         ]
     );
 }
+
+/// The key exchange a default rustls client ends up with: the hybrid post-quantum group unless
+/// `server.tls_post_quantum` is false.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn post_quantum_key_exchange_is_preferred_unless_turned_off() {
+    async fn negotiated(server: &Server) -> String {
+        let tls = tls_config(&server.cert, Protocol::Http1).unwrap();
+        let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+        let name = rustls_pki_types::ServerName::IpAddress(server.addr.ip().into());
+        let stream = tokio_rustls::TlsConnector::from(tls)
+            .connect(name, tcp)
+            .await
+            .unwrap();
+        let group = stream.get_ref().1.negotiated_key_exchange_group().unwrap();
+        format!("{:?}", group.name())
+    }
+    let dir = TempDir::new("pq");
+    let mut server = Server::start(&dir.0, &[]);
+    assert_eq!(negotiated(&server).await, "X25519MLKEM768");
+    server.stop();
+    let mut server = Server::start(&dir.0, &[("KEYGATE_SERVER__TLS_POST_QUANTUM", "false")]);
+    assert_eq!(negotiated(&server).await, "X25519");
+    server.stop();
+}
