@@ -88,6 +88,7 @@ fn fixture(cached: bool) -> Fixture {
         rate_limits: keygate::http::rate::RateLimits::off(),
         sign_pool: keygate::http::sign_pool::SignPool::new(1, 64),
         node_addresses: Default::default(),
+        log_ip_prefixes: (24, 48),
         responses: if cached {
             keygate::http::response_cache::ResponseCache::new(Duration::from_secs(3600), 1 << 20)
         } else {

@@ -98,6 +98,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         rate_limits: RateLimits::new(&cfg.rate_limits),
         sign_pool: SignPool::new(s.signing_threads, 1024),
         node_addresses: Default::default(),
+        log_ip_prefixes: (cfg.privacy.log_ipv4_prefix, cfg.privacy.log_ipv6_prefix),
         responses: ResponseCache::new(
             Duration::from_millis(cfg.cache.response_ttl_ms),
             cfg.cache.response_max_bytes,

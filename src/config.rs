@@ -17,6 +17,7 @@ pub struct Config {
     pub admin: Admin,
     pub rate_limits: RateLimitCfg,
     pub cache: CacheCfg,
+    pub privacy: PrivacyCfg,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -63,6 +64,24 @@ pub struct Admin {
     /// Plain-HTTP listener for `/metrics`, `/livez` and `/readyz`; "" turns it off. Keep it on
     /// loopback or a private network: it has no authentication.
     pub listen: String,
+}
+
+/// What the request log keeps of a client IP: its first `log_ipv4_prefix` / `log_ipv6_prefix`
+/// bits (32 / 128 keep the whole address). Activation records keep the full address.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PrivacyCfg {
+    pub log_ipv4_prefix: u8,
+    pub log_ipv6_prefix: u8,
+}
+
+impl Default for PrivacyCfg {
+    fn default() -> Self {
+        PrivacyCfg {
+            log_ipv4_prefix: 24,
+            log_ipv6_prefix: 48,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -125,6 +144,7 @@ impl Default for Config {
             admin: Admin::default(),
             rate_limits: RateLimitCfg::default(),
             cache: CacheCfg::default(),
+            privacy: PrivacyCfg::default(),
         }
     }
 }
@@ -304,6 +324,9 @@ impl Config {
             if v == 0 {
                 p.push(format!("{name} must be greater than 0"));
             }
+        }
+        if self.privacy.log_ipv4_prefix > 32 || self.privacy.log_ipv6_prefix > 128 {
+            p.push("privacy.log_ipv4_prefix must be at most 32 and privacy.log_ipv6_prefix at most 128".into());
         }
         if s.max_connections == 0 {
             p.push("server.max_connections must be greater than 0".into());

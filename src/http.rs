@@ -61,11 +61,19 @@ pub struct Ctx {
     /// Interned node addresses (`proxy_ip` of recorded machines); see `Ctx::node_address`.
     pub node_addresses: parking_lot::Mutex<std::collections::HashMap<String, Arc<str>>>,
     pub responses: response_cache::ResponseCache,
+    /// Bits of a client IPv4 / IPv6 address the request log keeps.
+    pub log_ip_prefixes: (u8, u8),
 }
 
 impl Ctx {
     pub fn now(&self) -> i64 {
         unix_now()
+    }
+
+    /// The client IP as the request log keeps it (`privacy.log_ipv4_prefix` / `_ipv6_prefix`).
+    fn log_ip(&self, ip: std::net::IpAddr) -> String {
+        let (v4, v6) = self.log_ip_prefixes;
+        crate::privacy::anonymize_ip(ip, v4, v6).to_string()
     }
 
     /// The one shared copy of a node address, so the machines it records do not each carry
@@ -162,7 +170,7 @@ async fn handle(
         ),
     };
     ctx.writer
-        .log(log.row(&client_ip.to_string(), &conn.proxy_ip, ctx.now(), code));
+        .log(log.row(&ctx.log_ip(client_ip), &conn.proxy_ip, ctx.now(), code));
     crate::metrics::request(route_name(route), label, started.elapsed());
     Ok(json_response(status, body))
 }

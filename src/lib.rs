@@ -8,6 +8,7 @@
 //! - `state`: the node's in-memory licenses, tokens and signers; change-feed sync.
 //! - `store`: the SQLite main store and its batched writer.
 //! - `http`: the HTTPS edge, handlers and the one error mapping.
+//! - `privacy`: pure privacy rules (IP anonymisation of the request log).
 //! - `tls`, `config`, `control` (CLI operations), `metrics`, `app` (wiring for `serve`).
 
 pub mod app;
@@ -16,6 +17,7 @@ pub mod control;
 pub mod domain;
 pub mod http;
 pub mod metrics;
+pub mod privacy;
 pub mod request;
 pub mod signing;
 pub mod state;

@@ -199,7 +199,8 @@ async fn every_request_is_logged_with_client_and_proxy_ip() {
     let got: Vec<i64> = rows.iter().map(|r| r["state"].as_i64().unwrap()).collect();
     assert_eq!(got, codes);
     for r in &rows {
-        assert_eq!(r["client_ip"], "127.0.0.1");
+        // The log keeps the client's /24 (privacy.log_ipv4_prefix); the activation keeps it all.
+        assert_eq!(r["client_ip"], "127.0.0.0");
         assert_eq!(r["proxy_ip"], "192.0.2.7");
         assert!(r["time"].as_i64().unwrap() > 1_700_000_000);
     }

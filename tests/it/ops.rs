@@ -259,7 +259,11 @@ async fn forwarded_for_is_believed_only_from_trusted_proxies() {
     // Loopback as the trusted proxy: the nearest untrusted hop is the client.
     let mut server = Server::start(
         &dir.0,
-        &[("KEYGATE_SERVER__TRUSTED_PROXIES", r#"["127.0.0.0/8"]"#)],
+        &[
+            ("KEYGATE_SERVER__TRUSTED_PROXIES", r#"["127.0.0.0/8"]"#),
+            // This node keeps whole addresses in its log.
+            ("KEYGATE_PRIVACY__LOG_IPV4_PREFIX", "32"),
+        ],
     );
     send(&server, activate(&seed, &key, "proxied")).await;
     server.stop();
@@ -279,7 +283,8 @@ async fn forwarded_for_is_believed_only_from_trusted_proxies() {
         .iter()
         .map(|r| r["client_ip"].as_str().unwrap())
         .collect();
-    assert_eq!(log_ips, ["203.0.113.50", "127.0.0.1"], "newest first");
+    // Newest first; the first node kept the default /24.
+    assert_eq!(log_ips, ["203.0.113.50", "127.0.0.0"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
