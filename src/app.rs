@@ -82,7 +82,12 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     let ctx = Arc::new(Ctx {
         state,
         writer: writer.sender(),
-        control_store: Arc::new(parking_lot::Mutex::new(Store::open(&db)?)),
+        control_store: Arc::new(parking_lot::Mutex::new({
+            let mut store = Store::open(&db)?;
+            // The only administrative write the API makes: keys created by CreateTrialKey.
+            store.set_actor("api:CreateTrialKey");
+            store
+        })),
         trial_lock: tokio::sync::Mutex::new(()),
         limits: Limits {
             max_body_bytes: s.max_body_bytes,

@@ -299,6 +299,17 @@ pub fn list_tokens(store: &Store, tenant: Option<i64>) -> Result<Value> {
     Ok(json!({"tokens": rows}))
 }
 
+pub fn list_audit(store: &Store, limit: i64) -> Result<Value> {
+    let rows: Vec<Value> = store
+        .audit_rows(limit)?
+        .into_iter()
+        .map(|a| {
+            json!({"time": a.time, "actor": a.actor, "action": a.action, "entity": a.entity, "entity_id": a.entity_id})
+        })
+        .collect();
+    Ok(json!({"audit": rows}))
+}
+
 pub fn list_log(store: &Store, product: Option<i64>, limit: i64) -> Result<Value> {
     let rows: Vec<Value> = store
         .log_rows(product, limit)?

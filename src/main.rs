@@ -50,6 +50,17 @@ enum Cmd {
     /// The request log.
     #[command(subcommand)]
     Log(LogCmd),
+    /// The append-only log of administrative actions (who created or blocked what, when).
+    #[command(subcommand)]
+    Audit(AuditCmd),
+}
+
+#[derive(Subcommand)]
+enum AuditCmd {
+    List {
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -257,6 +268,11 @@ fn main() -> ExitCode {
 
 fn control_command(cfg: &Config, cmd: Cmd) -> Result<Value, control::ControlError> {
     let mut store = Store::open(&cfg.sqlite_path())?;
+    // The audit log names the operating-system user who ran the command.
+    let user = std::env::var("SUDO_USER")
+        .or_else(|_| std::env::var("USER"))
+        .unwrap_or_else(|_| "unknown".into());
+    store.set_actor(&format!("cli:{user}"));
     let s = &mut store;
     match cmd {
         Cmd::Serve | Cmd::CheckConfig => unreachable!("handled in main"),
@@ -331,6 +347,7 @@ fn control_command(cfg: &Config, cmd: Cmd) -> Result<Value, control::ControlErro
         ),
         Cmd::Token(TokenCmd::List { tenant }) => control::list_tokens(s, tenant),
         Cmd::Log(LogCmd::List { product, limit }) => control::list_log(s, product, limit),
+        Cmd::Audit(AuditCmd::List { limit }) => control::list_audit(s, limit),
     }
 }
 

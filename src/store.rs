@@ -22,10 +22,15 @@ pub enum StoreError {
 
 pub type Result<T> = std::result::Result<T, StoreError>;
 
-const MIGRATIONS: [(i64, &str); 1] = [(1, include_str!("store/migrations/0001_init.sql"))];
+const MIGRATIONS: [(i64, &str); 2] = [
+    (1, include_str!("store/migrations/0001_init.sql")),
+    (2, include_str!("store/migrations/0002_audit.sql")),
+];
 
 pub struct Store {
     conn: Connection,
+    /// Who the audit log names for this connection's administrative writes.
+    actor: String,
 }
 
 /// A tenant row with its signing key.
@@ -84,6 +89,16 @@ pub struct NewKey {
     pub trial_machine_code: Option<String>,
     /// Activations to record with the key (CreateTrialKey pre-activates its machine).
     pub machines: Vec<Machine>,
+}
+
+/// One administrative action from the audit log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuditRow {
+    pub time: i64,
+    pub actor: String,
+    pub action: String,
+    pub entity: String,
+    pub entity_id: i64,
 }
 
 /// One request-log row (`GGSD` state code); see ARCHITECTURE.md for the codes.
@@ -151,7 +166,10 @@ impl Store {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
-        let mut store = Store { conn };
+        let mut store = Store {
+            conn,
+            actor: "keygate".into(),
+        };
         store.migrate()?;
         Ok(store)
     }
@@ -189,6 +207,40 @@ impl Store {
         Ok(())
     }
 
+    /// Names who the audit log records for this store's administrative writes.
+    pub fn set_actor(&mut self, actor: &str) {
+        self.actor = actor.to_owned();
+    }
+
+    /// Appends `action` on `entity` `id` to the audit log, in the caller's transaction.
+    fn audit(conn: &Connection, actor: &str, action: &str, entity: &str, id: i64) -> Result<()> {
+        conn.execute(
+            "INSERT INTO audit_log (time, actor, action, entity, entity_id)
+             VALUES (strftime('%s','now'), ?1, ?2, ?3, ?4)",
+            params![actor, action, entity, id],
+        )?;
+        Ok(())
+    }
+
+    /// The newest audit entries first.
+    pub fn audit_rows(&self, limit: i64) -> Result<Vec<AuditRow>> {
+        let mut st = self.conn.prepare_cached(
+            "SELECT time, actor, action, entity, entity_id FROM audit_log ORDER BY id DESC LIMIT ?1",
+        )?;
+        let rows = st
+            .query_map([limit], |r| {
+                Ok(AuditRow {
+                    time: r.get(0)?,
+                    actor: r.get(1)?,
+                    action: r.get(2)?,
+                    entity: r.get(3)?,
+                    entity_id: r.get(4)?,
+                })
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(rows)
+    }
+
     // === control plane ===
 
     pub fn create_tenant(
@@ -207,6 +259,7 @@ impl Store {
         )?;
         let id = tx.last_insert_rowid();
         Self::note_change(&tx, "tenant", id)?;
+        Self::audit(&tx, &self.actor, "tenant.create", "tenant", id)?;
         tx.commit()?;
         Ok(id)
     }
@@ -229,6 +282,7 @@ impl Store {
         )?;
         let id = tx.last_insert_rowid();
         Self::note_change(&tx, "product", id)?;
+        Self::audit(&tx, &self.actor, "product.create", "product", id)?;
         tx.commit()?;
         Ok(id)
     }
@@ -242,11 +296,17 @@ impl Store {
         now: i64,
     ) -> Result<i64> {
         self.tenant(tenant_id)?;
-        self.conn.execute(
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.execute(
             "INSERT INTO customers (tenant_id, name, email, company_name, created) VALUES (?1, ?2, ?3, ?4, ?5)",
             params![tenant_id, name, email, company, now],
         )?;
-        Ok(self.conn.last_insert_rowid())
+        let id = tx.last_insert_rowid();
+        Self::audit(&tx, &self.actor, "customer.create", "customer", id)?;
+        tx.commit()?;
+        Ok(id)
     }
 
     /// Inserts a key with the next per-product `ID`; returns `(id, global_id)`.
@@ -291,6 +351,7 @@ impl Store {
             upsert_machine(&tx, gid, m)?;
         }
         Self::note_change(&tx, "key", gid)?;
+        Self::audit(&tx, &self.actor, "key.create", "key", gid)?;
         tx.commit()?;
         Ok((id, gid))
     }
@@ -315,6 +376,8 @@ impl Store {
             params![bool_i(block), gid],
         )?;
         Self::note_change(&tx, "key", gid)?;
+        let action = if block { "key.block" } else { "key.unblock" };
+        Self::audit(&tx, &self.actor, action, "key", gid)?;
         tx.commit()?;
         Ok(gid)
     }
@@ -342,6 +405,7 @@ impl Store {
         )?;
         let id = tx.last_insert_rowid();
         Self::note_change(&tx, "token", id)?;
+        Self::audit(&tx, &self.actor, "token.create", "token", id)?;
         tx.commit()?;
         Ok(id)
     }
@@ -786,6 +850,32 @@ mod tests {
         read.reverse();
         assert_eq!(read.len(), written.len());
         assert!(read == written, "rows differ");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_audit_log_is_append_only() {
+        let dir = std::env::temp_dir().join(format!("keygate-audit-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut store = Store::open(&dir.join("k.db")).unwrap();
+        store.set_actor("test");
+        let t = store.create_tenant("t", b"k", "<RSAKeyValue/>", 1).unwrap();
+        let rows = store.audit_rows(10).unwrap();
+        let r = &rows[0];
+        assert_eq!(
+            (
+                r.actor.as_str(),
+                r.action.as_str(),
+                r.entity.as_str(),
+                r.entity_id
+            ),
+            ("test", "tenant.create", "tenant", t)
+        );
+        for sql in ["UPDATE audit_log SET actor = 'x'", "DELETE FROM audit_log"] {
+            let e = store.conn.execute(sql, []).unwrap_err();
+            assert!(e.to_string().contains("append-only"), "{sql}: {e}");
+        }
+        assert_eq!(store.audit_rows(10).unwrap().len(), 1);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -392,3 +392,61 @@ async fn repeated_answers_come_from_the_cache_until_the_license_changes() {
     );
     server.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn administrative_actions_are_audited_append_only() {
+    let dir = TempDir::new("audit");
+    let seed = Seed::new(&dir.0);
+    let key = seed.key(&dir.0, &["--max-machines", "1"]);
+    let pid = seed.product.to_string();
+    cli(&dir.0, &["key", "block", "--product", &pid, "--key", &key]);
+    cli(
+        &dir.0,
+        &["key", "unblock", "--product", &pid, "--key", &key],
+    );
+    let audit = cli(&dir.0, &["audit", "list"]);
+    let mut actions: Vec<String> = audit["audit"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            assert!(a["actor"].as_str().unwrap().starts_with("cli:"), "{a}");
+            assert!(a["time"].as_i64().unwrap() > 1_700_000_000);
+            format!(
+                "{} {}",
+                a["action"].as_str().unwrap(),
+                a["entity"].as_str().unwrap()
+            )
+        })
+        .collect();
+    actions.reverse();
+    assert_eq!(
+        actions,
+        [
+            "tenant.create tenant",
+            "product.create product",
+            "token.create token",
+            "key.create key",
+            "key.block key",
+            "key.unblock key"
+        ]
+    );
+    // Never the token itself.
+    assert!(!audit.to_string().contains(&seed.token));
+    // A trial key made through the API is audited under the API's name.
+    let mut server = Server::start(&dir.0, &[]);
+    let mut conn = server.connect(Protocol::Http1).await;
+    let body = form(&[
+        ("token", &seed.token),
+        ("ProductId", &pid),
+        ("MachineCode", "trial-pc"),
+    ]);
+    let r = conn.post("/api/key/CreateTrialKey", &body).await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    server.stop();
+    let newest = &cli(&dir.0, &["audit", "list", "--limit", "1"])["audit"][0];
+    assert_eq!(
+        (newest["actor"].as_str(), newest["action"].as_str()),
+        (Some("api:CreateTrialKey"), Some("key.create"))
+    );
+}
