@@ -299,6 +299,46 @@ pub fn list_tokens(store: &Store, tenant: Option<i64>) -> Result<Value> {
     Ok(json!({"tokens": rows}))
 }
 
+/// Everything stored about a machine code, as one JSON document (a data-subject export).
+pub fn privacy_export(store: &Store, machine_code: &str) -> Result<Value> {
+    let activations: Vec<Value> = store
+        .activations_of_machine(machine_code)?
+        .into_iter()
+        .map(|(product_id, key, m)| {
+            json!({"product_id": product_id, "key": key, "mid": m.mid(), "ip": m.ip,
+                   "proxy_ip": &*m.proxy_ip, "time": m.time, "friendly_name": m.friendly_name,
+                   "floating_expires": m.floating_expires})
+        })
+        .collect();
+    let log: Vec<Value> = store
+        .log_rows_of_machine(machine_code)?
+        .into_iter()
+        .map(|l| {
+            json!({"tenant_id": l.tenant_id, "product_id": l.product_id, "key_id": l.key_id,
+                   "client_ip": l.client_ip, "proxy_ip": l.proxy_ip, "time": l.time,
+                   "friendly_name": l.friendly_name, "state": l.state})
+        })
+        .collect();
+    let trials: Vec<Value> = store
+        .trial_keys_of_machine(machine_code)?
+        .into_iter()
+        .map(|(product_id, key)| json!({"product_id": product_id, "key": key}))
+        .collect();
+    Ok(
+        json!({"machine_code": machine_code, "activations": activations,
+              "request_log": log, "trial_keys": trials}),
+    )
+}
+
+/// Removes a machine code everywhere it is stored; running nodes forget it on their next sync.
+pub fn privacy_erase(store: &mut Store, machine_code: &str) -> Result<Value> {
+    let e = store.erase_machine(machine_code)?;
+    Ok(
+        json!({"erased": {"activations": e.activations, "request_log_rows": e.log_rows,
+                         "trial_keys": e.trial_keys}}),
+    )
+}
+
 pub fn list_audit(store: &Store, limit: i64) -> Result<Value> {
     let rows: Vec<Value> = store
         .audit_rows(limit)?

@@ -53,6 +53,24 @@ enum Cmd {
     /// The append-only log of administrative actions (who created or blocked what, when).
     #[command(subcommand)]
     Audit(AuditCmd),
+    /// Data-subject requests about a machine code.
+    #[command(subcommand)]
+    Privacy(PrivacyCmd),
+}
+
+#[derive(Subcommand)]
+enum PrivacyCmd {
+    /// Everything stored about the machine code, as JSON.
+    Export {
+        #[arg(long)]
+        machine_code: String,
+    },
+    /// Remove the machine code everywhere: activations deleted, request-log rows blanked, trial
+    /// records forgotten; running nodes drop it on their next sync. Recorded in the audit log.
+    Erase {
+        #[arg(long)]
+        machine_code: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -348,6 +366,12 @@ fn control_command(cfg: &Config, cmd: Cmd) -> Result<Value, control::ControlErro
         Cmd::Token(TokenCmd::List { tenant }) => control::list_tokens(s, tenant),
         Cmd::Log(LogCmd::List { product, limit }) => control::list_log(s, product, limit),
         Cmd::Audit(AuditCmd::List { limit }) => control::list_audit(s, limit),
+        Cmd::Privacy(PrivacyCmd::Export { machine_code }) => {
+            control::privacy_export(s, &machine_code)
+        }
+        Cmd::Privacy(PrivacyCmd::Erase { machine_code }) => {
+            control::privacy_erase(s, &machine_code)
+        }
     }
 }
 

@@ -134,6 +134,19 @@ impl State {
                 self.products.insert(p.id, Arc::new(p));
             }
             "key" => self.put_key(store.key(c.entity_id)?, true),
+            // A data-subject erasure: forget the machine (named by digest) on this key.
+            "machine_erased" => {
+                let Some(digest) = c.detail.as_deref() else {
+                    return Ok(());
+                };
+                let erased = |mc: &str| crate::store::machine_code_digest(mc) == digest;
+                if let Some(e) = self.license_by_global(c.entity_id) {
+                    e.license
+                        .lock()
+                        .remove_machines_where(|m| erased(&m.machine_code));
+                }
+                self.trials.retain(|(_, mc), _| !erased(mc));
+            }
             "token" => {
                 let t = store.token(c.entity_id)?;
                 self.put_token(t.id, &t.hash, t.scope);

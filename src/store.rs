@@ -22,9 +22,10 @@ pub enum StoreError {
 
 pub type Result<T> = std::result::Result<T, StoreError>;
 
-const MIGRATIONS: [(i64, &str); 2] = [
+const MIGRATIONS: [(i64, &str); 3] = [
     (1, include_str!("store/migrations/0001_init.sql")),
     (2, include_str!("store/migrations/0002_audit.sql")),
+    (3, include_str!("store/migrations/0003_change_detail.sql")),
 ];
 
 pub struct Store {
@@ -145,6 +146,21 @@ pub struct ChangeRow {
     pub seq: i64,
     pub entity: String,
     pub entity_id: i64,
+    pub detail: Option<String>,
+}
+
+/// What `erase_machine` removed or anonymised.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Erased {
+    pub activations: usize,
+    pub log_rows: usize,
+    pub trial_keys: usize,
+}
+
+/// The SHA-256 of a machine code, hex: how the change feed names an erased machine.
+pub fn machine_code_digest(machine_code: &str) -> String {
+    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, machine_code.as_bytes());
+    d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn bool_i(b: bool) -> i64 {
@@ -166,6 +182,8 @@ impl Store {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
+        // Deleted content is overwritten, not left in free pages (erasure, assume breach).
+        conn.pragma_update(None, "secure_delete", "ON")?;
         let mut store = Store {
             conn,
             actor: "keygate".into(),
@@ -573,7 +591,7 @@ impl Store {
 
     pub fn changes_since(&self, seq: i64, limit: i64) -> Result<Vec<ChangeRow>> {
         let mut st = self.conn.prepare_cached(
-            "SELECT seq, entity, entity_id FROM changes WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+            "SELECT seq, entity, entity_id, detail FROM changes WHERE seq > ?1 ORDER BY seq LIMIT ?2",
         )?;
         let rows = st
             .query_map([seq, limit], |r| {
@@ -581,10 +599,120 @@ impl Store {
                     seq: r.get(0)?,
                     entity: r.get(1)?,
                     entity_id: r.get(2)?,
+                    detail: r.get(3)?,
                 })
             })?
             .collect::<rusqlite::Result<_>>()?;
         Ok(rows)
+    }
+
+    // === data-subject requests ===
+
+    /// Every activation of `machine_code` (any key): (product id, key, machine).
+    pub fn activations_of_machine(
+        &self,
+        machine_code: &str,
+    ) -> Result<Vec<(i64, String, Machine)>> {
+        let mut st = self.conn.prepare_cached(
+            "SELECT k.product_id, k.key, a.machine_code, a.kind, a.ip, a.proxy_ip, a.time, a.friendly_name, a.floating_expires
+             FROM activations a JOIN license_keys k ON k.global_id = a.key_global_id
+             WHERE a.machine_code = ?1 ORDER BY k.global_id, a.seq",
+        )?;
+        let rows = st
+            .query_map([machine_code], |x| {
+                Ok((
+                    x.get(0)?,
+                    x.get(1)?,
+                    Machine {
+                        machine_code: x.get(2)?,
+                        kind: MachineKind::from_i64(x.get(3)?),
+                        ip: x.get(4)?,
+                        proxy_ip: x.get::<_, String>(5)?.into(),
+                        time: x.get(6)?,
+                        friendly_name: x.get(7)?,
+                        floating_expires: x.get(8)?,
+                    },
+                ))
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(rows)
+    }
+
+    /// Request-log rows naming `machine_code`, oldest first.
+    pub fn log_rows_of_machine(&self, machine_code: &str) -> Result<Vec<LogRow>> {
+        let mut st = self.conn.prepare_cached(
+            "SELECT tenant_id, product_id, key_id, client_ip, proxy_ip, time, machine_code, friendly_name, state, floating_expires
+             FROM request_log WHERE machine_code = ?1 ORDER BY id",
+        )?;
+        let rows = st
+            .query_map([machine_code], |r| {
+                Ok(LogRow {
+                    tenant_id: r.get(0)?,
+                    product_id: r.get(1)?,
+                    key_id: r.get(2)?,
+                    client_ip: r.get(3)?,
+                    proxy_ip: r.get(4)?,
+                    time: r.get(5)?,
+                    machine_code: r.get(6)?,
+                    friendly_name: r.get(7)?,
+                    state: r.get(8)?,
+                    floating_expires: r.get(9)?,
+                })
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(rows)
+    }
+
+    /// Keys whose trial was made for `machine_code`: (product id, key).
+    pub fn trial_keys_of_machine(&self, machine_code: &str) -> Result<Vec<(i64, String)>> {
+        let mut st = self.conn.prepare_cached(
+            "SELECT product_id, key FROM license_keys WHERE trial_machine_code = ?1 ORDER BY global_id",
+        )?;
+        let rows = st
+            .query_map([machine_code], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(rows)
+    }
+
+    /// Deletes every activation of `machine_code`, blanks it (with its friendly name and client
+    /// network) in the request log and forgets it as a trial machine, in one transaction that
+    /// also tells running nodes (by digest) and writes the audit log (without the code).
+    pub fn erase_machine(&mut self, machine_code: &str) -> Result<Erased> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let gids: Vec<i64> = {
+            let mut st = tx.prepare(
+                "SELECT DISTINCT key_global_id FROM activations WHERE machine_code = ?1
+                 UNION SELECT global_id FROM license_keys WHERE trial_machine_code = ?1",
+            )?;
+            let rows = st
+                .query_map([machine_code], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?;
+            rows
+        };
+        let erased = Erased {
+            activations: tx.execute("DELETE FROM activations WHERE machine_code = ?1", [machine_code])?,
+            log_rows: tx.execute(
+                "UPDATE request_log SET machine_code = '', friendly_name = '', client_ip = '' WHERE machine_code = ?1",
+                [machine_code],
+            )?,
+            trial_keys: tx.execute(
+                "UPDATE license_keys SET trial_machine_code = NULL WHERE trial_machine_code = ?1",
+                [machine_code],
+            )?,
+        };
+        let digest = machine_code_digest(machine_code);
+        for gid in &gids {
+            tx.execute(
+                "INSERT INTO changes (entity, entity_id, detail) VALUES ('machine_erased', ?1, ?2)",
+                params![gid, digest],
+            )?;
+        }
+        let total = erased.activations + erased.log_rows + erased.trial_keys;
+        Self::audit(&tx, &self.actor, "privacy.erase", "machine", total as i64)?;
+        tx.commit()?;
+        Ok(erased)
     }
 
     /// Request-log rows of a product, newest first.

@@ -233,6 +233,17 @@ impl License {
         removed
     }
 
+    /// Removes every activation (either seat family) matching `erase`; returns how many went.
+    pub fn remove_machines_where(&mut self, erase: impl Fn(&Machine) -> bool) -> usize {
+        let before = self.machines.len();
+        self.machines.retain(|m| !erase(m));
+        let removed = before - self.machines.len();
+        if removed > 0 {
+            self.version += 1;
+        }
+        removed
+    }
+
     /// The activations a response lists.
     ///
     /// ModelVersion 3 lists node-locked and active floating seats; older versions list the

@@ -450,3 +450,94 @@ async fn administrative_actions_are_audited_append_only() {
         (Some("api:CreateTrialKey"), Some("key.create"))
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_machine_is_exported_then_erased_everywhere() {
+    let dir = TempDir::new("erase");
+    let seed = Seed::new(&dir.0);
+    let key = seed.key(&dir.0, &["--max-machines", "2"]);
+    let pid = seed.product.to_string();
+    let gone = "erase-me-7f3a9c";
+    let mut server = Server::start(&dir.0, &[]);
+    let mut conn = server.connect(Protocol::Http1).await;
+    for m in [gone, "stays"] {
+        let body = format!("{}&FriendlyName=laptop-{m}", activate_form(&seed, &key, m));
+        let r = conn.post("/api/key/Activate", &body).await.unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let trial = form(&[
+        ("token", &seed.token),
+        ("ProductId", &pid),
+        ("MachineCode", gone),
+    ]);
+    assert_eq!(
+        conn.post("/api/key/CreateTrialKey", &trial)
+            .await
+            .unwrap()
+            .status,
+        200
+    );
+    // The writer commits within its flush interval; the export reads the store.
+    let exported = eventually(Duration::from_secs(5), || async {
+        let e = cli(&dir.0, &["privacy", "export", "--machine-code", gone]);
+        (e["request_log"].as_array().unwrap().len() >= 2).then_some(e)
+    })
+    .await
+    .expect("the log rows reach the store");
+    // Two activations (the key, and the trial key made for it), the trial key, the log rows.
+    assert_eq!(
+        exported["activations"].as_array().unwrap().len(),
+        2,
+        "{exported}"
+    );
+    assert_eq!(
+        exported["activations"][0]["friendly_name"],
+        format!("laptop-{gone}")
+    );
+    assert_eq!(
+        exported["trial_keys"].as_array().unwrap().len(),
+        1,
+        "{exported}"
+    );
+
+    let erased = cli(&dir.0, &["privacy", "erase", "--machine-code", gone]);
+    assert_eq!(erased["erased"]["activations"], 2, "{erased}");
+    assert_eq!(erased["erased"]["trial_keys"], 1, "{erased}");
+    // No CLI finds it any more.
+    let after = cli(&dir.0, &["privacy", "export", "--machine-code", gone]);
+    for part in ["activations", "request_log", "trial_keys"] {
+        assert_eq!(after[part].as_array().unwrap().len(), 0, "{part}: {after}");
+    }
+    let everything = [
+        cli(&dir.0, &["key", "show", "--product", &pid, "--key", &key]),
+        cli(&dir.0, &["log", "list", "--limit", "1000"]),
+        cli(&dir.0, &["key", "list", "--product", &pid]),
+        cli(&dir.0, &["audit", "list"]),
+    ];
+    for v in &everything {
+        assert!(!v.to_string().contains(gone), "{v}");
+    }
+    assert_eq!(seed.mids(&dir.0, &key), ["stays"]);
+    // The running node forgot it too: GetKey no longer lists it, and it activates as new.
+    let listed = eventually(Duration::from_secs(5), || async {
+        let mut c = server.connect(Protocol::Http1).await;
+        let r = c
+            .post("/api/key/GetKey", &activate_form(&seed, &key, ""))
+            .await
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_str(&r.text()).unwrap();
+        use base64::Engine as _;
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(v["licenseKey"].as_str().unwrap())
+            .unwrap();
+        let text = String::from_utf8(raw).unwrap();
+        (!text.contains(gone)).then_some(text)
+    })
+    .await;
+    assert!(listed.is_some(), "the node still lists the erased machine");
+    let trial_again = conn.post("/api/key/CreateTrialKey", &trial).await.unwrap();
+    assert_eq!(trial_again.status, 200, "{}", trial_again.text());
+    let audit = cli(&dir.0, &["audit", "list", "--limit", "5"]);
+    assert!(audit.to_string().contains("privacy.erase"), "{audit}");
+    server.stop();
+}
