@@ -645,20 +645,7 @@ impl Store {
              FROM request_log WHERE machine_code = ?1 ORDER BY id",
         )?;
         let rows = st
-            .query_map([machine_code], |r| {
-                Ok(LogRow {
-                    tenant_id: r.get(0)?,
-                    product_id: r.get(1)?,
-                    key_id: r.get(2)?,
-                    client_ip: r.get(3)?,
-                    proxy_ip: r.get(4)?,
-                    time: r.get(5)?,
-                    machine_code: r.get(6)?,
-                    friendly_name: r.get(7)?,
-                    state: r.get(8)?,
-                    floating_expires: r.get(9)?,
-                })
-            })?
+            .query_map([machine_code], |r| log_row_from(r, 0))?
             .collect::<rusqlite::Result<_>>()?;
         Ok(rows)
     }
@@ -723,21 +710,7 @@ impl Store {
         )?;
         let rows = st
             .query_map(params![product_id, limit], |r| {
-                Ok((
-                    r.get(0)?,
-                    LogRow {
-                        tenant_id: r.get(1)?,
-                        product_id: r.get(2)?,
-                        key_id: r.get(3)?,
-                        client_ip: r.get(4)?,
-                        proxy_ip: r.get(5)?,
-                        time: r.get(6)?,
-                        machine_code: r.get(7)?,
-                        friendly_name: r.get(8)?,
-                        state: r.get(9)?,
-                        floating_expires: r.get(10)?,
-                    },
-                ))
+                Ok((r.get(0)?, log_row_from(r, 1)?))
             })?
             .collect::<rusqlite::Result<_>>()?;
         Ok(rows)
@@ -801,6 +774,22 @@ impl Store {
         tx.commit()?;
         Ok(())
     }
+}
+
+/// A `LogRow` from the request-log columns in table order, starting at column `first`.
+fn log_row_from(r: &Row<'_>, first: usize) -> rusqlite::Result<LogRow> {
+    Ok(LogRow {
+        tenant_id: r.get(first)?,
+        product_id: r.get(first + 1)?,
+        key_id: r.get(first + 2)?,
+        client_ip: r.get(first + 3)?,
+        proxy_ip: r.get(first + 4)?,
+        time: r.get(first + 5)?,
+        machine_code: r.get(first + 6)?,
+        friendly_name: r.get(first + 7)?,
+        state: r.get(first + 8)?,
+        floating_expires: r.get(first + 9)?,
+    })
 }
 
 const LOG_ROWS_PER_INSERT: usize = 32;
