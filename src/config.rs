@@ -73,6 +73,9 @@ pub struct Admin {
 pub struct PrivacyCfg {
     pub log_ipv4_prefix: u8,
     pub log_ipv6_prefix: u8,
+    /// Request-log rows older than this many days lose machine code, friendly name and client
+    /// network (checked hourly by the store writer); 0 keeps them.
+    pub log_retention_days: u64,
 }
 
 impl Default for PrivacyCfg {
@@ -80,6 +83,7 @@ impl Default for PrivacyCfg {
         PrivacyCfg {
             log_ipv4_prefix: 24,
             log_ipv6_prefix: 48,
+            log_retention_days: 730,
         }
     }
 }

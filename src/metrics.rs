@@ -16,6 +16,7 @@ pub const PROXY_PROTOCOL_REFUSED_TOTAL: &str = "keygate_proxy_protocol_refused_t
 pub const TLS_RELOADS_TOTAL: &str = "keygate_tls_reloads_total";
 pub const RESPONSE_CACHE_TOTAL: &str = "keygate_response_cache_total";
 pub const RESPONSE_CACHE_EVICTIONS_TOTAL: &str = "keygate_response_cache_evictions_total";
+pub const RETENTION_ANONYMISED_TOTAL: &str = "keygate_retention_rows_anonymised_total";
 pub const RATE_LIMITED_TOTAL: &str = "keygate_rate_limited_total";
 pub const SYNC_CHANGES_APPLIED_TOTAL: &str = "keygate_sync_changes_applied_total";
 pub const SYNC_FAILURES_TOTAL: &str = "keygate_sync_failures_total";
@@ -90,6 +91,10 @@ pub fn response_cache(hit: bool) {
 /// An entry pushed out by the size bound (not by its TTL).
 pub fn response_cache_evicted() {
     metrics::counter!(RESPONSE_CACHE_EVICTIONS_TOTAL).increment(1);
+}
+
+pub fn retention_anonymised(rows: usize) {
+    metrics::counter!(RETENTION_ANONYMISED_TOTAL).increment(rows as u64);
 }
 
 /// `limit`: "client_ip", "token" or "license_new_machines".

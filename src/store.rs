@@ -608,6 +608,16 @@ impl Store {
 
     // === data-subject requests ===
 
+    /// Blanks the personal fields (machine code, friendly name, client network) of request-log
+    /// rows older than `cutoff`; returns how many rows changed.
+    pub fn apply_retention(&mut self, cutoff: i64) -> Result<usize> {
+        Ok(self.conn.execute(
+            "UPDATE request_log SET machine_code = '', friendly_name = '', client_ip = ''
+             WHERE time < ?1 AND (machine_code != '' OR friendly_name != '' OR client_ip != '')",
+            [cutoff],
+        )?)
+    }
+
     /// Every activation of `machine_code` (any key): (product id, key, machine).
     pub fn activations_of_machine(
         &self,
@@ -993,6 +1003,57 @@ mod tests {
             assert!(e.to_string().contains("append-only"), "{sql}: {e}");
         }
         assert_eq!(store.audit_rows(10).unwrap().len(), 1);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn retention_blanks_only_old_rows_and_only_once() {
+        let dir = std::env::temp_dir().join(format!("keygate-retention-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut store = Store::open(&dir.join("k.db")).unwrap();
+        let row = |time: i64| LogRow {
+            tenant_id: Some(1),
+            product_id: Some(2),
+            key_id: Some(3),
+            client_ip: "203.0.113.0".into(),
+            proxy_ip: "10.0.0.1".into(),
+            time,
+            machine_code: format!("m{time}"),
+            friendly_name: "pc".into(),
+            state: 2010,
+            floating_expires: 0,
+        };
+        store
+            .write_batch(&[], &[row(100), row(200), row(300)])
+            .unwrap();
+        assert_eq!(store.apply_retention(250).unwrap(), 2);
+        assert_eq!(store.apply_retention(250).unwrap(), 0, "already blank");
+        let rows: Vec<LogRow> = store
+            .log_rows(None, 10)
+            .unwrap()
+            .into_iter()
+            .map(|(_, r)| r)
+            .collect();
+        let kept: Vec<(&str, &str, &str, &str, i64)> = rows
+            .iter()
+            .map(|r| {
+                (
+                    r.machine_code.as_str(),
+                    r.friendly_name.as_str(),
+                    r.client_ip.as_str(),
+                    r.proxy_ip.as_str(),
+                    r.time,
+                )
+            })
+            .collect();
+        assert_eq!(
+            kept,
+            [
+                ("m300", "pc", "203.0.113.0", "10.0.0.1", 300),
+                ("", "", "", "10.0.0.1", 200),
+                ("", "", "", "10.0.0.1", 100)
+            ]
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

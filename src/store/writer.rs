@@ -17,7 +17,12 @@ pub struct BatchPolicy {
     pub batch_rows: usize,
     pub flush_interval: Duration,
     pub log_queue_rows: usize,
+    /// Request-log rows older than this lose their personal fields (hourly); `None` keeps them.
+    pub retention: Option<Duration>,
 }
+
+/// How often the writer applies the retention rule.
+const RETENTION_EVERY: Duration = Duration::from_secs(3600);
 
 /// Counters for what passed through the writer.
 #[derive(Debug, Default)]
@@ -163,7 +168,21 @@ fn run(
     // context switch per request. Events (activations, flush and stop requests) still wake
     // the thread at once.
     let tick = policy.flush_interval.min(Duration::from_millis(20));
+    let mut retention_due = Instant::now();
     loop {
+        if let Some(keep) = policy.retention.filter(|_| Instant::now() >= retention_due) {
+            retention_due = Instant::now() + RETENTION_EVERY;
+            let cutoff = crate::http::unix_now() - keep.as_secs() as i64;
+            match store.apply_retention(cutoff) {
+                Ok(n) => {
+                    crate::metrics::retention_anonymised(n);
+                    if n > 0 {
+                        tracing::info!(rows = n, "request-log rows past retention anonymised");
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "applying the retention rule failed"),
+            }
+        }
         let wait = match p.since {
             Some(t) => policy.flush_interval.saturating_sub(t.elapsed()).min(tick),
             None => tick,
