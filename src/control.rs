@@ -286,6 +286,16 @@ fn method_names(bits: i64) -> Vec<&'static str> {
         .collect()
 }
 
+pub fn delete_token(store: &mut Store, id: i64) -> Result<Value> {
+    store.delete_token(id)?;
+    Ok(json!({"token_id": id, "deleted": true}))
+}
+
+pub fn set_token_lock(store: &mut Store, id: i64, locked: bool) -> Result<Value> {
+    store.set_token_lock(id, locked)?;
+    Ok(json!({"token_id": id, "locked": locked}))
+}
+
 pub fn list_tokens(store: &Store, tenant: Option<i64>) -> Result<Value> {
     let rows: Vec<Value> = store
         .tokens(tenant)?

@@ -226,6 +226,21 @@ enum TokenCmd {
         #[arg(long)]
         tenant: Option<i64>,
     },
+    /// Revoke a token: it stops authenticating on every node within the sync interval.
+    /// Refused while the token is locked.
+    Delete {
+        #[arg(long)]
+        id: i64,
+    },
+    /// Protect a token from deletion.
+    Lock {
+        #[arg(long)]
+        id: i64,
+    },
+    Unlock {
+        #[arg(long)]
+        id: i64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -364,6 +379,9 @@ fn control_command(cfg: &Config, cmd: Cmd) -> Result<Value, control::ControlErro
             },
         ),
         Cmd::Token(TokenCmd::List { tenant }) => control::list_tokens(s, tenant),
+        Cmd::Token(TokenCmd::Delete { id }) => control::delete_token(s, id),
+        Cmd::Token(TokenCmd::Lock { id }) => control::set_token_lock(s, id, true),
+        Cmd::Token(TokenCmd::Unlock { id }) => control::set_token_lock(s, id, false),
         Cmd::Log(LogCmd::List { product, limit }) => control::list_log(s, product, limit),
         Cmd::Audit(AuditCmd::List { limit }) => control::list_audit(s, limit),
         Cmd::Privacy(PrivacyCmd::Export { machine_code }) => {

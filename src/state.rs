@@ -147,10 +147,16 @@ impl State {
                 }
                 self.trials.retain(|(_, mc), _| !erased(mc));
             }
-            "token" => {
-                let t = store.token(c.entity_id)?;
-                self.put_token(t.id, &t.hash, t.scope);
-            }
+            "token" => match store.token(c.entity_id) {
+                Ok(t) => self.put_token(t.id, &t.hash, t.scope),
+                // Deleted (revoked): it stops authenticating here too.
+                Err(StoreError::NotFound(_)) => {
+                    if let Some((_, h)) = self.token_hashes.remove(&c.entity_id) {
+                        self.tokens.remove(&h);
+                    }
+                }
+                Err(e) => return Err(e),
+            },
             other => tracing::warn!(entity = other, "unknown change-feed entity; ignored"),
         }
         Ok(())

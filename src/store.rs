@@ -22,10 +22,11 @@ pub enum StoreError {
 
 pub type Result<T> = std::result::Result<T, StoreError>;
 
-const MIGRATIONS: [(i64, &str); 3] = [
+const MIGRATIONS: [(i64, &str); 4] = [
     (1, include_str!("store/migrations/0001_init.sql")),
     (2, include_str!("store/migrations/0002_audit.sql")),
     (3, include_str!("store/migrations/0003_change_detail.sql")),
+    (4, include_str!("store/migrations/0004_token_lock.sql")),
 ];
 
 pub struct Store {
@@ -471,6 +472,50 @@ impl Store {
             .query_map([tenant_id], product_row)?
             .collect::<rusqlite::Result<_>>()?;
         Ok(rows)
+    }
+
+    /// Locks or unlocks a token against deletion.
+    pub fn set_token_lock(&mut self, id: i64, locked: bool) -> Result<()> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let n = tx.execute(
+            "UPDATE tokens SET locked = ?1 WHERE id = ?2",
+            params![bool_i(locked), id],
+        )?;
+        if n == 0 {
+            return Err(StoreError::NotFound(format!("token {id} not found")));
+        }
+        let action = if locked { "token.lock" } else { "token.unlock" };
+        Self::audit(&tx, &self.actor, action, "token", id)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Deletes (revokes) a token unless it is locked; running nodes drop it on their next sync.
+    pub fn delete_token(&mut self, id: i64) -> Result<()> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let locked: Option<i64> = tx
+            .query_row("SELECT locked FROM tokens WHERE id = ?1", [id], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        match locked {
+            None => return Err(StoreError::NotFound(format!("token {id} not found"))),
+            Some(1) => {
+                return Err(StoreError::Invalid(format!(
+                    "token {id} is locked; unlock it before deleting it"
+                )))
+            }
+            Some(_) => {}
+        }
+        tx.execute("DELETE FROM tokens WHERE id = ?1", [id])?;
+        Self::note_change(&tx, "token", id)?;
+        Self::audit(&tx, &self.actor, "token.delete", "token", id)?;
+        tx.commit()?;
+        Ok(())
     }
 
     pub fn token(&self, id: i64) -> Result<TokenRow> {

@@ -541,3 +541,55 @@ async fn a_machine_is_exported_then_erased_everywhere() {
     assert!(audit.to_string().contains("privacy.erase"), "{audit}");
     server.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_token_stops_working_and_a_locked_one_cannot_be_revoked() {
+    let dir = TempDir::new("revoke");
+    let seed = Seed::new(&dir.0);
+    let key = seed.key(&dir.0, &[]);
+    let id = cli(&dir.0, &["token", "list"])["tokens"][0]["token_id"]
+        .as_i64()
+        .unwrap()
+        .to_string();
+    let server = Server::start(&dir.0, &[]);
+    let mut conn = server.connect(Protocol::Http1).await;
+    let r = conn
+        .post("/api/key/GetKey", &activate_form(&seed, &key, ""))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+
+    cli(&dir.0, &["token", "lock", "--id", &id]);
+    let refused = std::process::Command::new(super::helpers::BIN)
+        .args(["--data-dir"])
+        .arg(&dir.0)
+        .args(["token", "delete", "--id", &id])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("locked"));
+    cli(&dir.0, &["token", "unlock", "--id", &id]);
+    cli(&dir.0, &["token", "delete", "--id", &id]);
+    assert_eq!(
+        cli(&dir.0, &["token", "list"])["tokens"]
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
+
+    let revoked = eventually(Duration::from_secs(5), || async {
+        let mut c = server.connect(Protocol::Http1).await;
+        let r = c
+            .post("/api/key/GetKey", &activate_form(&seed, &key, ""))
+            .await
+            .unwrap();
+        (r.status == 401).then(|| r.json().unwrap()["message"].clone())
+    })
+    .await;
+    assert_eq!(revoked.unwrap(), "Unable to authenticate.");
+    let audit = cli(&dir.0, &["audit", "list", "--limit", "3"]).to_string();
+    for action in ["token.lock", "token.unlock", "token.delete"] {
+        assert!(audit.contains(action), "{action}: {audit}");
+    }
+}
