@@ -349,6 +349,25 @@ pub fn privacy_erase(store: &mut Store, machine_code: &str) -> Result<Value> {
     )
 }
 
+/// A customer's stored personal data and their keys.
+pub fn privacy_export_customer(store: &Store, id: i64) -> Result<Value> {
+    let (tenant_id, c, keys) = store.customer_data(id)?;
+    let keys: Vec<Value> = keys
+        .into_iter()
+        .map(|(product_id, key)| json!({"product_id": product_id, "key": key}))
+        .collect();
+    Ok(json!({
+        "customer": {"id": id, "tenant_id": tenant_id, "name": c.name, "email": c.email,
+                     "company_name": c.company_name, "created": c.created},
+        "keys": keys,
+    }))
+}
+
+pub fn privacy_erase_customer(store: &mut Store, id: i64) -> Result<Value> {
+    let keys = store.erase_customer(id)?;
+    Ok(json!({"erased": {"customer": id, "keys_updated": keys}}))
+}
+
 pub fn list_audit(store: &Store, limit: i64) -> Result<Value> {
     let rows: Vec<Value> = store
         .audit_rows(limit)?

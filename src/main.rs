@@ -60,16 +60,30 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum PrivacyCmd {
-    /// Everything stored about the machine code, as JSON.
+    /// Everything stored about a machine code or a customer, as JSON.
     Export {
+        #[arg(
+            long,
+            required_unless_present = "customer",
+            conflicts_with = "customer"
+        )]
+        machine_code: Option<String>,
+        /// A customer id.
         #[arg(long)]
-        machine_code: String,
+        customer: Option<i64>,
     },
     /// Remove the machine code everywhere: activations deleted, request-log rows blanked, trial
     /// records forgotten; running nodes drop it on their next sync. Recorded in the audit log.
+    /// With --customer: blank the customer's name, email and company (their keys stay).
     Erase {
+        #[arg(
+            long,
+            required_unless_present = "customer",
+            conflicts_with = "customer"
+        )]
+        machine_code: Option<String>,
         #[arg(long)]
-        machine_code: String,
+        customer: Option<i64>,
     },
 }
 
@@ -384,12 +398,22 @@ fn control_command(cfg: &Config, cmd: Cmd) -> Result<Value, control::ControlErro
         Cmd::Token(TokenCmd::Unlock { id }) => control::set_token_lock(s, id, false),
         Cmd::Log(LogCmd::List { product, limit }) => control::list_log(s, product, limit),
         Cmd::Audit(AuditCmd::List { limit }) => control::list_audit(s, limit),
-        Cmd::Privacy(PrivacyCmd::Export { machine_code }) => {
-            control::privacy_export(s, &machine_code)
-        }
-        Cmd::Privacy(PrivacyCmd::Erase { machine_code }) => {
-            control::privacy_erase(s, &machine_code)
-        }
+        Cmd::Privacy(PrivacyCmd::Export {
+            machine_code,
+            customer,
+        }) => match (machine_code, customer) {
+            (Some(mc), _) => control::privacy_export(s, &mc),
+            (None, Some(c)) => control::privacy_export_customer(s, c),
+            (None, None) => unreachable!("clap requires one of them"),
+        },
+        Cmd::Privacy(PrivacyCmd::Erase {
+            machine_code,
+            customer,
+        }) => match (machine_code, customer) {
+            (Some(mc), _) => control::privacy_erase(s, &mc),
+            (None, Some(c)) => control::privacy_erase_customer(s, c),
+            (None, None) => unreachable!("clap requires one of them"),
+        },
     }
 }
 

@@ -705,6 +705,65 @@ impl Store {
         Ok(rows)
     }
 
+    /// A customer (with their tenant id) and their keys as (product id, key).
+    pub fn customer_data(&self, id: i64) -> Result<(i64, Customer, Vec<(i64, String)>)> {
+        let (tenant_id, c) = self
+            .conn
+            .query_row(
+                "SELECT tenant_id, name, email, company_name, created FROM customers WHERE id = ?1",
+                [id],
+                |r| {
+                    Ok((
+                        r.get(0)?,
+                        Customer {
+                            id,
+                            name: r.get(1)?,
+                            email: r.get(2)?,
+                            company_name: r.get(3)?,
+                            created: r.get(4)?,
+                        },
+                    ))
+                },
+            )
+            .optional()?
+            .ok_or_else(|| StoreError::NotFound(format!("customer {id} not found")))?;
+        let mut st = self.conn.prepare_cached(
+            "SELECT product_id, key FROM license_keys WHERE customer_id = ?1 ORDER BY global_id",
+        )?;
+        let keys = st
+            .query_map([id], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok((tenant_id, c, keys))
+    }
+
+    /// Blanks a customer's name, email and company (the keys stay, still linked to the now
+    /// anonymous customer), tells running nodes to reload those keys, and audits it.
+    pub fn erase_customer(&mut self, id: i64) -> Result<usize> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let n = tx.execute(
+            "UPDATE customers SET name = NULL, email = NULL, company_name = NULL WHERE id = ?1",
+            [id],
+        )?;
+        if n == 0 {
+            return Err(StoreError::NotFound(format!("customer {id} not found")));
+        }
+        let gids: Vec<i64> = {
+            let mut st = tx.prepare("SELECT global_id FROM license_keys WHERE customer_id = ?1")?;
+            let rows = st
+                .query_map([id], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?;
+            rows
+        };
+        for gid in &gids {
+            Self::note_change(&tx, "key", *gid)?;
+        }
+        Self::audit(&tx, &self.actor, "privacy.erase", "customer", id)?;
+        tx.commit()?;
+        Ok(gids.len())
+    }
+
     /// Keys whose trial was made for `machine_code`: (product id, key).
     pub fn trial_keys_of_machine(&self, machine_code: &str) -> Result<Vec<(i64, String)>> {
         let mut st = self.conn.prepare_cached(

@@ -593,3 +593,77 @@ async fn a_revoked_token_stops_working_and_a_locked_one_cannot_be_revoked() {
         assert!(audit.contains(action), "{action}: {audit}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_customer_is_exported_then_erased_from_every_answer() {
+    let dir = TempDir::new("customer");
+    let seed = Seed::new(&dir.0);
+    let email = "ada.lovelace.7c1@example.com";
+    let key = seed.key(
+        &dir.0,
+        &[
+            "--customer-name",
+            "Ada Lovelace",
+            "--customer-email",
+            email,
+            "--customer-company",
+            "Engines",
+        ],
+    );
+    let customer = cli(
+        &dir.0,
+        &[
+            "key",
+            "show",
+            "--product",
+            &seed.product.to_string(),
+            "--key",
+            &key,
+        ],
+    );
+    let cid = customer["customer"]["id"]
+        .as_i64()
+        .expect("key show names the customer")
+        .to_string();
+    let server = Server::start(&dir.0, &[]);
+    let mut conn = server.connect(Protocol::Http1).await;
+    let before = conn
+        .post("/api/key/GetKey", &activate_form(&seed, &key, ""))
+        .await
+        .unwrap();
+    assert!(license_text(&before.text()).contains(email));
+
+    let exported = cli(&dir.0, &["privacy", "export", "--customer", &cid]);
+    assert_eq!(exported["customer"]["email"], email);
+    assert_eq!(exported["keys"][0]["key"], key.as_str());
+    let erased = cli(&dir.0, &["privacy", "erase", "--customer", &cid]);
+    assert_eq!(erased["erased"]["keys_updated"], 1);
+    assert_eq!(
+        cli(&dir.0, &["privacy", "export", "--customer", &cid])["customer"]["email"],
+        serde_json::Value::Null
+    );
+    // The node reloads the key: its answers no longer carry the customer's data.
+    let clean = eventually(Duration::from_secs(5), || async {
+        let mut c = server.connect(Protocol::Http1).await;
+        let r = c
+            .post("/api/key/GetKey", &activate_form(&seed, &key, ""))
+            .await
+            .unwrap();
+        let text = license_text(&r.text());
+        (!text.contains(email) && !text.contains("Lovelace")).then_some(text)
+    })
+    .await;
+    assert!(
+        clean.is_some(),
+        "the node still answers with the erased customer"
+    );
+}
+
+fn license_text(body: &str) -> String {
+    use base64::Engine as _;
+    let v: serde_json::Value = serde_json::from_str(body).unwrap();
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(v["licenseKey"].as_str().unwrap())
+        .unwrap();
+    String::from_utf8(raw).unwrap()
+}
