@@ -150,6 +150,9 @@ pub struct ChangeRow {
     pub detail: Option<String>,
 }
 
+/// A key as (product id, key string).
+pub type KeyRef = (i64, String);
+
 /// What `erase_machine` removed or anonymised.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Erased {
@@ -706,7 +709,7 @@ impl Store {
     }
 
     /// A customer (with their tenant id) and their keys as (product id, key).
-    pub fn customer_data(&self, id: i64) -> Result<(i64, Customer, Vec<(i64, String)>)> {
+    pub fn customer_data(&self, id: i64) -> Result<(i64, Customer, Vec<KeyRef>)> {
         let (tenant_id, c) = self
             .conn
             .query_row(
@@ -765,7 +768,7 @@ impl Store {
     }
 
     /// Keys whose trial was made for `machine_code`: (product id, key).
-    pub fn trial_keys_of_machine(&self, machine_code: &str) -> Result<Vec<(i64, String)>> {
+    pub fn trial_keys_of_machine(&self, machine_code: &str) -> Result<Vec<KeyRef>> {
         let mut st = self.conn.prepare_cached(
             "SELECT product_id, key FROM license_keys WHERE trial_machine_code = ?1 ORDER BY global_id",
         )?;
