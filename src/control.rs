@@ -368,6 +368,32 @@ pub fn privacy_erase_customer(store: &mut Store, id: i64) -> Result<Value> {
     Ok(json!({"erased": {"customer": id, "keys_updated": keys}}))
 }
 
+/// Activations recorded from an IP address, and request-log rows that kept it whole.
+pub fn privacy_export_ip(store: &Store, ip: &str) -> Result<Value> {
+    let activations: Vec<Value> = store
+        .activations_from_ip(ip)?
+        .into_iter()
+        .map(|(product_id, key, m)| {
+            json!({"product_id": product_id, "key": key, "mid": m.mid(), "ip": m.ip,
+                   "time": m.time, "friendly_name": m.friendly_name})
+        })
+        .collect();
+    let log: Vec<Value> = store
+        .log_rows_from_ip(ip)?
+        .into_iter()
+        .map(|l| {
+            json!({"product_id": l.product_id, "key_id": l.key_id, "time": l.time,
+                        "machine_code": l.machine_code, "state": l.state})
+        })
+        .collect();
+    Ok(json!({"ip": ip, "activations": activations, "request_log": log}))
+}
+
+pub fn privacy_erase_ip(store: &mut Store, ip: &str) -> Result<Value> {
+    let (activations, log_rows) = store.erase_ip(ip)?;
+    Ok(json!({"erased": {"activations": activations, "request_log_rows": log_rows}}))
+}
+
 pub fn list_audit(store: &Store, limit: i64) -> Result<Value> {
     let rows: Vec<Value> = store
         .audit_rows(limit)?

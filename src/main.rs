@@ -60,31 +60,26 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum PrivacyCmd {
-    /// Everything stored about a machine code or a customer, as JSON.
-    Export {
-        #[arg(
-            long,
-            required_unless_present = "customer",
-            conflicts_with = "customer"
-        )]
-        machine_code: Option<String>,
-        /// A customer id.
-        #[arg(long)]
-        customer: Option<i64>,
-    },
-    /// Remove the machine code everywhere: activations deleted, request-log rows blanked, trial
-    /// records forgotten; running nodes drop it on their next sync. Recorded in the audit log.
-    /// With --customer: blank the customer's name, email and company (their keys stay).
-    Erase {
-        #[arg(
-            long,
-            required_unless_present = "customer",
-            conflicts_with = "customer"
-        )]
-        machine_code: Option<String>,
-        #[arg(long)]
-        customer: Option<i64>,
-    },
+    /// Everything stored about a machine code, a customer or an IP address, as JSON.
+    Export(Subject),
+    /// Remove it everywhere, recorded in the audit log. A machine code: activations deleted,
+    /// request-log rows blanked, trial records forgotten. A customer: name, email and company
+    /// blanked (their keys stay). An IP: blanked in activations and the request log. Running
+    /// nodes apply it on their next sync.
+    Erase(Subject),
+}
+
+/// Whose data: exactly one of these.
+#[derive(clap::Args)]
+#[group(required = true, multiple = false)]
+struct Subject {
+    #[arg(long)]
+    machine_code: Option<String>,
+    /// A customer id.
+    #[arg(long)]
+    customer: Option<i64>,
+    #[arg(long)]
+    ip: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -398,21 +393,27 @@ fn control_command(cfg: &Config, cmd: Cmd) -> Result<Value, control::ControlErro
         Cmd::Token(TokenCmd::Unlock { id }) => control::set_token_lock(s, id, false),
         Cmd::Log(LogCmd::List { product, limit }) => control::list_log(s, product, limit),
         Cmd::Audit(AuditCmd::List { limit }) => control::list_audit(s, limit),
-        Cmd::Privacy(PrivacyCmd::Export {
-            machine_code,
-            customer,
-        }) => match (machine_code, customer) {
-            (Some(mc), _) => control::privacy_export(s, &mc),
-            (None, Some(c)) => control::privacy_export_customer(s, c),
-            (None, None) => unreachable!("clap requires one of them"),
+        Cmd::Privacy(PrivacyCmd::Export(who)) => match who {
+            Subject {
+                machine_code: Some(mc),
+                ..
+            } => control::privacy_export(s, &mc),
+            Subject {
+                customer: Some(c), ..
+            } => control::privacy_export_customer(s, c),
+            Subject { ip: Some(ip), .. } => control::privacy_export_ip(s, &ip),
+            _ => unreachable!("clap requires one of them"),
         },
-        Cmd::Privacy(PrivacyCmd::Erase {
-            machine_code,
-            customer,
-        }) => match (machine_code, customer) {
-            (Some(mc), _) => control::privacy_erase(s, &mc),
-            (None, Some(c)) => control::privacy_erase_customer(s, c),
-            (None, None) => unreachable!("clap requires one of them"),
+        Cmd::Privacy(PrivacyCmd::Erase(who)) => match who {
+            Subject {
+                machine_code: Some(mc),
+                ..
+            } => control::privacy_erase(s, &mc),
+            Subject {
+                customer: Some(c), ..
+            } => control::privacy_erase_customer(s, c),
+            Subject { ip: Some(ip), .. } => control::privacy_erase_ip(s, &ip),
+            _ => unreachable!("clap requires one of them"),
         },
     }
 }

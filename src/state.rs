@@ -139,13 +139,24 @@ impl State {
                 let Some(digest) = c.detail.as_deref() else {
                     return Ok(());
                 };
-                let erased = |mc: &str| crate::store::machine_code_digest(mc) == digest;
+                let erased = |mc: &str| crate::store::personal_digest(mc) == digest;
                 if let Some(e) = self.license_by_global(c.entity_id) {
                     e.license
                         .lock()
                         .remove_machines_where(|m| erased(&m.machine_code));
                 }
                 self.trials.retain(|(_, mc), _| !erased(mc));
+            }
+            // An erased IP address: blank it in this key's activations.
+            "ip_erased" => {
+                let (Some(digest), Some(e)) =
+                    (c.detail.as_deref(), self.license_by_global(c.entity_id))
+                else {
+                    return Ok(());
+                };
+                e.license
+                    .lock()
+                    .blank_ips_where(|ip| crate::store::personal_digest(ip) == digest);
             }
             "token" => match store.token(c.entity_id) {
                 Ok(t) => self.put_token(t.id, &t.hash, t.scope),

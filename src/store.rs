@@ -161,9 +161,9 @@ pub struct Erased {
     pub trial_keys: usize,
 }
 
-/// The SHA-256 of a machine code, hex: how the change feed names an erased machine.
-pub fn machine_code_digest(machine_code: &str) -> String {
-    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, machine_code.as_bytes());
+/// The SHA-256 of a machine code or IP, hex: how the change feed names erased personal data.
+pub fn personal_digest(value: &str) -> String {
+    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, value.as_bytes());
     d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
 }
 
@@ -778,6 +778,82 @@ impl Store {
         Ok(rows)
     }
 
+    /// Activations recorded from `ip`: (product id, key, machine).
+    pub fn activations_from_ip(&self, ip: &str) -> Result<Vec<(i64, String, Machine)>> {
+        let mut st = self.conn.prepare_cached(
+            "SELECT k.product_id, k.key, a.machine_code, a.kind, a.ip, a.proxy_ip, a.time, a.friendly_name, a.floating_expires
+             FROM activations a JOIN license_keys k ON k.global_id = a.key_global_id
+             WHERE a.ip = ?1 ORDER BY k.global_id, a.seq",
+        )?;
+        let rows = st
+            .query_map([ip], |x| {
+                Ok((
+                    x.get(0)?,
+                    x.get(1)?,
+                    Machine {
+                        machine_code: x.get(2)?,
+                        kind: MachineKind::from_i64(x.get(3)?),
+                        ip: x.get(4)?,
+                        proxy_ip: x.get::<_, String>(5)?.into(),
+                        time: x.get(6)?,
+                        friendly_name: x.get(7)?,
+                        floating_expires: x.get(8)?,
+                    },
+                ))
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(rows)
+    }
+
+    /// Request-log rows whose stored client address is exactly `ip`, oldest first.
+    pub fn log_rows_from_ip(&self, ip: &str) -> Result<Vec<LogRow>> {
+        let mut st = self.conn.prepare_cached(
+            "SELECT tenant_id, product_id, key_id, client_ip, proxy_ip, time, machine_code, friendly_name, state, floating_expires
+             FROM request_log WHERE client_ip = ?1 ORDER BY id",
+        )?;
+        let rows = st
+            .query_map([ip], |r| log_row_from(r, 0))?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(rows)
+    }
+
+    /// Blanks `ip` in activations and in the request log (the activations stay), tells
+    /// running nodes by digest, and audits it. Returns (activations, log rows) changed.
+    pub fn erase_ip(&mut self, ip: &str) -> Result<(usize, usize)> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let gids: Vec<i64> = {
+            let mut st =
+                tx.prepare("SELECT DISTINCT key_global_id FROM activations WHERE ip = ?1")?;
+            let rows = st
+                .query_map([ip], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?;
+            rows
+        };
+        let activations = tx.execute("UPDATE activations SET ip = '' WHERE ip = ?1", [ip])?;
+        let log_rows = tx.execute(
+            "UPDATE request_log SET client_ip = '' WHERE client_ip = ?1",
+            [ip],
+        )?;
+        let digest = personal_digest(ip);
+        for gid in &gids {
+            tx.execute(
+                "INSERT INTO changes (entity, entity_id, detail) VALUES ('ip_erased', ?1, ?2)",
+                params![gid, digest],
+            )?;
+        }
+        Self::audit(
+            &tx,
+            &self.actor,
+            "privacy.erase",
+            "ip",
+            (activations + log_rows) as i64,
+        )?;
+        tx.commit()?;
+        Ok((activations, log_rows))
+    }
+
     /// Deletes every activation of `machine_code`, blanks it (with its friendly name and client
     /// network) in the request log and forgets it as a trial machine, in one transaction that
     /// also tells running nodes (by digest) and writes the audit log (without the code).
@@ -806,7 +882,7 @@ impl Store {
                 [machine_code],
             )?,
         };
-        let digest = machine_code_digest(machine_code);
+        let digest = personal_digest(machine_code);
         for gid in &gids {
             tx.execute(
                 "INSERT INTO changes (entity, entity_id, detail) VALUES ('machine_erased', ?1, ?2)",

@@ -244,6 +244,22 @@ impl License {
         removed
     }
 
+    /// Blanks the IP of every activation recorded from an address matching `erase`; returns
+    /// how many changed.
+    pub fn blank_ips_where(&mut self, erase: impl Fn(&str) -> bool) -> usize {
+        let mut changed = 0;
+        for m in &mut self.machines {
+            if !m.ip.is_empty() && erase(&m.ip) {
+                m.ip.clear();
+                changed += 1;
+            }
+        }
+        if changed > 0 {
+            self.version += 1;
+        }
+        changed
+    }
+
     /// The activations a response lists.
     ///
     /// ModelVersion 3 lists node-locked and active floating seats; older versions list the

@@ -519,3 +519,91 @@ async fn post_quantum_key_exchange_is_preferred_unless_turned_off() {
     assert_eq!(negotiated(&server).await, "X25519");
     server.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ip_address_is_exported_then_erased_everywhere() {
+    let dir = TempDir::new("erase-ip");
+    let seed = Seed::new(&dir.0);
+    let key = seed.key(&dir.0, &["--max-machines", "3"]);
+    let ip = "198.51.100.77";
+    // Behind a trusted proxy that names the client, and a log that keeps whole addresses.
+    let mut server = Server::start(
+        &dir.0,
+        &[
+            ("KEYGATE_SERVER__TRUSTED_PROXIES", r#"["127.0.0.1"]"#),
+            ("KEYGATE_PRIVACY__LOG_IPV4_PREFIX", "32"),
+        ],
+    );
+    let mut c = server.connect(Protocol::Http1).await;
+    let r = c
+        .request(
+            "POST",
+            "/api/key/Activate",
+            &[("X-Forwarded-For", ip)],
+            activate(&seed, &key, "m1"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    async fn getkey(c: &mut Connection, body: String) -> String {
+        let r = c.post("/api/key/GetKey", &body).await.unwrap();
+        let v: serde_json::Value = serde_json::from_str(&r.text()).unwrap();
+        use base64::Engine as _;
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(v["licenseKey"].as_str().unwrap())
+            .unwrap();
+        String::from_utf8(raw).unwrap()
+    }
+    assert!(getkey(&mut c, activate(&seed, &key, "")).await.contains(ip));
+    let exported = eventually(Duration::from_secs(5), || async {
+        let e = cli(&dir.0, &["privacy", "export", "--ip", ip]);
+        (!e["request_log"].as_array().unwrap().is_empty()).then_some(e)
+    })
+    .await
+    .expect("the log row reaches the store");
+    assert_eq!(
+        exported["activations"].as_array().unwrap().len(),
+        1,
+        "{exported}"
+    );
+
+    let erased = cli(&dir.0, &["privacy", "erase", "--ip", ip]);
+    assert_eq!(erased["erased"]["activations"], 1, "{erased}");
+    let after = cli(&dir.0, &["privacy", "export", "--ip", ip]);
+    assert!(
+        after["activations"].as_array().unwrap().is_empty()
+            && after["request_log"].as_array().unwrap().is_empty(),
+        "{after}"
+    );
+    for v in [
+        cli(
+            &dir.0,
+            &[
+                "key",
+                "show",
+                "--product",
+                &seed.product.to_string(),
+                "--key",
+                &key,
+            ],
+        ),
+        cli(&dir.0, &["log", "list", "--limit", "100"]),
+    ] {
+        assert!(!v.to_string().contains(ip), "{v}");
+    }
+    let forgotten = eventually(Duration::from_secs(5), || async {
+        let mut c = server.connect(Protocol::Http1).await;
+        (!getkey(&mut c, activate(&seed, &key, "")).await.contains(ip)).then_some(())
+    })
+    .await;
+    assert!(
+        forgotten.is_some(),
+        "the node still answers with the erased IP"
+    );
+    server.stop();
+    assert_eq!(
+        seed.mids(&dir.0, &key),
+        ["m1"],
+        "the activation itself stays"
+    );
+}
