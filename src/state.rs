@@ -147,16 +147,20 @@ impl State {
                 }
                 self.trials.retain(|(_, mc), _| !erased(mc));
             }
-            // An erased IP address: blank it in this key's activations.
+            // An erased IP address: blank the IPs the store now holds blank for this key.
             "ip_erased" => {
-                let (Some(digest), Some(e)) =
-                    (c.detail.as_deref(), self.license_by_global(c.entity_id))
-                else {
+                let Some(e) = self.license_by_global(c.entity_id) else {
                     return Ok(());
                 };
-                e.license
-                    .lock()
-                    .blank_ips_where(|ip| crate::store::personal_digest(ip) == digest);
+                let stored = store.key(c.entity_id)?.license.machines;
+                let blanked = |m: &crate::domain::Machine| {
+                    stored.iter().any(|s| {
+                        s.ip.is_empty()
+                            && s.machine_code == m.machine_code
+                            && s.is_floating() == m.is_floating()
+                    })
+                };
+                e.license.lock().blank_ips_where(blanked);
             }
             "token" => match store.token(c.entity_id) {
                 Ok(t) => self.put_token(t.id, &t.hash, t.scope),

@@ -244,12 +244,11 @@ impl License {
         removed
     }
 
-    /// Blanks the IP of every activation recorded from an address matching `erase`; returns
-    /// how many changed.
-    pub fn blank_ips_where(&mut self, erase: impl Fn(&str) -> bool) -> usize {
+    /// Blanks the IP of every activation `erase` picks; returns how many changed.
+    pub fn blank_ips_where(&mut self, erase: impl Fn(&Machine) -> bool) -> usize {
         let mut changed = 0;
         for m in &mut self.machines {
-            if !m.ip.is_empty() && erase(&m.ip) {
+            if !m.ip.is_empty() && erase(m) {
                 m.ip.clear();
                 changed += 1;
             }
