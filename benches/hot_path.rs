@@ -67,7 +67,7 @@ fn fixture(cached: bool) -> Fixture {
             batch_rows: 1000,
             flush_interval: Duration::from_millis(200),
             log_queue_rows: 1 << 20,
-            retention: None,
+            retention_days: None,
         },
     );
     let ctx = Arc::new(Ctx {

@@ -70,8 +70,8 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
             batch_rows: cfg.store.batch_rows,
             flush_interval: Duration::from_millis(cfg.store.flush_interval_ms),
             log_queue_rows: cfg.store.log_queue_rows,
-            retention: (cfg.privacy.log_retention_days > 0)
-                .then(|| Duration::from_secs(cfg.privacy.log_retention_days * 86_400)),
+            retention_days: (cfg.privacy.log_retention_days > 0)
+                .then_some(cfg.privacy.log_retention_days),
         },
     );
     let sync = Sync::spawn(

@@ -394,6 +394,11 @@ pub fn privacy_erase_ip(store: &mut Store, ip: &str) -> Result<Value> {
     Ok(json!({"erased": {"activations": activations, "request_log_rows": log_rows}}))
 }
 
+pub fn set_tenant_retention(store: &mut Store, tenant: i64, days: Option<u64>) -> Result<Value> {
+    store.set_tenant_retention(tenant, days)?;
+    Ok(json!({"tenant_id": tenant, "log_retention_days": days}))
+}
+
 pub fn list_audit(store: &Store, limit: i64) -> Result<Value> {
     let rows: Vec<Value> = store
         .audit_rows(limit)?

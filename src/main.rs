@@ -98,6 +98,16 @@ enum TenantCmd {
         name: String,
     },
     List,
+    /// The tenant's own request-log retention: after this many days rows lose machine code,
+    /// friendly name and client network (0 keeps them). --default follows the node's setting.
+    Retention {
+        #[arg(long)]
+        tenant: i64,
+        #[arg(long, required_unless_present = "default", conflicts_with = "default")]
+        days: Option<u64>,
+        #[arg(long)]
+        default: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -319,6 +329,9 @@ fn control_command(cfg: &Config, cmd: Cmd) -> Result<Value, control::ControlErro
     match cmd {
         Cmd::Serve | Cmd::CheckConfig => unreachable!("handled in main"),
         Cmd::Tenant(TenantCmd::Create { name }) => control::create_tenant(s, &name),
+        Cmd::Tenant(TenantCmd::Retention { tenant, days, .. }) => {
+            control::set_tenant_retention(s, tenant, days)
+        }
         Cmd::Tenant(TenantCmd::List) => control::list_tenants(s),
         Cmd::Product(ProductCmd::Create {
             tenant,

@@ -22,11 +22,15 @@ pub enum StoreError {
 
 pub type Result<T> = std::result::Result<T, StoreError>;
 
-const MIGRATIONS: [(i64, &str); 4] = [
+const MIGRATIONS: [(i64, &str); 5] = [
     (1, include_str!("store/migrations/0001_init.sql")),
     (2, include_str!("store/migrations/0002_audit.sql")),
     (3, include_str!("store/migrations/0003_change_detail.sql")),
     (4, include_str!("store/migrations/0004_token_lock.sql")),
+    (
+        5,
+        include_str!("store/migrations/0005_tenant_retention.sql"),
+    ),
 ];
 
 pub struct Store {
@@ -659,12 +663,60 @@ impl Store {
 
     /// Blanks the personal fields (machine code, friendly name, client network) of request-log
     /// rows older than `cutoff`; returns how many rows changed.
-    pub fn apply_retention(&mut self, cutoff: i64) -> Result<usize> {
-        Ok(self.conn.execute(
+    ///
+    /// Tenants with their own `log_retention_days` use it (0 keeps their rows); every other row
+    /// follows `default_days` (`None` keeps them).
+    pub fn apply_retention(&mut self, default_days: Option<u64>, now: i64) -> Result<usize> {
+        const BLANK: &str =
             "UPDATE request_log SET machine_code = '', friendly_name = '', client_ip = ''
-             WHERE time < ?1 AND (machine_code != '' OR friendly_name != '' OR client_ip != '')",
-            [cutoff],
-        )?)
+             WHERE (machine_code != '' OR friendly_name != '' OR client_ip != '') AND time < ?1";
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut changed = 0;
+        let own: Vec<(i64, i64)> = {
+            let mut st = tx.prepare(
+                "SELECT id, log_retention_days FROM tenants WHERE log_retention_days > 0",
+            )?;
+            let rows = st
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<rusqlite::Result<_>>()?;
+            rows
+        };
+        for (tenant, days) in own {
+            changed += tx.execute(
+                &format!("{BLANK} AND tenant_id = ?2"),
+                params![now - days * 86_400, tenant],
+            )?;
+        }
+        if let Some(days) = default_days {
+            changed += tx.execute(
+                &format!(
+                    "{BLANK} AND (tenant_id IS NULL OR tenant_id NOT IN
+                        (SELECT id FROM tenants WHERE log_retention_days IS NOT NULL))"
+                ),
+                [now - days as i64 * 86_400],
+            )?;
+        }
+        tx.commit()?;
+        Ok(changed)
+    }
+
+    /// Sets a tenant's own request-log retention (`None`: follow the node's default).
+    pub fn set_tenant_retention(&mut self, tenant: i64, days: Option<u64>) -> Result<()> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let n = tx.execute(
+            "UPDATE tenants SET log_retention_days = ?1 WHERE id = ?2",
+            params![days.map(|d| d as i64), tenant],
+        )?;
+        if n == 0 {
+            return Err(StoreError::NotFound(format!("tenant {tenant} not found")));
+        }
+        Self::audit(&tx, &self.actor, "tenant.retention", "tenant", tenant)?;
+        tx.commit()?;
+        Ok(())
     }
 
     /// Every activation of `machine_code` (any key): (product id, key, machine).
@@ -1189,52 +1241,74 @@ mod tests {
     }
 
     #[test]
-    fn retention_blanks_only_old_rows_and_only_once() {
+    fn retention_blanks_only_old_rows_by_tenant_rule_and_only_once() {
         let dir = std::env::temp_dir().join(format!("keygate-retention-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let mut store = Store::open(&dir.join("k.db")).unwrap();
-        let row = |time: i64| LogRow {
-            tenant_id: Some(1),
+        let keeps = store.create_tenant("keeps", b"k", "<x/>", 1).unwrap();
+        let week = store.create_tenant("week", b"k", "<x/>", 1).unwrap();
+        let follows = store.create_tenant("follows", b"k", "<x/>", 1).unwrap();
+        store.set_tenant_retention(keeps, Some(0)).unwrap();
+        store.set_tenant_retention(week, Some(7)).unwrap();
+        const DAY: i64 = 86_400;
+        let now = 1000 * DAY;
+        let row = |tenant: Option<i64>, age_days: i64| LogRow {
+            tenant_id: tenant,
             product_id: Some(2),
             key_id: Some(3),
             client_ip: "203.0.113.0".into(),
             proxy_ip: "10.0.0.1".into(),
-            time,
-            machine_code: format!("m{time}"),
+            time: now - age_days * DAY,
+            machine_code: format!("m{age_days}"),
             friendly_name: "pc".into(),
             state: 2010,
             floating_expires: 0,
         };
-        store
-            .write_batch(&[], &[row(100), row(200), row(300)])
-            .unwrap();
-        assert_eq!(store.apply_retention(250).unwrap(), 2);
-        assert_eq!(store.apply_retention(250).unwrap(), 0, "already blank");
-        let rows: Vec<LogRow> = store
-            .log_rows(None, 10)
+        let rows: Vec<LogRow> = [keeps, week, follows]
+            .into_iter()
+            .map(Some)
+            .chain([None])
+            .flat_map(|t| [row(t, 10), row(t, 5), row(t, 1)])
+            .collect();
+        store.write_batch(&[], &rows).unwrap();
+        // Default 3 days: `follows` and unknown-tenant rows older than 3 days; `week` older
+        // than 7; `keeps` never.
+        assert_eq!(store.apply_retention(Some(3), now).unwrap(), 5);
+        assert_eq!(
+            store.apply_retention(Some(3), now).unwrap(),
+            0,
+            "already blank"
+        );
+        let mut left: Vec<(Option<i64>, String)> = store
+            .log_rows(None, 100)
             .unwrap()
             .into_iter()
-            .map(|(_, r)| r)
+            .map(|(_, r)| (r.tenant_id, r.machine_code))
             .collect();
-        let kept: Vec<(&str, &str, &str, &str, i64)> = rows
-            .iter()
-            .map(|r| {
-                (
-                    r.machine_code.as_str(),
-                    r.friendly_name.as_str(),
-                    r.client_ip.as_str(),
-                    r.proxy_ip.as_str(),
-                    r.time,
-                )
-            })
-            .collect();
+        left.reverse();
+        let want: Vec<(Option<i64>, String)> = [
+            (Some(keeps), "m10"),
+            (Some(keeps), "m5"),
+            (Some(keeps), "m1"),
+            (Some(week), ""),
+            (Some(week), "m5"),
+            (Some(week), "m1"),
+            (Some(follows), ""),
+            (Some(follows), ""),
+            (Some(follows), "m1"),
+            (None, ""),
+            (None, ""),
+            (None, "m1"),
+        ]
+        .into_iter()
+        .map(|(t, m)| (t, m.to_owned()))
+        .collect();
+        assert_eq!(left, want);
+        // No default: only tenants with their own rule age out.
         assert_eq!(
-            kept,
-            [
-                ("m300", "pc", "203.0.113.0", "10.0.0.1", 300),
-                ("", "", "", "10.0.0.1", 200),
-                ("", "", "", "10.0.0.1", 100)
-            ]
+            store.apply_retention(None, now + 10 * DAY).unwrap(),
+            2,
+            "week's m5 and m1"
         );
         let _ = std::fs::remove_dir_all(&dir);
     }

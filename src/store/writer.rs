@@ -17,8 +17,9 @@ pub struct BatchPolicy {
     pub batch_rows: usize,
     pub flush_interval: Duration,
     pub log_queue_rows: usize,
-    /// Request-log rows older than this lose their personal fields (hourly); `None` keeps them.
-    pub retention: Option<Duration>,
+    /// Days after which request-log rows lose their personal fields (checked hourly), unless
+    /// their tenant sets its own; `None` keeps them.
+    pub retention_days: Option<u64>,
 }
 
 /// How often the writer applies the retention rule.
@@ -170,10 +171,9 @@ fn run(
     let tick = policy.flush_interval.min(Duration::from_millis(20));
     let mut retention_due = Instant::now();
     loop {
-        if let Some(keep) = policy.retention.filter(|_| Instant::now() >= retention_due) {
+        if Instant::now() >= retention_due {
             retention_due = Instant::now() + RETENTION_EVERY;
-            let cutoff = crate::http::unix_now() - keep.as_secs() as i64;
-            match store.apply_retention(cutoff) {
+            match store.apply_retention(policy.retention_days, crate::http::unix_now()) {
                 Ok(n) => {
                     crate::metrics::retention_anonymised(n);
                     if n > 0 {
