@@ -724,13 +724,37 @@ impl Store {
         &self,
         machine_code: &str,
     ) -> Result<Vec<(i64, String, Machine)>> {
-        let mut st = self.conn.prepare_cached(
+        self.activations_matching("machine_code", machine_code)
+    }
+
+    /// Activations recorded from `ip`: (product id, key, machine).
+    pub fn activations_from_ip(&self, ip: &str) -> Result<Vec<(i64, String, Machine)>> {
+        self.activations_matching("ip", ip)
+    }
+
+    /// Request-log rows naming `machine_code`, oldest first.
+    pub fn log_rows_of_machine(&self, machine_code: &str) -> Result<Vec<LogRow>> {
+        self.log_rows_matching("machine_code", machine_code)
+    }
+
+    /// Request-log rows whose stored client address is exactly `ip`, oldest first.
+    pub fn log_rows_from_ip(&self, ip: &str) -> Result<Vec<LogRow>> {
+        self.log_rows_matching("client_ip", ip)
+    }
+
+    /// Activations whose `column` (a fixed column name, never input) equals `value`.
+    fn activations_matching(
+        &self,
+        column: &'static str,
+        value: &str,
+    ) -> Result<Vec<(i64, String, Machine)>> {
+        let mut st = self.conn.prepare_cached(&format!(
             "SELECT k.product_id, k.key, a.machine_code, a.kind, a.ip, a.proxy_ip, a.time, a.friendly_name, a.floating_expires
              FROM activations a JOIN license_keys k ON k.global_id = a.key_global_id
-             WHERE a.machine_code = ?1 ORDER BY k.global_id, a.seq",
-        )?;
+             WHERE a.{column} = ?1 ORDER BY k.global_id, a.seq"
+        ))?;
         let rows = st
-            .query_map([machine_code], |x| {
+            .query_map([value], |x| {
                 Ok((
                     x.get(0)?,
                     x.get(1)?,
@@ -749,14 +773,14 @@ impl Store {
         Ok(rows)
     }
 
-    /// Request-log rows naming `machine_code`, oldest first.
-    pub fn log_rows_of_machine(&self, machine_code: &str) -> Result<Vec<LogRow>> {
-        let mut st = self.conn.prepare_cached(
+    /// Request-log rows whose `column` (a fixed column name, never input) equals `value`.
+    fn log_rows_matching(&self, column: &'static str, value: &str) -> Result<Vec<LogRow>> {
+        let mut st = self.conn.prepare_cached(&format!(
             "SELECT tenant_id, product_id, key_id, client_ip, proxy_ip, time, machine_code, friendly_name, state, floating_expires
-             FROM request_log WHERE machine_code = ?1 ORDER BY id",
-        )?;
+             FROM request_log WHERE {column} = ?1 ORDER BY id"
+        ))?;
         let rows = st
-            .query_map([machine_code], |r| log_row_from(r, 0))?
+            .query_map([value], |r| log_row_from(r, 0))?
             .collect::<rusqlite::Result<_>>()?;
         Ok(rows)
     }
@@ -827,45 +851,6 @@ impl Store {
         )?;
         let rows = st
             .query_map([machine_code], |r| Ok((r.get(0)?, r.get(1)?)))?
-            .collect::<rusqlite::Result<_>>()?;
-        Ok(rows)
-    }
-
-    /// Activations recorded from `ip`: (product id, key, machine).
-    pub fn activations_from_ip(&self, ip: &str) -> Result<Vec<(i64, String, Machine)>> {
-        let mut st = self.conn.prepare_cached(
-            "SELECT k.product_id, k.key, a.machine_code, a.kind, a.ip, a.proxy_ip, a.time, a.friendly_name, a.floating_expires
-             FROM activations a JOIN license_keys k ON k.global_id = a.key_global_id
-             WHERE a.ip = ?1 ORDER BY k.global_id, a.seq",
-        )?;
-        let rows = st
-            .query_map([ip], |x| {
-                Ok((
-                    x.get(0)?,
-                    x.get(1)?,
-                    Machine {
-                        machine_code: x.get(2)?,
-                        kind: MachineKind::from_i64(x.get(3)?),
-                        ip: x.get(4)?,
-                        proxy_ip: x.get::<_, String>(5)?.into(),
-                        time: x.get(6)?,
-                        friendly_name: x.get(7)?,
-                        floating_expires: x.get(8)?,
-                    },
-                ))
-            })?
-            .collect::<rusqlite::Result<_>>()?;
-        Ok(rows)
-    }
-
-    /// Request-log rows whose stored client address is exactly `ip`, oldest first.
-    pub fn log_rows_from_ip(&self, ip: &str) -> Result<Vec<LogRow>> {
-        let mut st = self.conn.prepare_cached(
-            "SELECT tenant_id, product_id, key_id, client_ip, proxy_ip, time, machine_code, friendly_name, state, floating_expires
-             FROM request_log WHERE client_ip = ?1 ORDER BY id",
-        )?;
-        let rows = st
-            .query_map([ip], |r| log_row_from(r, 0))?
             .collect::<rusqlite::Result<_>>()?;
         Ok(rows)
     }

@@ -1,7 +1,7 @@
 //! Activation behaviour over real sockets: parallel activations never exceed the limit, state
 //! survives a restart, every request is logged with client and proxy IP, h1 and h2 both serve.
 
-use super::helpers::{cli, eventually, Seed, Server, TempDir};
+use super::helpers::{cli, eventually, license_text, Seed, Server, TempDir};
 use keygate_loadtest::{form, Protocol};
 use std::time::Duration;
 
@@ -330,19 +330,11 @@ async fn repeated_answers_come_from_the_cache_until_the_license_changes() {
     ok(&mut conn, activate_form(&seed, &key, "m2")).await;
     let after = ok(&mut conn, activate_form(&seed, &key, "m1")).await;
     assert_ne!(after, third);
-    let license = |body: &str| {
-        let v: serde_json::Value = serde_json::from_str(body).unwrap();
-        use base64::Engine as _;
-        let raw = base64::engine::general_purpose::STANDARD
-            .decode(v["licenseKey"].as_str().unwrap())
-            .unwrap();
-        String::from_utf8(raw).unwrap()
-    };
-    assert!(!license(&first).contains("\"Mid\":\"m2\""));
+    assert!(!license_text(&first).contains("\"Mid\":\"m2\""));
     assert!(
-        license(&after).contains("\"Mid\":\"m2\""),
+        license_text(&after).contains("\"Mid\":\"m2\""),
         "{}",
-        license(&after)
+        license_text(&after)
     );
     let (_, m) = server.admin_get("/metrics");
     let hits = m
@@ -363,16 +355,16 @@ async fn repeated_answers_come_from_the_cache_until_the_license_changes() {
     let again = conn.post("/api/key/GetKey", &getkey).await.unwrap().text();
     assert_eq!(listed, again, "cached");
     assert!(
-        license(&listed).contains("\"Mid\":\"floating:f1\""),
+        license_text(&listed).contains("\"Mid\":\"floating:f1\""),
         "{}",
-        license(&listed)
+        license_text(&listed)
     );
     tokio::time::sleep(Duration::from_millis(2100)).await;
     let expired = conn.post("/api/key/GetKey", &getkey).await.unwrap().text();
     assert!(
-        !license(&expired).contains("floating:f1"),
+        !license_text(&expired).contains("floating:f1"),
         "{}",
-        license(&expired)
+        license_text(&expired)
     );
     // A block is a rejection decided before any cache lookup.
     let pid = seed.product.to_string();
@@ -525,12 +517,7 @@ async fn a_machine_is_exported_then_erased_everywhere() {
             .post("/api/key/GetKey", &activate_form(&seed, &key, ""))
             .await
             .unwrap();
-        let v: serde_json::Value = serde_json::from_str(&r.text()).unwrap();
-        use base64::Engine as _;
-        let raw = base64::engine::general_purpose::STANDARD
-            .decode(v["licenseKey"].as_str().unwrap())
-            .unwrap();
-        let text = String::from_utf8(raw).unwrap();
+        let text = license_text(&r.text());
         (!text.contains(gone)).then_some(text)
     })
     .await;
@@ -657,13 +644,4 @@ async fn a_customer_is_exported_then_erased_from_every_answer() {
         clean.is_some(),
         "the node still answers with the erased customer"
     );
-}
-
-fn license_text(body: &str) -> String {
-    use base64::Engine as _;
-    let v: serde_json::Value = serde_json::from_str(body).unwrap();
-    let raw = base64::engine::general_purpose::STANDARD
-        .decode(v["licenseKey"].as_str().unwrap())
-        .unwrap();
-    String::from_utf8(raw).unwrap()
 }

@@ -271,6 +271,16 @@ impl Drop for Server {
     }
 }
 
+/// The decoded `licenseKey` JSON text of a license response body.
+pub fn license_text(body: &str) -> String {
+    use base64::Engine as _;
+    let v: serde_json::Value = serde_json::from_str(body).expect("a JSON response");
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(v["licenseKey"].as_str().expect("a licenseKey"))
+        .unwrap();
+    String::from_utf8(raw).unwrap()
+}
+
 /// Retries `f` until it returns `Some` or `within` passes.
 pub async fn eventually<T, F, Fut>(within: Duration, mut f: F) -> Option<T>
 where

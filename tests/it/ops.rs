@@ -2,7 +2,7 @@
 //! `/readyz`, SIGTERM during load (readiness off, drain, nothing accepted is lost), SIGHUP
 //! certificate reload, and `X-Forwarded-For` believed only from trusted proxies.
 
-use super::helpers::{cli, eventually, Seed, Server, TempDir};
+use super::helpers::{cli, eventually, license_text, Seed, Server, TempDir};
 use keygate_loadtest::{form, tls_config, Connection, Protocol};
 use std::time::Duration;
 
@@ -547,12 +547,7 @@ async fn an_ip_address_is_exported_then_erased_everywhere() {
     assert_eq!(r.status, 200, "{}", r.text());
     async fn getkey(c: &mut Connection, body: String) -> String {
         let r = c.post("/api/key/GetKey", &body).await.unwrap();
-        let v: serde_json::Value = serde_json::from_str(&r.text()).unwrap();
-        use base64::Engine as _;
-        let raw = base64::engine::general_purpose::STANDARD
-            .decode(v["licenseKey"].as_str().unwrap())
-            .unwrap();
-        String::from_utf8(raw).unwrap()
+        license_text(&r.text())
     }
     assert!(getkey(&mut c, activate(&seed, &key, "")).await.contains(ip));
     let exported = eventually(Duration::from_secs(5), || async {
