@@ -60,9 +60,11 @@ fn fixture(cached: bool) -> Fixture {
         .as_str()
         .unwrap()
         .to_owned();
-    let (state, _) = State::load(&store).unwrap();
+    let (state, _) = State::load(&mut store).unwrap();
     let writer = Writer::spawn(
         store,
+        None,
+        keygate::store::journal::Journal::open(&dir.join("spool")).unwrap(),
         BatchPolicy {
             batch_rows: 1000,
             flush_interval: Duration::from_millis(200),

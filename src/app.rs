@@ -11,8 +11,9 @@ use crate::http::response_cache::ResponseCache;
 use crate::http::sign_pool::SignPool;
 use crate::http::{self, Ctx, Limits};
 use crate::state::{State, Sync};
+use crate::store::journal::Journal;
 use crate::store::writer::{BatchPolicy, Writer};
-use crate::store::Store;
+use crate::store::{Location, Store};
 use crate::tls::CertResolver;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -51,11 +52,16 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
                 h.run_upkeep();
             })?;
     }
-    let db = cfg.sqlite_path();
-    let store = Store::open(&db)?;
-    let (state, seq) = State::load(&store)?;
+    let location = cfg.store_location();
+    // The PostgreSQL client runs its own small runtime, so connecting and loading happen on a
+    // plain thread, not on an async worker.
+    let (store, journal, sync_store, mut control_store, state, seq) = {
+        let location = location.clone();
+        let spool = cfg.spool_dir();
+        tokio::task::spawn_blocking(move || open_store(&location, &spool)).await??
+    };
     let state = Arc::new(state);
-    tracing::info!(licenses = state.license_count(), db = %db.display(), "state loaded");
+    tracing::info!(licenses = state.license_count(), store = %location.describe(), "state loaded");
     crate::metrics::licenses_loaded(state.license_count());
 
     let (cert, key) = match (&cfg.server.tls_cert, &cfg.server.tls_key) {
@@ -66,6 +72,8 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
 
     let writer = Writer::spawn(
         store,
+        Some(location.clone()),
+        journal,
         BatchPolicy {
             batch_rows: cfg.store.batch_rows,
             flush_interval: Duration::from_millis(cfg.store.flush_interval_ms),
@@ -76,7 +84,8 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     );
     let sync = Sync::spawn(
         state.clone(),
-        Store::open(&db)?,
+        sync_store,
+        Some(location.clone()),
         seq,
         Duration::from_millis(cfg.store.sync_interval_ms),
     );
@@ -85,10 +94,9 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         state,
         writer: writer.sender(),
         control_store: Arc::new(parking_lot::Mutex::new({
-            let mut store = Store::open(&db)?;
             // The only administrative write the API makes: keys created by CreateTrialKey.
-            store.set_actor("api:CreateTrialKey");
-            store
+            control_store.set_actor("api:CreateTrialKey");
+            control_store
         })),
         trial_lock: tokio::sync::Mutex::new(()),
         limits: Limits {
@@ -212,6 +220,45 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         "store writer flushed; bye"
     );
     Ok(())
+}
+
+/// Connects to the main store (three connections: writer, sync, control), replays batches an
+/// earlier run left in the spool, then loads the state, so the node starts with everything
+/// it had acknowledged.
+#[allow(clippy::type_complexity)]
+fn open_store(
+    location: &Location,
+    spool: &std::path::Path,
+) -> anyhow::Result<(Store, Journal, Store, Store, State, i64)> {
+    let mut store = Store::connect(location)?;
+    let journal = Journal::open(spool)
+        .map_err(|e| anyhow::anyhow!("cannot open the spool {}: {e}", spool.display()))?;
+    let journal = replay_spool(&mut store, journal)?;
+    let (state, seq) = State::load(&mut store)?;
+    let sync = Store::connect(location)?;
+    let control = Store::connect(location)?;
+    Ok((store, journal, sync, control, state, seq))
+}
+
+/// Writes every spooled batch to the store, oldest first; an error stops the start (the node
+/// would otherwise serve without activations it had acknowledged).
+fn replay_spool(store: &mut Store, mut journal: Journal) -> anyhow::Result<Journal> {
+    let mut replayed = 0usize;
+    while let Some(batch) = journal.front() {
+        let b = batch?;
+        store
+            .write_batch_once(Some(b.id), &b.events, &b.logs)
+            .map_err(|e| anyhow::anyhow!("replaying the spool into the main store: {e}"))?;
+        journal.pop_front()?;
+        replayed += 1;
+    }
+    if replayed > 0 {
+        tracing::info!(
+            batches = replayed,
+            "spooled batches from an earlier run replayed"
+        );
+    }
+    Ok(journal)
 }
 
 /// Waits for SIGTERM or SIGINT; reloads the TLS certificate on every SIGHUP meanwhile.

@@ -129,6 +129,11 @@ pub struct RateLimitCfg {
 pub struct StoreCfg {
     /// SQLite database; `data_dir/keygate.db` when unset.
     pub sqlite_path: Option<PathBuf>,
+    /// PostgreSQL main store (`postgres://user:password@host:port/db`); when set, used
+    /// instead of SQLite.
+    pub postgres_url: Option<String>,
+    /// Where batches wait while the main store refuses them; `data_dir/spool` when unset.
+    pub spool_dir: Option<PathBuf>,
     /// How often a node polls the control-plane change feed.
     pub sync_interval_ms: u64,
     /// A batch is written when it holds this many rows...
@@ -206,6 +211,8 @@ impl Default for StoreCfg {
     fn default() -> Self {
         StoreCfg {
             sqlite_path: None,
+            postgres_url: None,
+            spool_dir: None,
             sync_interval_ms: 200,
             batch_rows: 1000,
             flush_interval_ms: 200,
@@ -338,6 +345,15 @@ impl Config {
         if self.store.batch_rows == 0 || self.store.log_queue_rows == 0 {
             p.push("store.batch_rows and store.log_queue_rows must be greater than 0".into());
         }
+        if let Some(url) = &self.store.postgres_url {
+            if let Err(e) = url.parse::<postgres::Config>() {
+                // The error text never echoes the URL, which may hold a password.
+                p.push(format!("store.postgres_url is not a PostgreSQL URL: {e}"));
+            }
+            if self.store.sqlite_path.is_some() {
+                p.push("set store.postgres_url or store.sqlite_path, not both".into());
+            }
+        }
         if s.tls_cert.is_none() && s.tls_names.is_empty() {
             p.push("server.tls_names must not be empty when no certificate is configured".into());
         }
@@ -349,6 +365,21 @@ impl Config {
             .sqlite_path
             .clone()
             .unwrap_or_else(|| self.data_dir.join("keygate.db"))
+    }
+
+    /// The main store: PostgreSQL when `store.postgres_url` is set, else SQLite.
+    pub fn store_location(&self) -> crate::store::Location {
+        match &self.store.postgres_url {
+            Some(url) => crate::store::Location::Postgres(url.clone()),
+            None => crate::store::Location::Sqlite(self.sqlite_path()),
+        }
+    }
+
+    pub fn spool_dir(&self) -> PathBuf {
+        self.store
+            .spool_dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("spool"))
     }
 }
 

@@ -62,7 +62,7 @@ pub fn create_tenant(store: &mut Store, name: &str) -> Result<Value> {
     Ok(json!({"tenant_id": id, "name": name, "public_key": signer.public_key_xml()}))
 }
 
-pub fn list_tenants(store: &Store) -> Result<Value> {
+pub fn list_tenants(store: &mut Store) -> Result<Value> {
     let rows: Vec<Value> = store
         .tenants()?
         .into_iter()
@@ -93,7 +93,7 @@ pub fn create_product(
     Ok(json!({"product_id": id, "tenant_id": tenant, "name": name}))
 }
 
-pub fn list_products(store: &Store, tenant: Option<i64>) -> Result<Value> {
+pub fn list_products(store: &mut Store, tenant: Option<i64>) -> Result<Value> {
     let rows: Vec<Value> = store
         .products(tenant)?
         .into_iter()
@@ -215,12 +215,12 @@ pub fn key_json(k: &KeyRow) -> Value {
     })
 }
 
-pub fn list_keys(store: &Store, product: i64) -> Result<Value> {
+pub fn list_keys(store: &mut Store, product: i64) -> Result<Value> {
     store.product(product)?;
     Ok(json!({"keys": store.keys(Some(product))?.iter().map(key_json).collect::<Vec<_>>()}))
 }
 
-pub fn show_key(store: &Store, product: i64, key: &str) -> Result<Value> {
+pub fn show_key(store: &mut Store, product: i64, key: &str) -> Result<Value> {
     Ok(key_json(&store.key_by_string(product, key)?))
 }
 
@@ -296,7 +296,7 @@ pub fn set_token_lock(store: &mut Store, id: i64, locked: bool) -> Result<Value>
     Ok(json!({"token_id": id, "locked": locked}))
 }
 
-pub fn list_tokens(store: &Store, tenant: Option<i64>) -> Result<Value> {
+pub fn list_tokens(store: &mut Store, tenant: Option<i64>) -> Result<Value> {
     let rows: Vec<Value> = store
         .tokens(tenant)?
         .into_iter()
@@ -310,7 +310,7 @@ pub fn list_tokens(store: &Store, tenant: Option<i64>) -> Result<Value> {
 }
 
 /// Everything stored about a machine code, as one JSON document (a data-subject export).
-pub fn privacy_export(store: &Store, machine_code: &str) -> Result<Value> {
+pub fn privacy_export(store: &mut Store, machine_code: &str) -> Result<Value> {
     let activations: Vec<Value> = store
         .activations_of_machine(machine_code)?
         .into_iter()
@@ -350,7 +350,7 @@ pub fn privacy_erase(store: &mut Store, machine_code: &str) -> Result<Value> {
 }
 
 /// A customer's stored personal data and their keys.
-pub fn privacy_export_customer(store: &Store, id: i64) -> Result<Value> {
+pub fn privacy_export_customer(store: &mut Store, id: i64) -> Result<Value> {
     let (tenant_id, c, keys) = store.customer_data(id)?;
     let keys: Vec<Value> = keys
         .into_iter()
@@ -369,7 +369,7 @@ pub fn privacy_erase_customer(store: &mut Store, id: i64) -> Result<Value> {
 }
 
 /// Activations recorded from an IP address, and request-log rows that kept it whole.
-pub fn privacy_export_ip(store: &Store, ip: &str) -> Result<Value> {
+pub fn privacy_export_ip(store: &mut Store, ip: &str) -> Result<Value> {
     let activations: Vec<Value> = store
         .activations_from_ip(ip)?
         .into_iter()
@@ -399,7 +399,7 @@ pub fn set_tenant_retention(store: &mut Store, tenant: i64, days: Option<u64>) -
     Ok(json!({"tenant_id": tenant, "log_retention_days": days}))
 }
 
-pub fn list_audit(store: &Store, limit: i64) -> Result<Value> {
+pub fn list_audit(store: &mut Store, limit: i64) -> Result<Value> {
     let rows: Vec<Value> = store
         .audit_rows(limit)?
         .into_iter()
@@ -410,7 +410,7 @@ pub fn list_audit(store: &Store, limit: i64) -> Result<Value> {
     Ok(json!({"audit": rows}))
 }
 
-pub fn list_log(store: &Store, product: Option<i64>, limit: i64) -> Result<Value> {
+pub fn list_log(store: &mut Store, product: Option<i64>, limit: i64) -> Result<Value> {
     let rows: Vec<Value> = store
         .log_rows(product, limit)?
         .into_iter()

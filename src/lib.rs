@@ -6,10 +6,11 @@
 //! - `wire`: the byte-exact Cryptolens JSON and the public-key XML.
 //! - `signing`: RSA-2048 PKCS#1 v1.5 over aws-lc-rs.
 //! - `state`: the node's in-memory licenses, tokens and signers; change-feed sync.
-//! - `store`: the SQLite main store and its batched writer.
+//! - `store`: the main store (SQLite or PostgreSQL), its batched writer and local spool.
 //! - `http`: the HTTPS edge, handlers and the one error mapping.
 //! - `privacy`: pure privacy rules (IP anonymisation of the request log).
 //! - `tls`, `config`, `control` (CLI operations), `metrics`, `app` (wiring for `serve`).
+//! - `testkit`: throw-away PostgreSQL clusters for tests and benchmarks.
 
 pub mod app;
 pub mod config;
@@ -22,5 +23,7 @@ pub mod request;
 pub mod signing;
 pub mod state;
 pub mod store;
+#[doc(hidden)]
+pub mod testkit;
 pub mod tls;
 pub mod wire;

@@ -35,6 +35,9 @@ enum Cmd {
     Serve,
     /// Validate the configuration and print it.
     CheckConfig,
+    /// Apply pending schema migrations to the main store and print its schema version
+    /// (`serve` and every command also do this on their own).
+    Migrate,
     /// Tenants: vendors, each with its own RSA-2048 signing key.
     #[command(subcommand)]
     Tenant(TenantCmd),
@@ -319,7 +322,7 @@ fn main() -> ExitCode {
 }
 
 fn control_command(cfg: &Config, cmd: Cmd) -> Result<Value, control::ControlError> {
-    let mut store = Store::open(&cfg.sqlite_path())?;
+    let mut store = Store::connect(&cfg.store_location())?;
     // The audit log names the operating-system user who ran the command.
     let user = std::env::var("SUDO_USER")
         .or_else(|_| std::env::var("USER"))
@@ -328,6 +331,10 @@ fn control_command(cfg: &Config, cmd: Cmd) -> Result<Value, control::ControlErro
     let s = &mut store;
     match cmd {
         Cmd::Serve | Cmd::CheckConfig => unreachable!("handled in main"),
+        Cmd::Migrate => Ok(serde_json::json!({
+            "store": cfg.store_location().describe(),
+            "schema_version": s.schema_version()?,
+        })),
         Cmd::Tenant(TenantCmd::Create { name }) => control::create_tenant(s, &name),
         Cmd::Tenant(TenantCmd::Retention { tenant, days, .. }) => {
             control::set_tenant_retention(s, tenant, days)

@@ -29,6 +29,11 @@ pub const LOG_ROWS_WRITTEN_TOTAL: &str = "keygate_log_rows_written_total";
 pub const LOG_ROWS_DROPPED_TOTAL: &str = "keygate_log_rows_dropped_total";
 pub const STORE_EVENTS_WRITTEN_TOTAL: &str = "keygate_store_events_written_total";
 pub const STORE_EVENTS_LOST_TOTAL: &str = "keygate_store_events_lost_total";
+pub const LOG_ROWS_SPOOLED_TOTAL: &str = "keygate_log_rows_spooled_total";
+pub const LOG_ROWS_REPLAYED_TOTAL: &str = "keygate_log_rows_replayed_total";
+pub const STORE_EVENTS_SPOOLED_TOTAL: &str = "keygate_store_events_spooled_total";
+pub const SPOOL_BATCHES: &str = "keygate_spool_batches";
+pub const STORE_UP: &str = "keygate_store_up";
 
 /// Histogram buckets in seconds: 50 µs (a cached answer) up to 10 s (a stalled store).
 const BUCKETS: [f64; 16] = [
@@ -136,7 +141,12 @@ pub fn writer_stats(s: &crate::store::writer::WriterStats) {
         (STORE_EVENTS_WRITTEN_TOTAL, &s.events_written),
         (STORE_EVENTS_LOST_TOTAL, &s.events_lost),
         (STORE_FLUSH_FAILURES_TOTAL, &s.failed_flushes),
+        (LOG_ROWS_SPOOLED_TOTAL, &s.log_spooled),
+        (LOG_ROWS_REPLAYED_TOTAL, &s.log_replayed),
+        (STORE_EVENTS_SPOOLED_TOTAL, &s.events_spooled),
     ] {
         metrics::counter!(name).absolute(v.load(Relaxed));
     }
+    metrics::gauge!(SPOOL_BATCHES).set(s.spool_batches.load(Relaxed) as f64);
+    metrics::gauge!(STORE_UP).set(if s.store_up.load(Relaxed) { 1.0 } else { 0.0 });
 }

@@ -44,7 +44,7 @@ pub fn token_hash(token: &str) -> [u8; 32] {
 impl State {
     /// Loads everything from the store. Returns the change-feed position read *before* loading,
     /// so changes made during the load are applied again (reloads are idempotent).
-    pub fn load(store: &Store) -> Result<(State, i64), StoreError> {
+    pub fn load(store: &mut Store) -> Result<(State, i64), StoreError> {
         let seq = store.last_change()?;
         let s = State::default();
         for t in store.tenants()? {
@@ -123,7 +123,7 @@ impl State {
     }
 
     /// Applies one control-plane change by reloading the entity from the store.
-    pub fn apply_change(&self, store: &Store, c: &ChangeRow) -> Result<(), StoreError> {
+    pub fn apply_change(&self, store: &mut Store, c: &ChangeRow) -> Result<(), StoreError> {
         match c.entity.as_str() {
             "tenant" => {
                 let t = store.tenant(c.entity_id)?;
@@ -216,7 +216,14 @@ pub struct Sync {
 }
 
 impl Sync {
-    pub fn spawn(state: Arc<State>, store: Store, mut seq: i64, interval: Duration) -> Sync {
+    /// `reconnect` says where to connect again after the connection broke (PostgreSQL).
+    pub fn spawn(
+        state: Arc<State>,
+        mut store: Store,
+        reconnect: Option<crate::store::Location>,
+        mut seq: i64,
+        interval: Duration,
+    ) -> Sync {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let thread = std::thread::Builder::new()
@@ -227,7 +234,7 @@ impl Sync {
                         Ok(changes) => {
                             let mut failed = 0;
                             for c in &changes {
-                                if let Err(e) = state.apply_change(&store, c) {
+                                if let Err(e) = state.apply_change(&mut store, c) {
                                     tracing::warn!(seq = c.seq, entity = %c.entity, error = %e, "change not applied");
                                     failed += 1;
                                 }
@@ -241,6 +248,14 @@ impl Sync {
                         Err(e) => {
                             tracing::warn!(error = %e, "reading the change feed failed");
                             crate::metrics::sync_poll_failed();
+                            if let Some(loc) = &reconnect {
+                                if !store.is_usable() {
+                                    if let Ok(s) = Store::connect(loc) {
+                                        tracing::info!("sync reconnected to the main store");
+                                        store = s;
+                                    }
+                                }
+                            }
                         }
                     }
                     std::thread::sleep(interval);

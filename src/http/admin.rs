@@ -32,7 +32,7 @@ impl Health {
             return Err("not serving (starting or shutting down)");
         }
         if !self.writer.stats().healthy.load(Ordering::Relaxed) {
-            return Err("main store writes are failing");
+            return Err("writes reach neither the main store nor the local spool");
         }
         Ok(())
     }

@@ -1,12 +1,19 @@
-//! The store writer: one thread that owns a SQLite connection and writes the node's activation
-//! changes and request-log rows in batched transactions, off the request path.
+//! The store writer: one thread that owns a main-store connection and writes the node's
+//! activation changes and request-log rows in batched transactions, off the request path.
 //!
 //! Activation changes travel on an unbounded channel: they are never dropped, and their volume
 //! is bounded by seat counts and heartbeats. Log rows travel on a bounded channel; when it is
 //! full the row is counted as dropped instead of stalling a request. A batch is written when it
 //! holds `batch_rows` items or its oldest item is `flush_interval` old, and on shutdown.
+//!
+//! When the store refuses a batch (down, unreachable, failing), the batch goes to the node's
+//! spool (`journal`) on local disk instead, and so does every later batch until the spool is
+//! replayed, oldest first, so the store receives everything in order. Each transaction carries
+//! a `BatchId` the store records, so a retry or replay of a batch it already committed is
+//! skipped: every row arrives exactly once.
 
-use super::{LogRow, Store, StoreEvent};
+use super::journal::{Batch, Journal};
+use super::{BatchId, Location, LogRow, Store, StoreEvent};
 use crossbeam_channel::{bounded, unbounded, Receiver, RecvTimeoutError, Sender, TrySendError};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -35,8 +42,18 @@ pub struct WriterStats {
     /// Activation changes in a batch given up at shutdown: acknowledged but not stored.
     pub events_lost: AtomicU64,
     pub failed_flushes: AtomicU64,
-    /// False from a failed batch write until the next one succeeds (readiness).
+    /// Rows and changes written to the local spool while the store refused them, and how many
+    /// of those the store has since taken back.
+    pub log_spooled: AtomicU64,
+    pub log_replayed: AtomicU64,
+    pub events_spooled: AtomicU64,
+    /// Batches in the spool now.
+    pub spool_batches: AtomicU64,
+    /// False while batches reach neither the store nor the spool (readiness): a store outage
+    /// alone does not make the node unready, since the spool takes its writes.
     pub healthy: AtomicBool,
+    /// False from a failed store write until the next one succeeds.
+    pub store_up: AtomicBool,
 }
 
 enum Msg {
@@ -90,17 +107,27 @@ pub struct Writer {
 }
 
 impl Writer {
-    pub fn spawn(store: Store, policy: BatchPolicy) -> Writer {
+    /// `reconnect` says where to connect again after the connection broke (PostgreSQL).
+    pub fn spawn(
+        store: Store,
+        reconnect: Option<Location>,
+        journal: Journal,
+        policy: BatchPolicy,
+    ) -> Writer {
         let (etx, erx) = unbounded();
         let (ltx, lrx) = bounded(policy.log_queue_rows.max(1));
         let stats = Arc::new(WriterStats {
             healthy: AtomicBool::new(true),
+            store_up: AtomicBool::new(true),
             ..WriterStats::default()
         });
         let st = stats.clone();
         let thread = std::thread::Builder::new()
             .name("keygate-store-writer".into())
-            .spawn(move || run(store, policy, erx, lrx, st))
+            .spawn(move || {
+                let sink = Sink::new(store, reconnect, journal, &st);
+                run(sink, policy, erx, lrx, st)
+            })
             .expect("spawning the store writer thread");
         Writer {
             sender: WriterSender {
@@ -139,6 +166,9 @@ struct Pending {
     logs: Vec<LogRow>,
     since: Option<Instant>,
     acks: Vec<Sender<()>>,
+    /// The id and row count of a slice whose write failed: the store may have committed it
+    /// anyway (a connection lost at COMMIT), so it must keep that id when spooled.
+    failed_slice: Option<(BatchId, usize)>,
 }
 
 impl Pending {
@@ -150,8 +180,131 @@ impl Pending {
     }
 }
 
+/// Where batches go: the store, or the spool while the store refuses them.
+struct Sink {
+    store: Store,
+    reconnect: Option<Location>,
+    journal: Journal,
+    /// This process's batch ids: a random node number and a counter.
+    node: i64,
+    next_batch: i64,
+    /// No store attempt before this instant after a failure (the spool takes batches).
+    retry_at: Option<Instant>,
+}
+
+/// How long the writer leaves a failing store alone before trying it again.
+const RETRY_AFTER: Duration = Duration::from_millis(500);
+
+impl Sink {
+    fn new(
+        store: Store,
+        reconnect: Option<Location>,
+        journal: Journal,
+        stats: &WriterStats,
+    ) -> Sink {
+        let mut node = [0u8; 8];
+        aws_lc_rs::rand::fill(&mut node).expect("system randomness");
+        stats
+            .spool_batches
+            .store(journal.len() as u64, Ordering::Relaxed);
+        Sink {
+            store,
+            reconnect,
+            journal,
+            // Positive, so it reads the same in every tool.
+            node: i64::from_le_bytes(node) & i64::MAX,
+            next_batch: 1,
+            retry_at: None,
+        }
+    }
+
+    fn next_id(&mut self) -> BatchId {
+        let id = BatchId {
+            node: self.node,
+            batch: self.next_batch,
+        };
+        self.next_batch += 1;
+        id
+    }
+
+    fn store_paused(&self) -> bool {
+        self.retry_at.is_some_and(|t| Instant::now() < t)
+    }
+
+    fn failed(&mut self, e: &super::StoreError, stats: &WriterStats) {
+        stats.failed_flushes.fetch_add(1, Ordering::Relaxed);
+        stats.store_up.store(false, Ordering::Relaxed);
+        tracing::error!(error = %e, spooled_batches = self.journal.len(), "store write failed; spooling to local disk");
+        self.retry_at = Some(Instant::now() + RETRY_AFTER);
+        if let Some(loc) = &self.reconnect {
+            if !self.store.is_usable() {
+                match Store::connect(loc) {
+                    Ok(s) => {
+                        tracing::info!("reconnected to the main store");
+                        self.store = s;
+                    }
+                    Err(e) => tracing::warn!(error = %e, "main store still unreachable"),
+                }
+            }
+        }
+    }
+
+    /// Replays spooled batches, oldest first, while the store takes them. True when the spool
+    /// is empty afterwards.
+    fn replay(&mut self, stats: &WriterStats) -> bool {
+        while !self.journal.is_empty() {
+            if self.store_paused() {
+                return false;
+            }
+            let batch = match self.journal.front() {
+                Some(Ok(b)) => b,
+                Some(Err(e)) => {
+                    tracing::error!(error = %e, "a spooled batch cannot be read; replay stopped");
+                    self.retry_at = Some(Instant::now() + Duration::from_secs(60));
+                    return false;
+                }
+                None => break,
+            };
+            match self
+                .store
+                .write_batch_once(Some(batch.id), &batch.events, &batch.logs)
+            {
+                Ok(fresh) => {
+                    if let Err(e) = self.journal.pop_front() {
+                        // The store has it; replaying it again later is skipped by its id.
+                        tracing::error!(error = %e, "cannot delete a replayed batch file");
+                        self.retry_at = Some(Instant::now() + RETRY_AFTER);
+                        return false;
+                    }
+                    if fresh {
+                        stats
+                            .log_replayed
+                            .fetch_add(batch.logs.len() as u64, Ordering::Relaxed);
+                        stats
+                            .log_written
+                            .fetch_add(batch.logs.len() as u64, Ordering::Relaxed);
+                        stats
+                            .events_written
+                            .fetch_add(batch.events.len() as u64, Ordering::Relaxed);
+                    }
+                    stats
+                        .spool_batches
+                        .store(self.journal.len() as u64, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    self.failed(&e, stats);
+                    return false;
+                }
+            }
+        }
+        self.retry_at = None;
+        stats.store_up.store(true, Ordering::Relaxed);
+        true
+    }
+}
+
 fn run(
-    mut store: Store,
+    mut sink: Sink,
     policy: BatchPolicy,
     events: Receiver<Msg>,
     logs: Receiver<LogRow>,
@@ -162,6 +315,7 @@ fn run(
         logs: Vec::new(),
         since: None,
         acks: Vec::new(),
+        failed_slice: None,
     };
     let mut stopping = false;
     // Log rows are collected by polling on this tick, never by blocking on their channel, so
@@ -173,15 +327,7 @@ fn run(
     loop {
         if Instant::now() >= retention_due {
             retention_due = Instant::now() + RETENTION_EVERY;
-            match store.apply_retention(policy.retention_days, crate::http::unix_now()) {
-                Ok(n) => {
-                    crate::metrics::retention_anonymised(n);
-                    if n > 0 {
-                        tracing::info!(rows = n, "request-log rows past retention anonymised");
-                    }
-                }
-                Err(e) => tracing::error!(error = %e, "applying the retention rule failed"),
-            }
+            retention(&mut sink.store, policy.retention_days);
         }
         let wait = match p.since {
             Some(t) => policy.flush_interval.saturating_sub(t.elapsed()).min(tick),
@@ -233,7 +379,9 @@ fn run(
             || p.since
                 .is_some_and(|t| t.elapsed() >= policy.flush_interval);
         if (due || stopping) && (p.len() > 0 || !p.acks.is_empty()) {
-            flush(&mut store, &mut p, &stats, stopping);
+            flush(&mut sink, &mut p, &stats, stopping);
+        } else if !sink.journal.is_empty() {
+            sink.replay(&stats);
         }
         if stopping {
             return;
@@ -241,20 +389,53 @@ fn run(
     }
 }
 
+fn retention(store: &mut Store, days: Option<u64>) {
+    let now = crate::http::unix_now();
+    match store.apply_retention(days, now) {
+        Ok(n) => {
+            crate::metrics::retention_anonymised(n);
+            if n > 0 {
+                tracing::info!(rows = n, "request-log rows past retention anonymised");
+            }
+        }
+        Err(e) => tracing::error!(error = %e, "applying the retention rule failed"),
+    }
+    // Batch ids guard against retries and replays; a month covers any spool left behind.
+    if let Err(e) = store.prune_ingested_batches(now - 30 * 86_400) {
+        tracing::error!(error = %e, "pruning old batch ids failed");
+    }
+}
+
 /// Log rows per transaction. A batch is written in slices with a yield between them, so on a
 /// node whose threads share one core a large batch never stalls request handling for long.
-const SLICE_ROWS: usize = 256;
+/// PostgreSQL runs elsewhere and takes a COPY of thousands of rows in milliseconds, so its
+/// slices are larger.
+fn slice_rows(store: &Store) -> usize {
+    match store.engine() {
+        super::db::Engine::Sqlite => 256,
+        super::db::Engine::Postgres => 8192,
+    }
+}
 
-/// Commits the events with the first slice of rows, then the other slices. What is committed
-/// leaves `p` at once, so a retry after a failure resumes where the writing stopped.
+/// Commits the events with the first slice of rows, then the other slices, each in its own
+/// transaction with its own batch id. What is committed leaves `p` at once, so what is left
+/// after a failure is exactly what the store does not have.
 fn write_in_slices(
-    store: &mut Store,
+    sink: &mut Sink,
     p: &mut Pending,
     stats: &WriterStats,
 ) -> crate::store::Result<()> {
+    let slice = slice_rows(&sink.store);
     loop {
-        let n = p.logs.len().min(SLICE_ROWS);
-        store.write_batch(&p.events, &p.logs[..n])?;
+        // A slice that failed before is retried as it was, under the same id.
+        let (id, n) = match p.failed_slice {
+            Some((id, n)) => (id, n.min(p.logs.len())),
+            None => (sink.next_id(), p.logs.len().min(slice)),
+        };
+        p.failed_slice = Some((id, n));
+        sink.store
+            .write_batch_once(Some(id), &p.events, &p.logs[..n])?;
+        p.failed_slice = None;
         stats
             .events_written
             .fetch_add(p.events.len() as u64, Ordering::Relaxed);
@@ -268,41 +449,89 @@ fn write_in_slices(
     }
 }
 
-fn flush(store: &mut Store, p: &mut Pending, stats: &WriterStats, stopping: bool) {
-    let mut attempt = 0u32;
-    loop {
-        let started = Instant::now();
-        match write_in_slices(store, p, stats) {
+/// Writes what is pending to the store, or, when the store refuses it or older batches wait
+/// in the spool, to the spool. Flush requests are answered once the batch is in one of them.
+fn flush(sink: &mut Sink, p: &mut Pending, stats: &WriterStats, stopping: bool) {
+    let started = Instant::now();
+    if sink.replay(stats) {
+        match write_in_slices(sink, p, stats) {
             Ok(()) => {
                 crate::metrics::store_flush(started.elapsed());
+                stats.store_up.store(true, Ordering::Relaxed);
                 stats.healthy.store(true, Ordering::Relaxed);
-                p.since = None;
-                for a in p.acks.drain(..) {
-                    let _ = a.send(());
-                }
-                return;
             }
-            Err(e) => {
-                attempt += 1;
-                stats.failed_flushes.fetch_add(1, Ordering::Relaxed);
-                stats.healthy.store(false, Ordering::Relaxed);
-                tracing::error!(error = %e, attempt, "store batch write failed; retrying");
-                if stopping && attempt >= 5 {
-                    tracing::error!(
-                        events = p.events.len(),
-                        logs = p.logs.len(),
-                        "giving up on the last batch at shutdown"
-                    );
-                    stats
-                        .log_dropped
-                        .fetch_add(p.logs.len() as u64, Ordering::Relaxed);
-                    stats
-                        .events_lost
-                        .fetch_add(p.events.len() as u64, Ordering::Relaxed);
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(200 * u64::from(attempt.min(10))));
-            }
+            Err(e) => sink.failed(&e, stats),
+        }
+    }
+    if p.len() > 0 {
+        spool(sink, p, stats, stopping);
+    }
+    if p.len() == 0 {
+        p.since = None;
+        for a in p.acks.drain(..) {
+            let _ = a.send(());
+        }
+    }
+}
+
+/// Puts what is pending into the spool. If even the local disk refuses it, the batch stays in
+/// memory and is tried again on the next pass; at shutdown it is counted as lost.
+fn spool(sink: &mut Sink, p: &mut Pending, stats: &WriterStats, stopping: bool) {
+    if let Some((id, n)) = p.failed_slice.take() {
+        // The slice that failed keeps its id, so its replay is skipped if it did commit.
+        let rest = p.logs.split_off(n.min(p.logs.len()));
+        spool_batch(sink, p, id, stats, stopping);
+        if p.len() > 0 {
+            // The disk refused it: keep the rest behind it, in order.
+            p.logs.extend(rest);
+            return;
+        }
+        p.logs = rest;
+        if p.logs.is_empty() {
+            return;
+        }
+    }
+    let id = sink.next_id();
+    spool_batch(sink, p, id, stats, stopping);
+}
+
+fn spool_batch(sink: &mut Sink, p: &mut Pending, id: BatchId, stats: &WriterStats, stopping: bool) {
+    let batch = Batch {
+        id,
+        events: std::mem::take(&mut p.events),
+        logs: std::mem::take(&mut p.logs),
+    };
+    match sink.journal.append(&batch) {
+        Ok(()) => {
+            stats.healthy.store(true, Ordering::Relaxed);
+            stats
+                .log_spooled
+                .fetch_add(batch.logs.len() as u64, Ordering::Relaxed);
+            stats
+                .events_spooled
+                .fetch_add(batch.events.len() as u64, Ordering::Relaxed);
+            stats
+                .spool_batches
+                .store(sink.journal.len() as u64, Ordering::Relaxed);
+        }
+        Err(e) if stopping => {
+            stats.healthy.store(false, Ordering::Relaxed);
+            tracing::error!(error = %e, events = batch.events.len(), logs = batch.logs.len(),
+                "neither the store nor the spool took the last batch at shutdown");
+            stats
+                .log_dropped
+                .fetch_add(batch.logs.len() as u64, Ordering::Relaxed);
+            stats
+                .events_lost
+                .fetch_add(batch.events.len() as u64, Ordering::Relaxed);
+        }
+        Err(e) => {
+            stats.healthy.store(false, Ordering::Relaxed);
+            tracing::error!(error = %e, "cannot write to the spool; keeping the batch in memory");
+            p.events = batch.events;
+            p.logs = batch.logs;
+            p.failed_slice = Some((id, p.logs.len()));
+            std::thread::sleep(Duration::from_millis(200));
         }
     }
 }

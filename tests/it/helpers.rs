@@ -34,11 +34,30 @@ impl Drop for TempDir {
     }
 }
 
+/// `keygate --data-dir <dir>`, plus `--config <dir>/keygate.toml` when the test wrote one
+/// (how a test points the CLI and the server at PostgreSQL).
+pub fn keygate(data_dir: &Path) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.arg("--data-dir").arg(data_dir);
+    let config = data_dir.join("keygate.toml");
+    if config.exists() {
+        cmd.arg("--config").arg(config);
+    }
+    cmd
+}
+
+/// Makes every later `cli` and `Server::start` on `data_dir` use this PostgreSQL store.
+pub fn use_postgres(data_dir: &Path, url: &str) {
+    std::fs::write(
+        data_dir.join("keygate.toml"),
+        format!("[store]\npostgres_url = \"{url}\"\n"),
+    )
+    .unwrap();
+}
+
 /// Runs a CLI command with `--json` and returns its output, failing the test on error.
 pub fn cli(data_dir: &Path, args: &[&str]) -> Value {
-    let out = Command::new(BIN)
-        .arg("--data-dir")
-        .arg(data_dir)
+    let out = keygate(data_dir)
         .args(args)
         .arg("--json")
         .output()
@@ -140,10 +159,8 @@ impl Server {
     /// Starts on free loopback ports (client and admin) with a fast sync interval, no per-IP
     /// rate limit, and extra `KEYGATE_*` settings (which win).
     pub fn start(data_dir: &Path, env: &[(&str, &str)]) -> Server {
-        let mut cmd = Command::new(BIN);
-        cmd.arg("--data-dir")
-            .arg(data_dir)
-            .arg("serve")
+        let mut cmd = keygate(data_dir);
+        cmd.arg("serve")
             .env("KEYGATE_SERVER__LISTEN", "127.0.0.1:0")
             .env("KEYGATE_ADMIN__LISTEN", "127.0.0.1:0")
             // Every test client is 127.0.0.1; the rate-limit test turns this back on.

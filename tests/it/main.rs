@@ -6,4 +6,5 @@ mod helpers;
 mod hostile;
 mod loadgen;
 mod ops;
+mod pg_store;
 mod sdk;

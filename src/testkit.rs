@@ -1,0 +1,202 @@
+//! Throw-away servers for tests and benchmarks: a PostgreSQL cluster of its own in a temporary
+//! directory, on a free loopback port, that can be stopped and started again (fault tests)
+//! and is removed on drop. Not used by `keygate` itself.
+//!
+//! A missing server binary is a test failure with the install command, never a silent skip.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// A private PostgreSQL cluster.
+pub struct TempPostgres {
+    dir: PathBuf,
+    bin: PathBuf,
+    port: u16,
+    /// Run the server binaries as the `postgres` user (initdb refuses root).
+    as_postgres: bool,
+}
+
+/// Debian keeps the server binaries out of PATH, under /usr/lib/postgresql/<version>/bin.
+fn find_postgres_bin() -> Option<PathBuf> {
+    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+        .filter(|p| p.join("initdb").exists() && p.join("pg_ctl").exists())
+        .collect();
+    versions.sort();
+    versions.pop()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+impl TempPostgres {
+    /// Creates and starts a cluster with `fsync = off` (tests).
+    pub fn start() -> TempPostgres {
+        Self::start_with(&[("fsync", "off")])
+    }
+
+    /// Creates and starts a cluster with these server settings.
+    pub fn start_with(settings: &[(&str, &str)]) -> TempPostgres {
+        let bin = find_postgres_bin().expect(
+            "PostgreSQL server binaries not found under /usr/lib/postgresql: apt-get install -y postgresql",
+        );
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("keygate-pg-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("creating the cluster directory");
+        let pg = TempPostgres {
+            dir,
+            bin,
+            port: free_port(),
+            as_postgres: is_root(),
+        };
+        if pg.as_postgres {
+            let ok = Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(&pg.dir)
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(ok, "chown of {} to postgres failed", pg.dir.display());
+        }
+        pg.run(
+            "initdb",
+            &[
+                "-D",
+                &pg.data().to_string_lossy(),
+                "-A",
+                "trust",
+                "-U",
+                "keygate",
+                "--no-sync",
+                "-E",
+                "UTF8",
+            ],
+        );
+        let mut conf = format!(
+            "port = {}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\n",
+            pg.port,
+            pg.dir.display()
+        );
+        for (k, v) in settings {
+            conf.push_str(&format!("{k} = '{v}'\n"));
+        }
+        let path = pg.data().join("postgresql.auto.conf");
+        let mut existing = std::fs::read_to_string(&path).unwrap_or_default();
+        existing.push_str(&conf);
+        std::fs::write(&path, existing).expect("writing postgresql.auto.conf");
+        pg.start_server();
+        pg
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    fn run(&self, tool: &str, args: &[&str]) {
+        let exe = self.bin.join(tool);
+        let out = if self.as_postgres {
+            Command::new("runuser")
+                .args(["-u", "postgres", "--"])
+                .arg(&exe)
+                .args(args)
+                .output()
+        } else {
+            Command::new(&exe).args(args).output()
+        }
+        .unwrap_or_else(|e| panic!("running {}: {e}", exe.display()));
+        assert!(
+            out.status.success(),
+            "{tool} {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Starts the server (again) on the same port and data.
+    pub fn start_server(&self) {
+        let log = self.dir.join("server.log");
+        self.run(
+            "pg_ctl",
+            &[
+                "-D",
+                &self.data().to_string_lossy(),
+                "-l",
+                &log.to_string_lossy(),
+                "-w",
+                "-t",
+                "60",
+                "start",
+            ],
+        );
+    }
+
+    /// Stops the server: `fast` rolls back open transactions and closes connections, as a
+    /// restart or a crash does for the clients.
+    pub fn stop_server(&self) {
+        self.run(
+            "pg_ctl",
+            &[
+                "-D",
+                &self.data().to_string_lossy(),
+                "-m",
+                "fast",
+                "-w",
+                "stop",
+            ],
+        );
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// A URL for the cluster's `postgres` database.
+    pub fn url(&self) -> String {
+        format!("postgres://keygate@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// Creates a database and returns its URL.
+    pub fn create_database(&self, name: &str) -> String {
+        let mut c = postgres::Client::connect(&self.url(), postgres::NoTls)
+            .expect("connecting to the test cluster");
+        c.batch_execute(&format!("CREATE DATABASE {name}"))
+            .expect("creating a database");
+        format!("postgres://keygate@127.0.0.1:{}/{name}", self.port)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+impl Drop for TempPostgres {
+    fn drop(&mut self) {
+        let exe = self.bin.join("pg_ctl");
+        let data = self.data();
+        let args = ["-D", &*data.to_string_lossy(), "-m", "immediate", "stop"].map(str::to_owned);
+        let _ = if self.as_postgres {
+            Command::new("runuser")
+                .args(["-u", "postgres", "--"])
+                .arg(&exe)
+                .args(&args)
+                .output()
+        } else {
+            Command::new(&exe).args(&args).output()
+        };
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
