@@ -329,9 +329,15 @@ fn run(
             retention_due = Instant::now() + RETENTION_EVERY;
             retention(&mut sink.store, policy.retention_days);
         }
-        let wait = match p.since {
-            Some(t) => policy.flush_interval.saturating_sub(t.elapsed()).min(tick),
-            None => tick,
+        // Behind (a full batch already waiting): no pause, so the writer keeps up with
+        // whatever rate the store can take.
+        let wait = if logs.len() >= policy.batch_rows {
+            Duration::ZERO
+        } else {
+            match p.since {
+                Some(t) => policy.flush_interval.saturating_sub(t.elapsed()).min(tick),
+                None => tick,
+            }
         };
         match events.recv_timeout(wait) {
             Ok(Msg::Event(e)) => {
@@ -348,7 +354,7 @@ fn run(
         // Everything sent before a Flush or Stop is already in the channel: drain all of it
         // then; otherwise up to a few batches' worth per pass.
         let cap = if p.acks.is_empty() && !stopping {
-            policy.batch_rows * 4
+            (policy.batch_rows * 4).max(slice_rows(&sink.store))
         } else {
             usize::MAX
         };
