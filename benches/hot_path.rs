@@ -65,6 +65,7 @@ fn fixture(cached: bool) -> Fixture {
         store,
         None,
         keygate::store::journal::Journal::open(&dir.join("spool")).unwrap(),
+        None,
         BatchPolicy {
             batch_rows: 1000,
             flush_interval: Duration::from_millis(200),

@@ -64,6 +64,7 @@ fn main() {
         Store::connect_postgres(&url).unwrap(),
         None,
         Journal::open(&spool).unwrap(),
+        None,
         BatchPolicy {
             batch_rows: 1000,
             flush_interval: Duration::from_millis(200),
@@ -132,5 +133,9 @@ fn main() {
         "  ratio           offered rate / raw COPY = {:.2}",
         rate as f64 / ceiling
     );
-    assert_eq!(written + dropped, total, "every offered row is accounted for");
+    assert_eq!(
+        written + dropped,
+        total,
+        "every offered row is accounted for"
+    );
 }

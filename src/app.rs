@@ -12,6 +12,7 @@ use crate::http::sign_pool::SignPool;
 use crate::http::{self, Ctx, Limits};
 use crate::state::{State, Sync};
 use crate::store::journal::Journal;
+use crate::store::wal::Wal;
 use crate::store::writer::{BatchPolicy, Writer};
 use crate::store::{Location, Store};
 use crate::tls::CertResolver;
@@ -55,10 +56,20 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     let location = cfg.store_location();
     // The PostgreSQL client runs its own small runtime, so connecting and loading happen on a
     // plain thread, not on an async worker.
-    let (store, journal, sync_store, mut control_store, state, seq) = {
+    let Opened {
+        store,
+        journal,
+        wal,
+        sync: sync_store,
+        control: mut control_store,
+        state,
+        seq,
+    } = {
         let location = location.clone();
         let spool = cfg.spool_dir();
-        tokio::task::spawn_blocking(move || open_store(&location, &spool)).await??
+        let wal_dir = cfg.store.activation_log.then(|| cfg.data_dir.join("wal"));
+        tokio::task::spawn_blocking(move || open_store(&location, &spool, wal_dir.as_deref()))
+            .await??
     };
     let state = Arc::new(state);
     tracing::info!(licenses = state.license_count(), store = %location.describe(), "state loaded");
@@ -74,6 +85,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         store,
         Some(location.clone()),
         journal,
+        wal,
         BatchPolicy {
             batch_rows: cfg.store.batch_rows,
             flush_interval: Duration::from_millis(cfg.store.flush_interval_ms),
@@ -229,25 +241,66 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
 fn open_store(
     location: &Location,
     spool: &std::path::Path,
-) -> anyhow::Result<(Store, Journal, Store, Store, State, i64)> {
+    wal_dir: Option<&std::path::Path>,
+) -> anyhow::Result<Opened> {
     let mut store = Store::connect(location)?;
     let journal = Journal::open(spool)
         .map_err(|e| anyhow::anyhow!("cannot open the spool {}: {e}", spool.display()))?;
-    let journal = replay_spool(&mut store, journal)?;
+    let wal_node = wal_dir.map(crate::store::wal::node_key).transpose()?;
+    // The spool first: it holds older changes than the activation log's newest.
+    let journal = replay_spool(&mut store, journal, wal_node)?;
+    let wal = match wal_dir {
+        Some(dir) => {
+            let (wal, replayed) = Wal::open_and_replay(dir, &mut store).map_err(|e| {
+                anyhow::anyhow!("replaying the activation log {}: {e}", dir.display())
+            })?;
+            if replayed > 0 {
+                tracing::info!(
+                    changes = replayed,
+                    "activation changes from an earlier run replayed"
+                );
+            }
+            Some(wal)
+        }
+        None => None,
+    };
     let (state, seq) = State::load(&mut store)?;
     let sync = Store::connect(location)?;
     let control = Store::connect(location)?;
-    Ok((store, journal, sync, control, state, seq))
+    Ok(Opened {
+        store,
+        journal,
+        wal,
+        sync,
+        control,
+        state,
+        seq,
+    })
+}
+
+/// What `open_store` hands to `serve`.
+struct Opened {
+    store: Store,
+    journal: Journal,
+    wal: Option<Wal>,
+    sync: Store,
+    control: Store,
+    state: State,
+    seq: i64,
 }
 
 /// Writes every spooled batch to the store, oldest first; an error stops the start (the node
 /// would otherwise serve without activations it had acknowledged).
-fn replay_spool(store: &mut Store, mut journal: Journal) -> anyhow::Result<Journal> {
+fn replay_spool(
+    store: &mut Store,
+    mut journal: Journal,
+    wal_node: Option<i64>,
+) -> anyhow::Result<Journal> {
     let mut replayed = 0usize;
     while let Some(batch) = journal.front() {
         let b = batch?;
         store
-            .write_batch_once(Some(b.id), &b.events, &b.logs)
+            .write_batch_once(Some(b.id), wal_node.zip(b.wal_seq), &b.events, &b.logs)
             .map_err(|e| anyhow::anyhow!("replaying the spool into the main store: {e}"))?;
         journal.pop_front()?;
         replayed += 1;

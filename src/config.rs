@@ -134,6 +134,9 @@ pub struct StoreCfg {
     pub postgres_url: Option<String>,
     /// Where batches wait while the main store refuses them; `data_dir/spool` when unset.
     pub spool_dir: Option<PathBuf>,
+    /// Every activation change is appended and synced to `data_dir/wal` before the client is
+    /// answered, so a crash loses none. Off: up to one flush interval of changes can be lost.
+    pub activation_log: bool,
     /// How often a node polls the control-plane change feed.
     pub sync_interval_ms: u64,
     /// A batch is written when it holds this many rows...
@@ -213,6 +216,7 @@ impl Default for StoreCfg {
             sqlite_path: None,
             postgres_url: None,
             spool_dir: None,
+            activation_log: true,
             sync_interval_ms: 200,
             batch_rows: 1000,
             flush_interval_ms: 200,

@@ -231,7 +231,7 @@ async fn serve(
     match request {
         Request::Activate(r) => handlers::activate(ctx, r, client_ip, proxy_ip, log).await,
         Request::GetKey(r) => handlers::get_key(ctx, r, log).await,
-        Request::Deactivate(r) => handlers::deactivate(ctx, r, log),
+        Request::Deactivate(r) => handlers::deactivate(ctx, r, log).await,
         Request::CreateTrialKey(r) => {
             handlers::create_trial_key(ctx, r, client_ip, proxy_ip, log).await
         }

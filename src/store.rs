@@ -7,6 +7,7 @@
 
 pub mod db;
 pub mod journal;
+pub mod wal;
 pub mod writer;
 
 use crate::domain::{Customer, DataObject, Features, License, Machine, MachineKind, Scope};
@@ -27,7 +28,7 @@ pub enum StoreError {
 
 pub type Result<T> = std::result::Result<T, StoreError>;
 
-const SQLITE_MIGRATIONS: [(i64, &str); 6] = [
+const SQLITE_MIGRATIONS: [(i64, &str); 7] = [
     (1, include_str!("store/migrations/0001_init.sql")),
     (2, include_str!("store/migrations/0002_audit.sql")),
     (3, include_str!("store/migrations/0003_change_detail.sql")),
@@ -40,11 +41,17 @@ const SQLITE_MIGRATIONS: [(i64, &str); 6] = [
         6,
         include_str!("store/migrations/0006_ingested_batches.sql"),
     ),
+    (7, include_str!("store/migrations/0007_node_progress.sql")),
 ];
 
 /// PostgreSQL started at SQLite's version 6, as one script.
-const POSTGRES_MIGRATIONS: [(i64, &str); 1] =
-    [(1, include_str!("store/migrations/postgres/0001_init.sql"))];
+const POSTGRES_MIGRATIONS: [(i64, &str); 2] = [
+    (1, include_str!("store/migrations/postgres/0001_init.sql")),
+    (
+        2,
+        include_str!("store/migrations/postgres/0002_node_progress.sql"),
+    ),
+];
 
 /// Advisory lock keys (PostgreSQL): migrations, and the change feed's commit order.
 const LOCK_MIGRATE: i64 = 0x6b67_0001;
@@ -1068,15 +1075,18 @@ impl Store {
 
     /// Writes one batch of node events and log rows in a single transaction.
     pub fn write_batch(&mut self, events: &[StoreEvent], logs: &[LogRow]) -> Result<()> {
-        self.write_batch_once(None, events, logs).map(|_| ())
+        self.write_batch_once(None, None, events, logs).map(|_| ())
     }
 
     /// Writes one batch in a single transaction, at most once per `id`: a batch whose id is
     /// already recorded (committed before a failure hid the outcome, or replayed from the
-    /// journal) is skipped. Returns false when it was skipped.
+    /// spool) is skipped. `progress` (node, sequence number) records, in the same
+    /// transaction, how far the node's activation log is committed. Returns false when the
+    /// batch was skipped.
     pub fn write_batch_once(
         &mut self,
         id: Option<BatchId>,
+        progress: Option<(i64, u64)>,
         events: &[StoreEvent],
         logs: &[LogRow],
     ) -> Result<bool> {
@@ -1098,8 +1108,29 @@ impl Store {
                 Db::Sqlite(conn) => insert_log_rows_sqlite(conn, logs)?,
                 Db::Postgres(pg) => copy_log_rows_postgres(pg.client(), logs)?,
             }
+            if let Some((node, seq)) = progress {
+                // Batches arrive in log order, so the newest number is the highest.
+                db.exec(
+                    "INSERT INTO node_progress (node, wal_seq) VALUES (?1, ?2)
+                     ON CONFLICT (node) DO UPDATE SET wal_seq = excluded.wal_seq",
+                    vals![node, seq as i64],
+                )?;
+            }
             Ok(true)
         })
+    }
+
+    /// How far `node`'s activation log is committed (0: nothing yet).
+    pub fn wal_progress(&mut self, node: i64) -> Result<u64> {
+        Ok(self
+            .db
+            .query_opt(
+                "SELECT wal_seq FROM node_progress WHERE node = ?1",
+                vals![node],
+            )?
+            .map(|r| r.i64(0))
+            .transpose()?
+            .unwrap_or(0) as u64)
     }
 
     /// Forgets batch ids older than `before` (they guard only against retries and replays,
@@ -1422,10 +1453,10 @@ mod tests {
         // A batch id is taken once: the same batch again is skipped, a new id is written.
         let id = BatchId { node: 1, batch: 1 };
         assert!(store
-            .write_batch_once(Some(id), &[], &written[..3])
+            .write_batch_once(Some(id), None, &[], &written[..3])
             .unwrap());
         assert!(!store
-            .write_batch_once(Some(id), &[], &written[..3])
+            .write_batch_once(Some(id), None, &[], &written[..3])
             .unwrap());
         assert_eq!(store.log_row_count().unwrap(), written.len() as i64 + 3);
     }

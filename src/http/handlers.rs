@@ -314,7 +314,7 @@ pub async fn activate(
         now,
     };
     let mask = scope.mask(r.options.fields_to_return);
-    let (prepared, code) = {
+    let (prepared, code, durable) = {
         let mut lic = entry.license.lock();
         let (code, change) = match domain::activate(&lic, &input) {
             ActivateOutcome::Rejected(rj) => return Err(Failure::new(rj.into(), rj.code())),
@@ -334,31 +334,34 @@ pub async fn activate(
         lic.apply(&change, now);
         // Forwarded under the lock, so the store sees one license's changes in order.
         let gid = lic.global_id;
-        match &change {
-            Change::Upsert(m) => {
-                if m.is_floating() {
-                    ctx.writer.event(StoreEvent::FloatingExpired {
-                        key_global_id: gid,
-                        now,
-                    });
-                }
-                ctx.writer.event(StoreEvent::MachineUpsert {
+        let events = match &change {
+            Change::Upsert(m) if m.is_floating() => vec![
+                StoreEvent::FloatingExpired {
+                    key_global_id: gid,
+                    now,
+                },
+                StoreEvent::MachineUpsert {
                     key_global_id: gid,
                     machine: m.clone(),
-                });
-            }
-            Change::UpsertWithExpiry(m, e) => {
-                ctx.writer.event(StoreEvent::MachineUpsert {
+                },
+            ],
+            Change::Upsert(m) => vec![StoreEvent::MachineUpsert {
+                key_global_id: gid,
+                machine: m.clone(),
+            }],
+            Change::UpsertWithExpiry(m, e) => vec![
+                StoreEvent::MachineUpsert {
                     key_global_id: gid,
                     machine: m.clone(),
-                });
-                ctx.writer.event(StoreEvent::ExpiresSet {
+                },
+                StoreEvent::ExpiresSet {
                     key_global_id: gid,
                     expires: *e,
-                });
-            }
-            Change::None | Change::Transient(_) => {}
-        }
+                },
+            ],
+            Change::None | Change::Transient(_) => Vec::new(),
+        };
+        let durable = ctx.writer.changes(events);
         let floating = r.floating_interval > 0;
         let caller = match &change {
             Change::Transient(m) => Some(m.clone()),
@@ -381,12 +384,11 @@ pub async fn activate(
             now,
             cacheable,
         );
-        (prepared, code)
+        (prepared, code, durable)
     };
-    let body = respond(ctx, signer, prepared, mask, now)
-        .await
-        .map_err(fail)?;
-    Ok((body, code))
+    // Signing and the activation log's sync run at the same time; the answer waits for both.
+    let (body, ()) = tokio::join!(respond(ctx, signer, prepared, mask, now), durable.wait());
+    Ok((body.map_err(fail)?, code))
 }
 
 pub async fn get_key(ctx: &Ctx, r: GetKeyRequest, log: &mut LogCtx) -> Outcome {
@@ -412,29 +414,35 @@ pub async fn get_key(ctx: &Ctx, r: GetKeyRequest, log: &mut LogCtx) -> Outcome {
     Ok((body, StateCode::GETKEY_OK))
 }
 
-pub fn deactivate(ctx: &Ctx, r: DeactivateRequest, log: &mut LogCtx) -> Outcome {
+pub async fn deactivate(ctx: &Ctx, r: DeactivateRequest, log: &mut LogCtx) -> Outcome {
     let fail = |e: ApiError| Failure::new(e, StateCode::DEACTIVATE_FAILED);
     log.product_id = Some(r.product_id);
     log.machine_code.clone_from(&r.machine_code);
     let (scope, _) =
         authorize(ctx, &r.token, Method::Deactivate, r.product_id, log).map_err(fail)?;
     let entry = authorize_key(ctx, &scope, r.product_id, &r.key, log).map_err(fail)?;
-    let mut lic = entry.license.lock();
-    let outcome = domain::deactivate(&lic, &r.machine_code, r.floating);
-    let code = outcome.code();
-    match outcome {
-        DeactivateOutcome::Blocked => return Err(Failure::new(ApiError::Blocked, code)),
-        DeactivateOutcome::NotActivated => return Err(Failure::new(ApiError::NotActivated, code)),
-        DeactivateOutcome::Removed | DeactivateOutcome::FloatingReleased { removed: true } => {
-            lic.remove_machine(&r.machine_code, r.floating);
-            ctx.writer.event(StoreEvent::MachineRemove {
-                key_global_id: lic.global_id,
-                machine_code: r.machine_code.clone(),
-                floating: r.floating,
-            });
-        }
-        DeactivateOutcome::FloatingReleased { removed: false } => {}
-    }
+    let (code, durable) = {
+        let mut lic = entry.license.lock();
+        let outcome = domain::deactivate(&lic, &r.machine_code, r.floating);
+        let code = outcome.code();
+        let events = match outcome {
+            DeactivateOutcome::Blocked => return Err(Failure::new(ApiError::Blocked, code)),
+            DeactivateOutcome::NotActivated => {
+                return Err(Failure::new(ApiError::NotActivated, code))
+            }
+            DeactivateOutcome::Removed | DeactivateOutcome::FloatingReleased { removed: true } => {
+                lic.remove_machine(&r.machine_code, r.floating);
+                vec![StoreEvent::MachineRemove {
+                    key_global_id: lic.global_id,
+                    machine_code: r.machine_code.clone(),
+                    floating: r.floating,
+                }]
+            }
+            DeactivateOutcome::FloatingReleased { removed: false } => Vec::new(),
+        };
+        (code, ctx.writer.changes(events))
+    };
+    durable.wait().await;
     Ok((wire::ok_response(), code))
 }
 

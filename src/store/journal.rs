@@ -16,6 +16,8 @@ use std::path::{Path, PathBuf};
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Batch {
     pub id: BatchId,
+    /// The highest activation-log sequence number among `events`, if any.
+    pub wal_seq: Option<u64>,
     pub events: Vec<StoreEvent>,
     pub logs: Vec<LogRow>,
 }
@@ -32,7 +34,9 @@ pub struct Journal {
 struct File {
     node: i64,
     batch: i64,
-    events: Vec<Event>,
+    #[serde(default)]
+    wal_seq: Option<u64>,
+    events: Vec<EventRecord>,
     logs: Vec<Log>,
 }
 
@@ -85,9 +89,10 @@ impl From<Log> for LogRow {
     }
 }
 
+/// A `StoreEvent` as the spool and the activation log write it.
 #[derive(Serialize, Deserialize)]
 #[serde(tag = "t", rename_all = "snake_case")]
-enum Event {
+pub(super) enum EventRecord {
     Upsert {
         key: i64,
         code: String,
@@ -113,13 +118,13 @@ enum Event {
     },
 }
 
-impl From<&StoreEvent> for Event {
-    fn from(e: &StoreEvent) -> Event {
+impl From<&StoreEvent> for EventRecord {
+    fn from(e: &StoreEvent) -> EventRecord {
         match e {
             StoreEvent::MachineUpsert {
                 key_global_id,
                 machine: m,
-            } => Event::Upsert {
+            } => EventRecord::Upsert {
                 key: *key_global_id,
                 code: m.machine_code.clone(),
                 kind: m.kind.as_i64(),
@@ -133,7 +138,7 @@ impl From<&StoreEvent> for Event {
                 key_global_id,
                 machine_code,
                 floating,
-            } => Event::Remove {
+            } => EventRecord::Remove {
                 key: *key_global_id,
                 code: machine_code.clone(),
                 floating: *floating,
@@ -141,11 +146,11 @@ impl From<&StoreEvent> for Event {
             StoreEvent::ExpiresSet {
                 key_global_id,
                 expires,
-            } => Event::Expires {
+            } => EventRecord::Expires {
                 key: *key_global_id,
                 expires: *expires,
             },
-            StoreEvent::FloatingExpired { key_global_id, now } => Event::FloatingExpired {
+            StoreEvent::FloatingExpired { key_global_id, now } => EventRecord::FloatingExpired {
                 key: *key_global_id,
                 now: *now,
             },
@@ -153,10 +158,10 @@ impl From<&StoreEvent> for Event {
     }
 }
 
-impl From<Event> for StoreEvent {
-    fn from(e: Event) -> StoreEvent {
+impl From<EventRecord> for StoreEvent {
+    fn from(e: EventRecord) -> StoreEvent {
         match e {
-            Event::Upsert {
+            EventRecord::Upsert {
                 key,
                 code,
                 kind,
@@ -177,7 +182,7 @@ impl From<Event> for StoreEvent {
                     floating_expires,
                 },
             },
-            Event::Remove {
+            EventRecord::Remove {
                 key,
                 code,
                 floating,
@@ -186,16 +191,24 @@ impl From<Event> for StoreEvent {
                 machine_code: code,
                 floating,
             },
-            Event::Expires { key, expires } => StoreEvent::ExpiresSet {
+            EventRecord::Expires { key, expires } => StoreEvent::ExpiresSet {
                 key_global_id: key,
                 expires,
             },
-            Event::FloatingExpired { key, now } => StoreEvent::FloatingExpired {
+            EventRecord::FloatingExpired { key, now } => StoreEvent::FloatingExpired {
                 key_global_id: key,
                 now,
             },
         }
     }
+}
+
+pub(super) fn encode_events(events: &[StoreEvent]) -> Vec<EventRecord> {
+    events.iter().map(EventRecord::from).collect()
+}
+
+pub(super) fn decode_events(records: Vec<EventRecord>) -> Vec<StoreEvent> {
+    records.into_iter().map(StoreEvent::from).collect()
 }
 
 fn number_of(path: &Path) -> Option<u64> {
@@ -245,7 +258,8 @@ impl Journal {
         let body = serde_json::to_vec(&File {
             node: b.id.node,
             batch: b.id.batch,
-            events: b.events.iter().map(Event::from).collect(),
+            wal_seq: b.wal_seq,
+            events: encode_events(&b.events),
             logs: b.logs.iter().map(Log::from).collect(),
         })?;
         let tmp = self.dir.join(format!("{n:020}.tmp"));
@@ -291,7 +305,8 @@ fn read(path: &Path) -> std::io::Result<Batch> {
             node: f.node,
             batch: f.batch,
         },
-        events: f.events.into_iter().map(StoreEvent::from).collect(),
+        wal_seq: f.wal_seq,
+        events: decode_events(f.events),
         logs: f.logs.into_iter().map(LogRow::from).collect(),
     })
 }
@@ -303,6 +318,7 @@ mod tests {
     fn batch(n: i64) -> Batch {
         Batch {
             id: BatchId { node: 7, batch: n },
+            wal_seq: Some(n as u64),
             events: vec![
                 StoreEvent::MachineUpsert {
                     key_global_id: n,

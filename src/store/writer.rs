@@ -13,6 +13,7 @@
 //! skipped: every row arrives exactly once.
 
 use super::journal::{Batch, Journal};
+use super::wal::Wal;
 use super::{BatchId, Location, LogRow, Store, StoreEvent};
 use crossbeam_channel::{bounded, unbounded, Receiver, RecvTimeoutError, Sender, TrySendError};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -54,11 +55,25 @@ pub struct WriterStats {
     pub healthy: AtomicBool,
     /// False from a failed store write until the next one succeeds.
     pub store_up: AtomicBool,
+    /// The highest activation-log number whose changes are committed or spooled: segments up
+    /// to it can go.
+    pub safe_wal_seq: AtomicU64,
+    /// Change groups the activation log could not write (disk full, I/O error): answered, but
+    /// without crash durability.
+    pub wal_failures: AtomicU64,
 }
 
 enum Msg {
-    Event(StoreEvent),
+    /// A group of changes and its activation-log number, if the log is on.
+    Events(Vec<StoreEvent>, Option<u64>),
     /// Answered once everything sent before it is committed.
+    Flush(Sender<()>),
+    Stop,
+}
+
+/// What the activation-log thread is sent.
+enum WalMsg {
+    Events(Vec<StoreEvent>, tokio::sync::oneshot::Sender<()>),
     Flush(Sender<()>),
     Stop,
 }
@@ -67,14 +82,43 @@ enum Msg {
 #[derive(Clone)]
 pub struct WriterSender {
     events: Sender<Msg>,
+    /// The activation log, when on: changes go through it to `events`.
+    wal: Option<Sender<WalMsg>>,
     logs: Sender<LogRow>,
     stats: Arc<WriterStats>,
 }
 
+/// Resolves once a group of changes is on local disk (at once without the activation log).
+pub struct Durable(Option<tokio::sync::oneshot::Receiver<()>>);
+
+impl Durable {
+    pub async fn wait(self) {
+        if let Some(rx) = self.0 {
+            // An error means the log thread stopped (shutdown); nothing more can be done.
+            let _ = rx.await;
+        }
+    }
+}
+
 impl WriterSender {
-    pub fn event(&self, e: StoreEvent) {
-        // Only fails after shutdown, when nothing is accepted any more.
-        let _ = self.events.send(Msg::Event(e));
+    /// Sends one request's activation changes, in order. Call under the license lock (so the
+    /// store sees one license's changes in order) and await the result after releasing it.
+    pub fn changes(&self, events: Vec<StoreEvent>) -> Durable {
+        if events.is_empty() {
+            return Durable(None);
+        }
+        match &self.wal {
+            Some(wal) => {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                // Only fails after shutdown, when nothing is accepted any more.
+                let _ = wal.send(WalMsg::Events(events, tx));
+                Durable(Some(rx))
+            }
+            None => {
+                let _ = self.events.send(Msg::Events(events, None));
+                Durable(None)
+            }
+        }
     }
 
     pub fn log(&self, row: LogRow) {
@@ -91,7 +135,12 @@ impl WriterSender {
     /// Waits (blocking) until everything sent so far is committed.
     pub fn flush_blocking(&self) {
         let (tx, rx) = bounded(1);
-        if self.events.send(Msg::Flush(tx)).is_ok() {
+        let sent = match &self.wal {
+            // Through the log thread, behind the changes it still holds.
+            Some(wal) => wal.send(WalMsg::Flush(tx)).is_ok(),
+            None => self.events.send(Msg::Flush(tx)).is_ok(),
+        };
+        if sent {
             let _ = rx.recv();
         }
     }
@@ -104,17 +153,21 @@ impl WriterSender {
 pub struct Writer {
     sender: WriterSender,
     thread: Option<std::thread::JoinHandle<()>>,
+    wal_thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Writer {
-    /// `reconnect` says where to connect again after the connection broke (PostgreSQL).
+    /// `reconnect` says where to connect again after the connection broke (PostgreSQL);
+    /// `wal`, when given, makes every activation change durable before it is acknowledged.
     pub fn spawn(
         store: Store,
         reconnect: Option<Location>,
         journal: Journal,
+        wal: Option<Wal>,
         policy: BatchPolicy,
     ) -> Writer {
         let (etx, erx) = unbounded();
+        let node = wal.as_ref().map(|w| w.node);
         let (ltx, lrx) = bounded(policy.log_queue_rows.max(1));
         let stats = Arc::new(WriterStats {
             healthy: AtomicBool::new(true),
@@ -125,17 +178,31 @@ impl Writer {
         let thread = std::thread::Builder::new()
             .name("keygate-store-writer".into())
             .spawn(move || {
-                let sink = Sink::new(store, reconnect, journal, &st);
+                let sink = Sink::new(store, reconnect, journal, node, &st);
                 run(sink, policy, erx, lrx, st)
             })
             .expect("spawning the store writer thread");
+        let (wal_tx, wal_thread) = match wal {
+            Some(wal) => {
+                let (tx, rx) = unbounded();
+                let (etx, st) = (etx.clone(), stats.clone());
+                let t = std::thread::Builder::new()
+                    .name("keygate-wal".into())
+                    .spawn(move || run_wal(wal, rx, etx, st))
+                    .expect("spawning the activation-log thread");
+                (Some(tx), Some(t))
+            }
+            None => (None, None),
+        };
         Writer {
             sender: WriterSender {
                 events: etx,
+                wal: wal_tx,
                 logs: ltx,
                 stats,
             },
             thread: Some(thread),
+            wal_thread,
         }
     }
 
@@ -143,17 +210,19 @@ impl Writer {
         self.sender.clone()
     }
 
-    /// Writes everything queued, then stops the thread.
+    /// Writes everything queued, then stops the threads: the activation log first (it hands
+    /// the writer what it holds), then the writer.
     pub fn shutdown(mut self) {
-        let _ = self.sender.events.send(Msg::Stop);
-        if let Some(t) = self.thread.take() {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        if let Some(t) = self.wal_thread.take() {
+            if let Some(wal) = &self.sender.wal {
+                let _ = wal.send(WalMsg::Stop);
+            }
             let _ = t.join();
         }
-    }
-}
-
-impl Drop for Writer {
-    fn drop(&mut self) {
         if let Some(t) = self.thread.take() {
             let _ = self.sender.events.send(Msg::Stop);
             let _ = t.join();
@@ -161,8 +230,74 @@ impl Drop for Writer {
     }
 }
 
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The activation-log thread: appends each waiting group of changes with one sync, then
+/// forwards them to the writer and answers the handlers; deletes what the writer made safe.
+fn run_wal(mut wal: Wal, rx: Receiver<WalMsg>, writer: Sender<Msg>, stats: Arc<WriterStats>) {
+    let mut stopping = false;
+    while !stopping {
+        let first = match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(m) => Some(m),
+            Err(RecvTimeoutError::Timeout) => None,
+            Err(RecvTimeoutError::Disconnected) => break,
+        };
+        let mut msgs: Vec<WalMsg> = first.into_iter().collect();
+        while msgs.len() < 4096 {
+            match rx.try_recv() {
+                Ok(m) => msgs.push(m),
+                Err(_) => break,
+            }
+        }
+        let groups: Vec<&[StoreEvent]> = msgs
+            .iter()
+            .filter_map(|m| match m {
+                WalMsg::Events(e, _) => Some(e.as_slice()),
+                _ => None,
+            })
+            .collect();
+        let seqs = if groups.is_empty() {
+            Vec::new()
+        } else {
+            match wal.append(&groups) {
+                Ok(s) => s,
+                Err(e) => {
+                    stats
+                        .wal_failures
+                        .fetch_add(groups.len() as u64, Ordering::Relaxed);
+                    stats.healthy.store(false, Ordering::Relaxed);
+                    tracing::error!(error = %e, "activation log write failed; changes are not crash-safe");
+                    Vec::new()
+                }
+            }
+        };
+        let mut seqs = seqs.into_iter();
+        for m in msgs {
+            match m {
+                WalMsg::Events(events, ack) => {
+                    let _ = writer.send(Msg::Events(events, seqs.next()));
+                    let _ = ack.send(());
+                }
+                WalMsg::Flush(ack) => {
+                    let _ = writer.send(Msg::Flush(ack));
+                }
+                WalMsg::Stop => stopping = true,
+            }
+        }
+        if let Err(e) = wal.collect(stats.safe_wal_seq.load(Ordering::Relaxed)) {
+            tracing::warn!(error = %e, "deleting old activation-log segments failed");
+        }
+    }
+}
+
 struct Pending {
     events: Vec<StoreEvent>,
+    /// The highest activation-log number among `events`.
+    wal_seq: Option<u64>,
     logs: Vec<LogRow>,
     since: Option<Instant>,
     acks: Vec<Sender<()>>,
@@ -172,6 +307,13 @@ struct Pending {
 }
 
 impl Pending {
+    fn take(&mut self, events: Vec<StoreEvent>, seq: Option<u64>) {
+        self.events.extend(events);
+        if seq.is_some() {
+            self.wal_seq = seq;
+        }
+    }
+
     fn len(&self) -> usize {
         self.events.len() + self.logs.len()
     }
@@ -190,6 +332,8 @@ struct Sink {
     next_batch: i64,
     /// No store attempt before this instant after a failure (the spool takes batches).
     retry_at: Option<Instant>,
+    /// This node's key in `node_progress`, when the activation log is on.
+    wal_node: Option<i64>,
 }
 
 /// How long the writer leaves a failing store alone before trying it again.
@@ -200,6 +344,7 @@ impl Sink {
         store: Store,
         reconnect: Option<Location>,
         journal: Journal,
+        wal_node: Option<i64>,
         stats: &WriterStats,
     ) -> Sink {
         let mut node = [0u8; 8];
@@ -215,6 +360,7 @@ impl Sink {
             node: i64::from_le_bytes(node) & i64::MAX,
             next_batch: 1,
             retry_at: None,
+            wal_node,
         }
     }
 
@@ -265,10 +411,12 @@ impl Sink {
                 }
                 None => break,
             };
-            match self
-                .store
-                .write_batch_once(Some(batch.id), &batch.events, &batch.logs)
-            {
+            match self.store.write_batch_once(
+                Some(batch.id),
+                self.wal_node.zip(batch.wal_seq),
+                &batch.events,
+                &batch.logs,
+            ) {
                 Ok(fresh) => {
                     if let Err(e) = self.journal.pop_front() {
                         // The store has it; replaying it again later is skipped by its id.
@@ -312,6 +460,7 @@ fn run(
 ) {
     let mut p = Pending {
         events: Vec::new(),
+        wal_seq: None,
         logs: Vec::new(),
         since: None,
         acks: Vec::new(),
@@ -340,8 +489,8 @@ fn run(
             }
         };
         match events.recv_timeout(wait) {
-            Ok(Msg::Event(e)) => {
-                p.events.push(e);
+            Ok(Msg::Events(e, seq)) => {
+                p.take(e, seq);
                 p.touch();
             }
             Ok(Msg::Flush(ack)) => {
@@ -371,7 +520,7 @@ fn run(
             // Take everything still queued; new sends after Stop are not waited for.
             while let Ok(m) = events.try_recv() {
                 match m {
-                    Msg::Event(e) => p.events.push(e),
+                    Msg::Events(e, seq) => p.take(e, seq),
                     Msg::Flush(a) => p.acks.push(a),
                     Msg::Stop => {}
                 }
@@ -439,9 +588,13 @@ fn write_in_slices(
             None => (sink.next_id(), p.logs.len().min(slice)),
         };
         p.failed_slice = Some((id, n));
+        let progress = sink.wal_node.zip(p.wal_seq);
         sink.store
-            .write_batch_once(Some(id), &p.events, &p.logs[..n])?;
+            .write_batch_once(Some(id), progress, &p.events, &p.logs[..n])?;
         p.failed_slice = None;
+        if let Some(seq) = p.wal_seq.take() {
+            stats.safe_wal_seq.store(seq, Ordering::Relaxed);
+        }
         stats
             .events_written
             .fetch_add(p.events.len() as u64, Ordering::Relaxed);
@@ -504,12 +657,17 @@ fn spool(sink: &mut Sink, p: &mut Pending, stats: &WriterStats, stopping: bool) 
 fn spool_batch(sink: &mut Sink, p: &mut Pending, id: BatchId, stats: &WriterStats, stopping: bool) {
     let batch = Batch {
         id,
+        wal_seq: p.wal_seq.take(),
         events: std::mem::take(&mut p.events),
         logs: std::mem::take(&mut p.logs),
     };
     match sink.journal.append(&batch) {
         Ok(()) => {
             stats.healthy.store(true, Ordering::Relaxed);
+            if let Some(seq) = batch.wal_seq {
+                // On local disk now, synced: the activation log may let go of it.
+                stats.safe_wal_seq.store(seq, Ordering::Relaxed);
+            }
             stats
                 .log_spooled
                 .fetch_add(batch.logs.len() as u64, Ordering::Relaxed);
@@ -536,6 +694,7 @@ fn spool_batch(sink: &mut Sink, p: &mut Pending, id: BatchId, stats: &WriterStat
             tracing::error!(error = %e, "cannot write to the spool; keeping the batch in memory");
             p.events = batch.events;
             p.logs = batch.logs;
+            p.wal_seq = batch.wal_seq;
             p.failed_slice = Some((id, p.logs.len()));
             std::thread::sleep(Duration::from_millis(200));
         }

@@ -253,6 +253,14 @@ impl Server {
         (status, body)
     }
 
+    /// SIGKILL: no drain, no flush, as a crash or an OOM kill.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
     /// Whether the process is still running.
     pub fn running(&mut self) -> bool {
         self.child

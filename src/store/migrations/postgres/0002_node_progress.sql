@@ -1,0 +1,6 @@
+-- How far each node's activation log (data_dir/wal) is in the store: changes up to `wal_seq`
+-- are committed, so a node replaying its log after a crash skips them.
+CREATE TABLE node_progress (
+    node     BIGINT PRIMARY KEY,
+    wal_seq  BIGINT NOT NULL
+);
