@@ -63,7 +63,6 @@ fn fixture(cached: bool) -> Fixture {
     let (state, _) = State::load(&mut store).unwrap();
     let writer = Writer::spawn(
         store,
-        None,
         keygate::store::journal::Journal::open(&dir.join("spool")).unwrap(),
         None,
         BatchPolicy {

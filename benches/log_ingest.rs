@@ -62,7 +62,6 @@ fn main() {
 
     let writer = Writer::spawn(
         Store::connect_postgres(&url).unwrap(),
-        None,
         Journal::open(&spool).unwrap(),
         None,
         BatchPolicy {

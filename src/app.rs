@@ -83,7 +83,6 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
 
     let writer = Writer::spawn(
         store,
-        Some(location.clone()),
         journal,
         wal,
         BatchPolicy {
@@ -97,7 +96,6 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     let sync = Sync::spawn(
         state.clone(),
         sync_store,
-        Some(location.clone()),
         seq,
         Duration::from_millis(cfg.store.sync_interval_ms),
     );

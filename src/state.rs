@@ -216,14 +216,7 @@ pub struct Sync {
 }
 
 impl Sync {
-    /// `reconnect` says where to connect again after the connection broke (PostgreSQL).
-    pub fn spawn(
-        state: Arc<State>,
-        mut store: Store,
-        reconnect: Option<crate::store::Location>,
-        mut seq: i64,
-        interval: Duration,
-    ) -> Sync {
+    pub fn spawn(state: Arc<State>, mut store: Store, mut seq: i64, interval: Duration) -> Sync {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let thread = std::thread::Builder::new()
@@ -248,13 +241,8 @@ impl Sync {
                         Err(e) => {
                             tracing::warn!(error = %e, "reading the change feed failed");
                             crate::metrics::sync_poll_failed();
-                            if let Some(loc) = &reconnect {
-                                if !store.is_usable() {
-                                    if let Ok(s) = Store::connect(loc) {
-                                        tracing::info!("sync reconnected to the main store");
-                                        store = s;
-                                    }
-                                }
+                            if let Err(e) = store.reconnect_if_broken() {
+                                tracing::debug!(error = %e, "main store still unreachable");
                             }
                         }
                     }

@@ -61,6 +61,8 @@ pub struct Store {
     db: Db,
     /// Who the audit log names for this connection's administrative writes.
     actor: String,
+    /// Where to connect again after a PostgreSQL connection broke.
+    url: Option<String>,
 }
 
 /// Where the main store lives: a SQLite file or a PostgreSQL URL.
@@ -264,7 +266,24 @@ impl Store {
         }
         config.application_name("keygate");
         let client = config.connect(postgres::NoTls)?;
-        Self::with_db(Db::Postgres(Box::new(db::Pg::new(client))))
+        let mut store = Self::with_db(Db::Postgres(Box::new(db::Pg::new(client))))?;
+        store.url = Some(url.to_owned());
+        Ok(store)
+    }
+
+    /// After a failure: if the PostgreSQL connection is gone (server restarted, network cut),
+    /// connects again, keeping the actor. Costs a round trip; a no-op on SQLite.
+    pub fn reconnect_if_broken(&mut self) -> Result<()> {
+        let Some(url) = self.url.clone() else {
+            return Ok(());
+        };
+        if self.is_usable() {
+            return Ok(());
+        }
+        let fresh = Self::connect_postgres(&url)?;
+        self.db = fresh.db;
+        tracing::info!("reconnected to the main store");
+        Ok(())
     }
 
     pub fn connect(location: &Location) -> Result<Store> {
@@ -278,6 +297,7 @@ impl Store {
         let mut store = Store {
             db,
             actor: "keygate".into(),
+            url: None,
         };
         store.migrate()?;
         Ok(store)

@@ -100,7 +100,10 @@ fn serde_derives_only_in_config() {
     for (path, text) in sources() {
         // The configuration, and the local file formats of the spool and the activation log
         // (never sent to a client).
-        if matches!(path.as_str(), "config.rs" | "store/journal.rs" | "store/wal.rs") {
+        if matches!(
+            path.as_str(),
+            "config.rs" | "store/journal.rs" | "store/wal.rs"
+        ) {
             continue;
         }
         assert!(

@@ -516,6 +516,8 @@ pub async fn create_trial_key(
     let store = ctx.control_store.clone();
     let row = tokio::task::spawn_blocking(move || {
         let mut s = store.lock();
+        // The one request-path write: after a store restart its connection is new.
+        s.reconnect_if_broken()?;
         let (_, gid) = s.create_key(&new)?;
         s.key(gid)
     })

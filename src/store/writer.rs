@@ -14,7 +14,7 @@
 
 use super::journal::{Batch, Journal};
 use super::wal::Wal;
-use super::{BatchId, Location, LogRow, Store, StoreEvent};
+use super::{BatchId, LogRow, Store, StoreEvent};
 use crossbeam_channel::{bounded, unbounded, Receiver, RecvTimeoutError, Sender, TrySendError};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -157,15 +157,8 @@ pub struct Writer {
 }
 
 impl Writer {
-    /// `reconnect` says where to connect again after the connection broke (PostgreSQL);
     /// `wal`, when given, makes every activation change durable before it is acknowledged.
-    pub fn spawn(
-        store: Store,
-        reconnect: Option<Location>,
-        journal: Journal,
-        wal: Option<Wal>,
-        policy: BatchPolicy,
-    ) -> Writer {
+    pub fn spawn(store: Store, journal: Journal, wal: Option<Wal>, policy: BatchPolicy) -> Writer {
         let (etx, erx) = unbounded();
         let node = wal.as_ref().map(|w| w.node);
         let (ltx, lrx) = bounded(policy.log_queue_rows.max(1));
@@ -178,7 +171,7 @@ impl Writer {
         let thread = std::thread::Builder::new()
             .name("keygate-store-writer".into())
             .spawn(move || {
-                let sink = Sink::new(store, reconnect, journal, node, &st);
+                let sink = Sink::new(store, journal, node, &st);
                 run(sink, policy, erx, lrx, st)
             })
             .expect("spawning the store writer thread");
@@ -325,7 +318,6 @@ impl Pending {
 /// Where batches go: the store, or the spool while the store refuses them.
 struct Sink {
     store: Store,
-    reconnect: Option<Location>,
     journal: Journal,
     /// This process's batch ids: a random node number and a counter.
     node: i64,
@@ -340,13 +332,7 @@ struct Sink {
 const RETRY_AFTER: Duration = Duration::from_millis(500);
 
 impl Sink {
-    fn new(
-        store: Store,
-        reconnect: Option<Location>,
-        journal: Journal,
-        wal_node: Option<i64>,
-        stats: &WriterStats,
-    ) -> Sink {
+    fn new(store: Store, journal: Journal, wal_node: Option<i64>, stats: &WriterStats) -> Sink {
         let mut node = [0u8; 8];
         aws_lc_rs::rand::fill(&mut node).expect("system randomness");
         stats
@@ -354,7 +340,6 @@ impl Sink {
             .store(journal.len() as u64, Ordering::Relaxed);
         Sink {
             store,
-            reconnect,
             journal,
             // Positive, so it reads the same in every tool.
             node: i64::from_le_bytes(node) & i64::MAX,
@@ -382,16 +367,8 @@ impl Sink {
         stats.store_up.store(false, Ordering::Relaxed);
         tracing::error!(error = %e, spooled_batches = self.journal.len(), "store write failed; spooling to local disk");
         self.retry_at = Some(Instant::now() + RETRY_AFTER);
-        if let Some(loc) = &self.reconnect {
-            if !self.store.is_usable() {
-                match Store::connect(loc) {
-                    Ok(s) => {
-                        tracing::info!("reconnected to the main store");
-                        self.store = s;
-                    }
-                    Err(e) => tracing::warn!(error = %e, "main store still unreachable"),
-                }
-            }
+        if let Err(e) = self.store.reconnect_if_broken() {
+            tracing::warn!(error = %e, "main store still unreachable");
         }
     }
 
