@@ -76,6 +76,7 @@ fn fixture(cached: bool) -> Fixture {
         state: Arc::new(state),
         writer: writer.sender(),
         control_store: Arc::new(parking_lot::Mutex::new(Store::open(&db).unwrap())),
+        log_store: Arc::new(parking_lot::Mutex::new(Store::open(&db).unwrap())),
         trial_lock: tokio::sync::Mutex::new(()),
         limits: Limits {
             max_body_bytes: 16384,

@@ -62,6 +62,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         wal,
         sync: sync_store,
         control: mut control_store,
+        log: log_store,
         state,
         seq,
     } = {
@@ -108,6 +109,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
             control_store.set_actor("api:CreateTrialKey");
             control_store
         })),
+        log_store: Arc::new(parking_lot::Mutex::new(log_store)),
         trial_lock: tokio::sync::Mutex::new(()),
         limits: Limits {
             max_body_bytes: s.max_body_bytes,
@@ -265,12 +267,14 @@ fn open_store(
     let (state, seq) = State::load(&mut store)?;
     let sync = Store::connect(location)?;
     let control = Store::connect(location)?;
+    let log = Store::connect(location)?;
     Ok(Opened {
         store,
         journal,
         wal,
         sync,
         control,
+        log,
         state,
         seq,
     })
@@ -283,6 +287,7 @@ struct Opened {
     wal: Option<Wal>,
     sync: Store,
     control: Store,
+    log: Store,
     state: State,
     seq: i64,
 }

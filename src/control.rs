@@ -253,7 +253,7 @@ pub fn create_token(store: &mut Store, spec: &TokenSpec) -> Result<Value> {
         methods |= parsed as i64;
     }
     if spec.methods.is_empty() {
-        methods = Method::all_bits();
+        methods = Method::client_bits();
     }
     if spec.key_lock.is_some_and(|k| k < -1 || k == 0) {
         return Err(ControlError::Invalid(

@@ -50,6 +50,8 @@ pub struct Ctx {
     pub writer: WriterSender,
     /// Used only by CreateTrialKey, which creates a key in the main store.
     pub control_store: Arc<parking_lot::Mutex<Store>>,
+    /// GetWebAPILog's connection, apart from CreateTrialKey's so neither waits on the other.
+    pub log_store: Arc<parking_lot::Mutex<Store>>,
     pub trial_lock: tokio::sync::Mutex<()>,
     pub limits: Limits,
     /// The edge node's own address recorded as "proxy IP"; the local socket address if unset.
@@ -146,6 +148,7 @@ fn route_name(r: Option<Route>) -> &'static str {
         Some(Route::GetKey) => "getkey",
         Some(Route::Deactivate) => "deactivate",
         Some(Route::CreateTrialKey) => "createtrialkey",
+        Some(Route::GetWebApiLog) => "getwebapilog",
         None => "other",
     }
 }
@@ -193,6 +196,7 @@ async fn serve(
         Route::GetKey => crate::domain::StateCode::GETKEY_FAILED,
         Route::Deactivate => crate::domain::StateCode::DEACTIVATE_FAILED,
         Route::CreateTrialKey => crate::domain::StateCode::TRIAL_FAILED,
+        Route::GetWebApiLog => crate::domain::StateCode::OTHER_FAILED,
     };
     ctx.rate_limits
         .client_ip(client_ip)
@@ -235,6 +239,7 @@ async fn serve(
         Request::CreateTrialKey(r) => {
             handlers::create_trial_key(ctx, r, client_ip, proxy_ip, log).await
         }
+        Request::GetWebApiLog(r) => handlers::get_web_api_log(ctx, r, log).await,
     }
 }
 

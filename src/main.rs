@@ -229,7 +229,8 @@ enum TokenCmd {
     Create {
         #[arg(long)]
         tenant: i64,
-        /// Allowed methods (comma-separated): Activate, GetKey, Deactivate, CreateTrialKey. Default: all.
+        /// Allowed methods (comma-separated): Activate, GetKey, Deactivate, CreateTrialKey,
+        /// GetWebAPILog. Default: the first four (the log must be named).
         #[arg(long, value_delimiter = ',')]
         methods: Vec<String>,
         /// Only this product.

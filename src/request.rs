@@ -11,6 +11,8 @@ pub enum Route {
     GetKey,
     Deactivate,
     CreateTrialKey,
+    /// `ai/GetWebAPILog`: the calling tenant's request log.
+    GetWebApiLog,
 }
 
 /// Why a path is not served.
@@ -35,19 +37,17 @@ pub fn route(path: &str) -> Result<Route, RouteError> {
     let (Some(group), Some(method), None) = (segs.next(), segs.next(), segs.next()) else {
         return Err(RouteError::Unknown);
     };
-    if !group.eq_ignore_ascii_case("key") {
-        return Err(RouteError::Unknown);
-    }
-    const METHODS: [(&str, Route); 4] = [
-        ("activate", Route::Activate),
-        ("getkey", Route::GetKey),
-        ("deactivate", Route::Deactivate),
-        ("createtrialkey", Route::CreateTrialKey),
+    const METHODS: [(&str, &str, Route); 5] = [
+        ("key", "activate", Route::Activate),
+        ("key", "getkey", Route::GetKey),
+        ("key", "deactivate", Route::Deactivate),
+        ("key", "createtrialkey", Route::CreateTrialKey),
+        ("ai", "getwebapilog", Route::GetWebApiLog),
     ];
     METHODS
         .iter()
-        .find(|(n, _)| n.eq_ignore_ascii_case(method))
-        .map(|(_, r)| *r)
+        .find(|(g, n, _)| g.eq_ignore_ascii_case(group) && n.eq_ignore_ascii_case(method))
+        .map(|(_, _, r)| *r)
         .ok_or(RouteError::Unknown)
 }
 
@@ -213,6 +213,98 @@ pub struct CreateTrialKeyRequest {
     pub friendly_name: String,
 }
 
+/// Largest `Limit` of GetWebAPILog (Cryptolens' documented maximum).
+pub const MAX_LOG_LIMIT: i64 = 1000;
+
+/// GetWebAPILog. Zero and empty values mean "not given", as the Python SDK sends them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WebApiLogRequest {
+    pub token: String,
+    pub product_id: Option<i64>,
+    pub key: Option<String>,
+    /// Exact match.
+    pub machine_code: Option<String>,
+    /// Contained, case-insensitively.
+    pub friendly_name: Option<String>,
+    /// `States`: a JSON array of state codes.
+    pub states: Vec<u16>,
+    pub limit: i64,
+    /// Rows after this id in the chosen order (the next page).
+    pub starting_after: Option<i64>,
+    /// Rows before this id in the chosen order (the previous page).
+    pub ending_before: Option<i64>,
+    /// Newest first unless `OrderBy` asks for ascending.
+    pub ascending: bool,
+}
+
+impl WebApiLogRequest {
+    fn decode(p: &Params<'_>, token: String) -> Result<WebApiLogRequest, DecodeError> {
+        let positive = |name: &'static str| -> Result<Option<i64>, DecodeError> {
+            match p.int(name, 0)? {
+                0 => Ok(None),
+                v if v > 0 => Ok(Some(v)),
+                _ => Err(DecodeError::BadParameter(name)),
+            }
+        };
+        let text = |name: &'static str| -> Result<Option<String>, DecodeError> {
+            Ok(Some(p.string(name)?).filter(|v| !v.is_empty()))
+        };
+        let states = match p.present("States") {
+            None => Vec::new(),
+            Some(v) => parse_states(v).ok_or(DecodeError::BadParameter("States"))?,
+        };
+        let limit = p.int("Limit", 10)?;
+        if !(1..=MAX_LOG_LIMIT).contains(&limit) {
+            return Err(DecodeError::BadParameter("Limit"));
+        }
+        // Deprecated, but sent: "Id descending", "Time ascending", ...
+        let ascending = match p.present("OrderBy") {
+            None => false,
+            Some(v) => {
+                let v = v.to_ascii_lowercase();
+                let mut words = v.split_whitespace();
+                match (words.next(), words.next(), words.next()) {
+                    (Some("id" | "time"), None | Some("descending" | "desc"), None) => false,
+                    (Some("id" | "time"), Some("ascending" | "asc"), None) => true,
+                    _ => return Err(DecodeError::BadParameter("OrderBy")),
+                }
+            }
+        };
+        let r = WebApiLogRequest {
+            token,
+            product_id: positive("ProductId")?,
+            key: text("Key")?,
+            machine_code: text("MachineCode")?,
+            friendly_name: text("FriendlyName")?,
+            states,
+            limit,
+            starting_after: positive("StartingAfter")?,
+            ending_before: positive("EndingBefore")?,
+            ascending,
+        };
+        if r.key.is_some() && r.product_id.is_none() {
+            return Err(DecodeError::BadParameter("ProductId"));
+        }
+        if r.starting_after.is_some() && r.ending_before.is_some() {
+            return Err(DecodeError::BadParameter("EndingBefore"));
+        }
+        Ok(r)
+    }
+}
+
+/// `[3010, 2010]` (spaces allowed), at most 64 codes.
+fn parse_states(v: &str) -> Option<Vec<u16>> {
+    let inner = v.trim().strip_prefix('[')?.strip_suffix(']')?.trim();
+    if inner.is_empty() {
+        return Some(Vec::new());
+    }
+    let codes: Vec<u16> = inner
+        .split(',')
+        .map(|c| c.trim().parse().ok())
+        .collect::<Option<_>>()?;
+    (codes.len() <= 64).then_some(codes)
+}
+
 /// Any decoded client request.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Request {
@@ -220,6 +312,7 @@ pub enum Request {
     GetKey(GetKeyRequest),
     Deactivate(DeactivateRequest),
     CreateTrialKey(CreateTrialKeyRequest),
+    GetWebApiLog(WebApiLogRequest),
 }
 
 impl Request {
@@ -265,6 +358,7 @@ impl Request {
                 machine_code: p.string("MachineCode")?,
                 friendly_name: p.string("FriendlyName")?,
             }),
+            Route::GetWebApiLog => Request::GetWebApiLog(WebApiLogRequest::decode(p, token)?),
         })
     }
 
@@ -274,6 +368,7 @@ impl Request {
             Request::GetKey(r) => &r.token,
             Request::Deactivate(r) => &r.token,
             Request::CreateTrialKey(r) => &r.token,
+            Request::GetWebApiLog(r) => &r.token,
         }
     }
 }
@@ -308,6 +403,10 @@ mod tests {
         assert_eq!(route("/api/key/getkey"), Ok(Route::GetKey));
         assert_eq!(route("/api/Key/CreateTrialKey"), Ok(Route::CreateTrialKey));
         assert_eq!(route("/api/key/Deactivate/"), Ok(Route::Deactivate));
+        assert_eq!(route("/api/ai/GetWebAPILog"), Ok(Route::GetWebApiLog));
+        assert_eq!(route("/api//ai/getwebapilog/"), Ok(Route::GetWebApiLog));
+        assert_eq!(route("/api/key/GetWebAPILog"), Err(RouteError::Unknown));
+        assert_eq!(route("/api/ai/Activate"), Err(RouteError::Unknown));
         assert_eq!(route("/Ext/Activate"), Err(RouteError::Legacy));
         assert_eq!(route("/api/key/activate/extra"), Err(RouteError::Unknown));
         assert_eq!(route("/api/key"), Err(RouteError::Unknown));
@@ -440,6 +539,13 @@ mod tests {
             b"Metadata",
             b"ModelVersion",
             b"SignMethod",
+            b"States",
+            b"Limit",
+            b"StartingAfter",
+            b"EndingBefore",
+            b"OrderBy",
+            b"[2010,",
+            b"]",
             b"FieldsToReturn",
             b"=",
             b"&",
@@ -471,6 +577,7 @@ mod tests {
             b"//api//key/getkey/",
             b"/api/key/Deactivate",
             b"/api/key/CreateTrialKey",
+            b"/api/ai/GetWebAPILog",
             b"/Ext/Activate",
             b"/api/key/",
             b"/api/key/activate/x",
@@ -503,11 +610,56 @@ mod tests {
                     Request::GetKey(r) => (&r.token, r.key.as_str()),
                     Request::Deactivate(r) => (&r.token, r.key.as_str()),
                     Request::CreateTrialKey(r) => (&r.token, ""),
+                    Request::GetWebApiLog(r) => (&r.token, r.key.as_deref().unwrap_or("")),
                 };
                 assert!(token.len() <= MAX_FIELD_LEN && key.len() <= MAX_FIELD_LEN);
             }
         }
         // The alphabet is rich enough that some inputs get through, so both branches ran.
         assert!(decoded > 0, "no random input decoded");
+    }
+
+    #[test]
+    fn web_api_log_takes_python_sdk_defaults_and_refuses_bad_filters() {
+        let dec = |body: &str| decode("/api/ai/getwebapilog", b"", body.as_bytes());
+        // What licensing 0.54's AI.get_web_api_log sends with its defaults.
+        let r = dec("token=t&ProductId=0&Key=&MachineCode=&FriendlyName=&Limit=10&StartingAfter=0&OrderBy=&EndingBefore=0").unwrap();
+        let Request::GetWebApiLog(r) = r else {
+            panic!("{r:?}")
+        };
+        assert_eq!(
+            (
+                r.product_id,
+                r.key,
+                r.machine_code,
+                r.limit,
+                r.starting_after,
+                r.ascending
+            ),
+            (None, None, None, 10, None, false)
+        );
+        let Request::GetWebApiLog(r) = dec("token=t&ProductId=3&Key=K&States=%5B2010%2C%202011%5D&OrderBy=Time%20ascending&StartingAfter=9").unwrap() else { panic!() };
+        assert_eq!(
+            (
+                r.product_id,
+                r.key.as_deref(),
+                r.states,
+                r.ascending,
+                r.starting_after
+            ),
+            (Some(3), Some("K"), vec![2010, 2011], true, Some(9))
+        );
+        for bad in [
+            "token=t&Limit=0",
+            "token=t&Limit=1001",
+            "token=t&Key=K",
+            "token=t&States=2010",
+            "token=t&States=%5B70000%5D",
+            "token=t&OrderBy=Key",
+            "token=t&StartingAfter=-1",
+            "token=t&StartingAfter=2&EndingBefore=5",
+        ] {
+            assert!(matches!(dec(bad), Err(DecodeOutcome::Params(_))), "{bad}");
+        }
     }
 }

@@ -213,6 +213,30 @@ pub struct ChangeRow {
     pub detail: Option<String>,
 }
 
+/// What GetWebAPILog asks for; the tenant always comes from the token.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LogQuery {
+    pub tenant_id: i64,
+    pub product_id: Option<i64>,
+    /// The per-product key `ID`.
+    pub key_id: Option<i64>,
+    pub machine_code: Option<String>,
+    pub friendly_name: Option<String>,
+    pub states: Vec<u16>,
+    pub limit: i64,
+    pub starting_after: Option<i64>,
+    pub ending_before: Option<i64>,
+    pub ascending: bool,
+}
+
+/// One request-log row with its id and its key's string (when the key still exists).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogEntry {
+    pub id: i64,
+    pub row: LogRow,
+    pub key: Option<String>,
+}
+
 /// A key as (product id, key string).
 pub type KeyRef = (i64, String);
 
@@ -1082,6 +1106,83 @@ impl Store {
             .iter()
             .map(|r| Ok((r.i64(0)?, log_row_from(r, 1)?)))
             .collect()
+    }
+
+    /// One page of a tenant's request log (GetWebAPILog), in the asked order.
+    pub fn web_api_log(&mut self, q: &LogQuery) -> Result<Vec<LogEntry>> {
+        let mut args: Vec<db::Value> = vec![q.tenant_id.into()];
+        let mut cond = vec!["r.tenant_id = ?1".to_owned()];
+        let arg = |v: db::Value, args: &mut Vec<db::Value>| {
+            args.push(v);
+            format!("?{}", args.len())
+        };
+        if let Some(p) = q.product_id {
+            cond.push(format!("r.product_id = {}", arg(p.into(), &mut args)));
+        }
+        if let Some(k) = q.key_id {
+            cond.push(format!("r.key_id = {}", arg(k.into(), &mut args)));
+        }
+        if let Some(m) = &q.machine_code {
+            cond.push(format!("r.machine_code = {}", arg(m.into(), &mut args)));
+        }
+        if let Some(f) = &q.friendly_name {
+            let escaped = f
+                .to_lowercase()
+                .replace('\\', "\\\\")
+                .replace('%', "\\%")
+                .replace('_', "\\_");
+            let p = arg(format!("%{escaped}%").into(), &mut args);
+            cond.push(format!("LOWER(r.friendly_name) LIKE {p} ESCAPE '\\'"));
+        }
+        if !q.states.is_empty() {
+            let list: Vec<String> = q
+                .states
+                .iter()
+                .map(|s| arg((*s).into(), &mut args))
+                .collect();
+            cond.push(format!("r.state IN ({})", list.join(", ")));
+        }
+        // Pages run in the asked order; an `ending_before` page is read backwards from its
+        // cursor and turned around.
+        let backwards = q.ending_before.is_some();
+        let (after, before) = if q.ascending { (">", "<") } else { ("<", ">") };
+        if let Some(c) = q.starting_after {
+            cond.push(format!("r.id {after} {}", arg(c.into(), &mut args)));
+        }
+        if let Some(c) = q.ending_before {
+            cond.push(format!("r.id {before} {}", arg(c.into(), &mut args)));
+        }
+        let dir = if q.ascending != backwards {
+            "ASC"
+        } else {
+            "DESC"
+        };
+        let limit = arg(q.limit.into(), &mut args);
+        let columns = format!("r.{}", LOG_COLUMNS_SQL.replace(", ", ", r."));
+        let mut rows = self
+            .db
+            .query(
+                &format!(
+                    "SELECT r.id, {columns}, k.key FROM request_log r
+                     LEFT JOIN license_keys k ON k.product_id = r.product_id AND k.id = r.key_id
+                     WHERE {} ORDER BY r.id {dir} LIMIT {limit}",
+                    cond.join(" AND ")
+                ),
+                &args,
+            )?
+            .iter()
+            .map(|r| {
+                Ok(LogEntry {
+                    id: r.i64(0)?,
+                    row: log_row_from(r, 1)?,
+                    key: r.opt_text(11)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        if backwards {
+            rows.reverse();
+        }
+        Ok(rows)
     }
 
     /// How many request-log rows the store holds.

@@ -205,6 +205,64 @@ pub fn key_response(key: &str) -> Vec<u8> {
     out
 }
 
+/// One GetWebAPILog entry, as `web_api_log_response` writes it.
+pub struct WebApiLogEntry<'a> {
+    pub id: i64,
+    pub product_id: Option<i64>,
+    pub key: Option<&'a str>,
+    pub ip: &'a str,
+    pub time: i64,
+    pub state: u16,
+    pub machine_code: &'a str,
+    pub friendly_name: &'a str,
+    pub floating_expires: i64,
+}
+
+/// `{"logs":[...],"result":0,"message":""}`. Entries carry the fields of Cryptolens'
+/// `WebAPILog` in lower camel case; the data-object fields (`doIntValue`, `doId`) are 0, as
+/// Keygate has no data-object methods.
+pub fn web_api_log_response(entries: &[WebApiLogEntry<'_>]) -> Vec<u8> {
+    let mut out = b"{\"logs\":[".to_vec();
+    for (i, e) in entries.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(
+            format!(
+                "{{\"id\":{},\"productId\":{},\"key\":",
+                e.id,
+                e.product_id.unwrap_or(0)
+            )
+            .as_bytes(),
+        );
+        match e.key {
+            Some(k) => write_json_string(&mut out, k),
+            None => out.extend_from_slice(b"null"),
+        }
+        out.extend_from_slice(b",\"ip\":");
+        write_json_string(&mut out, e.ip);
+        out.extend_from_slice(
+            format!(
+                ",\"time\":{},\"state\":{},\"machineCode\":",
+                e.time, e.state
+            )
+            .as_bytes(),
+        );
+        write_json_string(&mut out, e.machine_code);
+        out.extend_from_slice(b",\"friendlyName\":");
+        write_json_string(&mut out, e.friendly_name);
+        out.extend_from_slice(
+            format!(
+                ",\"floatingExpires\":{},\"doIntValue\":0,\"doId\":0}}",
+                e.floating_expires
+            )
+            .as_bytes(),
+        );
+    }
+    out.extend_from_slice(b"],\"result\":0,\"message\":\"\"}");
+    out
+}
+
 /// `{"result":1,"message":"..."}`: the one error shape every client understands.
 pub fn error_response(message: &str) -> Vec<u8> {
     let mut out = b"{\"result\":1,\"message\":".to_vec();

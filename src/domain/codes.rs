@@ -28,7 +28,10 @@ impl StateCode {
     pub const TRIAL_REUSED: StateCode = StateCode(3011);
     pub const TRIAL_FAILED: StateCode = StateCode(3020);
 
-    /// Anything that never reached a method (unknown path, undecodable request).
+    /// GetWebAPILog answered (a read: group 50, "none").
+    pub const LOG_READ_OK: StateCode = StateCode(5011);
+    /// Anything that never reached a method (unknown path, undecodable request), and a
+    /// refused GetWebAPILog.
     pub const OTHER_FAILED: StateCode = StateCode(5020);
 
     pub const DEACTIVATE_OK: StateCode = StateCode(6010);

@@ -7,10 +7,23 @@ pub enum Method {
     GetKey = 2,
     Deactivate = 4,
     CreateTrialKey = 8,
+    /// Reads the tenant's request log (machine codes, client networks): never give it to a
+    /// token that ships inside an application.
+    GetWebApiLog = 16,
 }
 
 impl Method {
-    pub const ALL: [Method; 4] = [
+    pub const ALL: [Method; 5] = [
+        Method::Activate,
+        Method::GetKey,
+        Method::Deactivate,
+        Method::CreateTrialKey,
+        Method::GetWebApiLog,
+    ];
+
+    /// What a token gets when no methods are named: the four client methods. The log has to
+    /// be asked for by name.
+    pub const CLIENT: [Method; 4] = [
         Method::Activate,
         Method::GetKey,
         Method::Deactivate,
@@ -23,6 +36,7 @@ impl Method {
             Method::GetKey => "GetKey",
             Method::Deactivate => "Deactivate",
             Method::CreateTrialKey => "CreateTrialKey",
+            Method::GetWebApiLog => "GetWebAPILog",
         }
     }
 
@@ -33,9 +47,9 @@ impl Method {
             .find(|m| m.name().eq_ignore_ascii_case(s.trim()))
     }
 
-    /// The set of all methods as a bitmask.
-    pub fn all_bits() -> i64 {
-        Method::ALL.iter().fold(0, |a, m| a | *m as i64)
+    /// The client methods as a bitmask: the default set of a new token.
+    pub fn client_bits() -> i64 {
+        Method::CLIENT.iter().fold(0, |a, m| a | *m as i64)
     }
 }
 

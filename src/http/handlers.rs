@@ -12,10 +12,11 @@ use crate::domain::{
 };
 use crate::request::{
     ActivateRequest, CreateTrialKeyRequest, DeactivateRequest, GetKeyRequest, ResponseOptions,
+    WebApiLogRequest,
 };
 use crate::signing::Signer;
 use crate::state::LicenseEntry;
-use crate::store::{LogRow, NewKey, ProductRow, StoreEvent};
+use crate::store::{LogQuery, LogRow, NewKey, ProductRow, StoreEvent};
 use crate::wire::{self, LicenseStatus, LicenseView, Metadata};
 use std::sync::Arc;
 
@@ -444,6 +445,92 @@ pub async fn deactivate(ctx: &Ctx, r: DeactivateRequest, log: &mut LogCtx) -> Ou
     };
     durable.wait().await;
     Ok((wire::ok_response(), code))
+}
+
+/// GetWebAPILog: one page of the calling tenant's request log. Like CreateTrialKey it reads
+/// the main store (the log lives only there), on the blocking pool through its own
+/// connection; rows reach the store within a flush interval of their request.
+pub async fn get_web_api_log(ctx: &Ctx, r: WebApiLogRequest, log: &mut LogCtx) -> Outcome {
+    let fail = |e: ApiError| Failure::new(e, StateCode::OTHER_FAILED);
+    let scope = match r.product_id {
+        Some(p) => {
+            authorize(ctx, &r.token, Method::GetWebApiLog, p, log)
+                .map_err(fail)?
+                .0
+        }
+        None => {
+            let scope = ctx
+                .state
+                .scope(&r.token)
+                .ok_or(fail(ApiError::Unauthenticated))?;
+            log.tenant_id = Some(scope.tenant_id);
+            ctx.rate_limits
+                .token(scope.token_id)
+                .map_err(|_| fail(ApiError::RateLimited))?;
+            scope
+                .allows_method(Method::GetWebApiLog)
+                .map_err(|_| fail(ApiError::AccessDenied))?;
+            scope
+        }
+    };
+    // A product-locked token reads only its product; a key-locked one only its key, and a
+    // token locked to -1 must name the key.
+    let product_id = r.product_id.or(scope.product_lock);
+    let key_id = match (&r.key, r.product_id) {
+        (Some(k), Some(p)) => Some(
+            authorize_key(ctx, &scope, p, k, log)
+                .map_err(fail)?
+                .license
+                .lock()
+                .id,
+        ),
+        _ => match scope.key_lock {
+            Some(-1) => return Err(fail(ApiError::BadInput)),
+            other => other,
+        },
+    };
+    // A read of the log is logged under its tenant only (no product, no key), so reads never
+    // show in a product's or a key's own log.
+    log.key_id = None;
+    let query = LogQuery {
+        tenant_id: scope.tenant_id,
+        product_id,
+        key_id,
+        machine_code: r.machine_code,
+        friendly_name: r.friendly_name,
+        states: r.states,
+        limit: r.limit,
+        starting_after: r.starting_after,
+        ending_before: r.ending_before,
+        ascending: r.ascending,
+    };
+    let store = ctx.log_store.clone();
+    let entries = tokio::task::spawn_blocking(move || {
+        let mut s = store.lock();
+        s.reconnect_if_broken()?;
+        s.web_api_log(&query)
+    })
+    .await
+    .map_err(|_| fail(ApiError::Internal))?
+    .map_err(|e| {
+        tracing::error!(error = %e, "reading the request log failed");
+        fail(ApiError::Internal)
+    })?;
+    let view: Vec<wire::WebApiLogEntry<'_>> = entries
+        .iter()
+        .map(|e| wire::WebApiLogEntry {
+            id: e.id,
+            product_id: e.row.product_id,
+            key: e.key.as_deref(),
+            ip: &e.row.client_ip,
+            time: e.row.time,
+            state: e.row.state,
+            machine_code: &e.row.machine_code,
+            friendly_name: &e.row.friendly_name,
+            floating_expires: e.row.floating_expires,
+        })
+        .collect();
+    Ok((wire::web_api_log_response(&view), StateCode::LOG_READ_OK))
 }
 
 /// Trial length when the token's feature lock does not set one.

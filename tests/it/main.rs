@@ -8,3 +8,4 @@ mod loadgen;
 mod ops;
 mod pg_store;
 mod sdk;
+mod weblog;

@@ -4,3 +4,5 @@ CREATE TABLE node_progress (
     node     BIGINT PRIMARY KEY,
     wal_seq  BIGINT NOT NULL
 );
+-- GetWebAPILog reads a tenant's rows newest first.
+CREATE INDEX request_log_tenant ON request_log (tenant_id, id);
