@@ -67,6 +67,7 @@ fn fixture(cached: bool) -> Fixture {
         None,
         BatchPolicy {
             batch_rows: 1000,
+            batch_bytes: 1 << 20,
             flush_interval: Duration::from_millis(200),
             log_queue_rows: 1 << 20,
             retention_days: None,

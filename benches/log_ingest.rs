@@ -66,6 +66,7 @@ fn main() {
         None,
         BatchPolicy {
             batch_rows: 1000,
+            batch_bytes: 1 << 20,
             flush_interval: Duration::from_millis(200),
             log_queue_rows: 100_000,
             retention_days: None,

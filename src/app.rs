@@ -88,6 +88,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         wal,
         BatchPolicy {
             batch_rows: cfg.store.batch_rows,
+            batch_bytes: cfg.store.batch_bytes,
             flush_interval: Duration::from_millis(cfg.store.flush_interval_ms),
             log_queue_rows: cfg.store.log_queue_rows,
             retention_days: (cfg.privacy.log_retention_days > 0)

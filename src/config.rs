@@ -141,6 +141,8 @@ pub struct StoreCfg {
     pub sync_interval_ms: u64,
     /// A batch is written when it holds this many rows...
     pub batch_rows: usize,
+    /// ...or once its log rows hold about this many bytes...
+    pub batch_bytes: usize,
     /// ...or when its oldest row is this old.
     pub flush_interval_ms: u64,
     /// Request-log rows waiting for the writer; more are counted as dropped.
@@ -219,6 +221,7 @@ impl Default for StoreCfg {
             activation_log: true,
             sync_interval_ms: 200,
             batch_rows: 1000,
+            batch_bytes: 1 << 20,
             flush_interval_ms: 200,
             log_queue_rows: 100_000,
         }
@@ -346,8 +349,11 @@ impl Config {
         if s.max_connections == 0 {
             p.push("server.max_connections must be greater than 0".into());
         }
-        if self.store.batch_rows == 0 || self.store.log_queue_rows == 0 {
-            p.push("store.batch_rows and store.log_queue_rows must be greater than 0".into());
+        if self.store.batch_rows == 0
+            || self.store.batch_bytes == 0
+            || self.store.log_queue_rows == 0
+        {
+            p.push("store.batch_rows, store.batch_bytes and store.log_queue_rows must be greater than 0".into());
         }
         if let Some(url) = &self.store.postgres_url {
             if let Err(e) = url.parse::<postgres::Config>() {

@@ -5,12 +5,14 @@ use std::path::Path;
 use std::process::Command;
 
 fn cli_json(keygate: &Path, data_dir: &Path, args: &[&str]) -> anyhow::Result<serde_json::Value> {
-    let out = Command::new(keygate)
-        .arg("--json")
-        .arg("--data-dir")
-        .arg(data_dir)
-        .args(args)
-        .output()?;
+    let mut cmd = Command::new(keygate);
+    cmd.arg("--json").arg("--data-dir").arg(data_dir);
+    // A data directory may carry its configuration (the system tests' PostgreSQL runs).
+    let config = data_dir.join("keygate.toml");
+    if config.exists() {
+        cmd.arg("--config").arg(config);
+    }
+    let out = cmd.args(args).output()?;
     anyhow::ensure!(
         out.status.success(),
         "keygate {args:?} failed: {}",

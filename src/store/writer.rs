@@ -4,7 +4,8 @@
 //! Activation changes travel on an unbounded channel: they are never dropped, and their volume
 //! is bounded by seat counts and heartbeats. Log rows travel on a bounded channel; when it is
 //! full the row is counted as dropped instead of stalling a request. A batch is written when it
-//! holds `batch_rows` items or its oldest item is `flush_interval` old, and on shutdown.
+//! holds `batch_rows` items or `batch_bytes` of row text, or its oldest item is
+//! `flush_interval` old, and on shutdown.
 //!
 //! When the store refuses a batch (down, unreachable, failing), the batch goes to the node's
 //! spool (`journal`) on local disk instead, and so does every later batch until the spool is
@@ -23,6 +24,8 @@ use std::time::{Duration, Instant};
 #[derive(Clone, Copy, Debug)]
 pub struct BatchPolicy {
     pub batch_rows: usize,
+    /// ...or when its log rows hold about this many bytes (long friendly names).
+    pub batch_bytes: usize,
     pub flush_interval: Duration,
     pub log_queue_rows: usize,
     /// Days after which request-log rows lose their personal fields (checked hourly), unless
@@ -291,6 +294,8 @@ struct Pending {
     events: Vec<StoreEvent>,
     /// The highest activation-log number among `events`.
     wal_seq: Option<u64>,
+    /// About how many bytes `logs` holds (reset when a flush empties it).
+    log_bytes: usize,
     logs: Vec<LogRow>,
     since: Option<Instant>,
     acks: Vec<Sender<()>>,
@@ -300,6 +305,11 @@ struct Pending {
 }
 
 impl Pending {
+    fn push_log(&mut self, row: LogRow) {
+        self.log_bytes += row_bytes(&row);
+        self.logs.push(row);
+    }
+
     fn take(&mut self, events: Vec<StoreEvent>, seq: Option<u64>) {
         self.events.extend(events);
         if seq.is_some() {
@@ -438,6 +448,7 @@ fn run(
     let mut p = Pending {
         events: Vec::new(),
         wal_seq: None,
+        log_bytes: 0,
         logs: Vec::new(),
         since: None,
         acks: Vec::new(),
@@ -487,7 +498,7 @@ fn run(
         while p.logs.len() < cap {
             match logs.try_recv() {
                 Ok(r) => {
-                    p.logs.push(r);
+                    p.push_log(r);
                     p.touch();
                 }
                 Err(_) => break,
@@ -503,10 +514,11 @@ fn run(
                 }
             }
             while let Ok(r) = logs.try_recv() {
-                p.logs.push(r);
+                p.push_log(r);
             }
         }
         let due = p.len() >= policy.batch_rows
+            || p.log_bytes >= policy.batch_bytes
             || !p.acks.is_empty()
             || p.since
                 .is_some_and(|t| t.elapsed() >= policy.flush_interval);
@@ -536,6 +548,11 @@ fn retention(store: &mut Store, days: Option<u64>) {
     if let Err(e) = store.prune_ingested_batches(now - 30 * 86_400) {
         tracing::error!(error = %e, "pruning old batch ids failed");
     }
+}
+
+/// A log row's size for the byte threshold: its text plus the fixed columns.
+fn row_bytes(r: &LogRow) -> usize {
+    r.client_ip.len() + r.proxy_ip.len() + r.machine_code.len() + r.friendly_name.len() + 48
 }
 
 /// Log rows per transaction. A batch is written in slices with a yield between them, so on a
@@ -604,6 +621,7 @@ fn flush(sink: &mut Sink, p: &mut Pending, stats: &WriterStats, stopping: bool) 
     }
     if p.len() == 0 {
         p.since = None;
+        p.log_bytes = 0;
         for a in p.acks.drain(..) {
             let _ = a.send(());
         }

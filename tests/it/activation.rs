@@ -547,9 +547,7 @@ async fn a_revoked_token_stops_working_and_a_locked_one_cannot_be_revoked() {
     assert_eq!(r.status, 200, "{}", r.text());
 
     cli(&dir.0, &["token", "lock", "--id", &id]);
-    let refused = std::process::Command::new(super::helpers::BIN)
-        .args(["--data-dir"])
-        .arg(&dir.0)
+    let refused = super::helpers::keygate(&dir.0)
         .args(["token", "delete", "--id", &id])
         .output()
         .unwrap();

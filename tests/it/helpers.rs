@@ -11,8 +11,17 @@ use std::time::Duration;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_keygate");
 
-/// A directory removed when dropped.
-pub struct TempDir(pub PathBuf);
+/// A directory removed when dropped. With `KEYGATE_TEST_STORE=postgres` it also owns a private
+/// PostgreSQL cluster and a `keygate.toml` pointing at it, so every CLI call and server on
+/// this directory runs on PostgreSQL: the same system tests, on the other engine.
+pub struct TempDir(
+    pub PathBuf,
+    #[expect(
+        dead_code,
+        reason = "held for its Drop: the cluster lives as long as the directory"
+    )]
+    Option<keygate::testkit::TempPostgres>,
+);
 
 impl TempDir {
     pub fn new(tag: &str) -> TempDir {
@@ -24,7 +33,16 @@ impl TempDir {
         ));
         let _ = std::fs::remove_dir_all(&p);
         std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
+        let pg = match std::env::var("KEYGATE_TEST_STORE").as_deref() {
+            Ok("postgres") => {
+                let pg = keygate::testkit::TempPostgres::start();
+                use_postgres(&p, &pg.url());
+                Some(pg)
+            }
+            Ok("sqlite") | Err(_) => None,
+            Ok(other) => panic!("KEYGATE_TEST_STORE={other}: expected sqlite or postgres"),
+        };
+        TempDir(p, pg)
     }
 }
 

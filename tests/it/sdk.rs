@@ -17,7 +17,13 @@ fn python() -> String {
 }
 
 fn run_script(server: &Server, program: &str, script: &str, tag: &str) {
-    let out = Command::new(program)
+    let mut cmd = Command::new(program);
+    // The scripts' own `keygate` calls use the same store as the server.
+    let config = server.data_dir.join("keygate.toml");
+    if config.exists() {
+        cmd.env("KEYGATE_CONFIG", config);
+    }
+    let out = cmd
         .arg(sdk_dir().join(script))
         .current_dir(sdk_dir())
         .env("KEYGATE_BIN", BIN)
