@@ -69,7 +69,8 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         let location = location.clone();
         let spool = cfg.spool_dir();
         let wal_dir = cfg.store.activation_log.then(|| cfg.data_dir.join("wal"));
-        tokio::task::spawn_blocking(move || open_store(&location, &spool, wal_dir.as_deref()))
+        let ring = cfg.keyring()?;
+        tokio::task::spawn_blocking(move || open_store(&location, ring, &spool, wal_dir.as_deref()))
             .await??
     };
     let state = Arc::new(state);
@@ -145,6 +146,8 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", s.listen))?;
     let addr = listener.local_addr()?;
+    let os_signals =
+        Signals::install().map_err(|e| anyhow::anyhow!("cannot install signal handlers: {e}"))?;
     // Scripts and tests read these lines to find the ports.
     println!(
         "keygate listening on https://{addr} (certificate {})",
@@ -198,7 +201,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     let shutdown_delay = Duration::from_millis(s.shutdown_delay_ms);
     let health_on_signal = health.clone();
     tokio::spawn(async move {
-        wait_for_signal(&resolver).await;
+        wait_for_signal(os_signals, &resolver).await;
         // Readiness first, so load balancers stop sending before the listener closes.
         health_on_signal.serving.store(false, Ordering::Relaxed);
         tracing::info!(
@@ -241,10 +244,17 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
 #[allow(clippy::type_complexity)]
 fn open_store(
     location: &Location,
+    ring: Option<Arc<crate::store::cipher::Keyring>>,
     spool: &std::path::Path,
     wal_dir: Option<&std::path::Path>,
 ) -> anyhow::Result<Opened> {
-    let mut store = Store::connect(location)?;
+    // Every connection seals and opens personal fields with the same keys.
+    let connect = || -> anyhow::Result<Store> {
+        let mut s = Store::connect(location)?;
+        s.set_keyring(ring.clone());
+        Ok(s)
+    };
+    let mut store = connect()?;
     let journal = Journal::open(spool)
         .map_err(|e| anyhow::anyhow!("cannot open the spool {}: {e}", spool.display()))?;
     let wal_node = wal_dir.map(crate::store::wal::node_key).transpose()?;
@@ -266,9 +276,9 @@ fn open_store(
         None => None,
     };
     let (state, seq) = State::load(&mut store)?;
-    let sync = Store::connect(location)?;
-    let control = Store::connect(location)?;
-    let log = Store::connect(location)?;
+    let sync = connect()?;
+    let control = connect()?;
+    let log = connect()?;
     Ok(Opened {
         store,
         journal,
@@ -318,17 +328,33 @@ fn replay_spool(
     Ok(journal)
 }
 
+/// SIGTERM, SIGINT and SIGHUP, taken over from their default actions.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Installed before the node says it listens, so a SIGTERM right after start is a clean
+    /// shutdown, never the default action (death without a flush).
+    fn install() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+}
+
 /// Waits for SIGTERM or SIGINT; reloads the TLS certificate on every SIGHUP meanwhile.
-async fn wait_for_signal(resolver: &CertResolver) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::hangup()),
-    ) else {
-        tracing::error!("cannot install signal handlers; stop with SIGKILL");
-        return std::future::pending().await;
-    };
+async fn wait_for_signal(signals: Signals, resolver: &CertResolver) {
+    let Signals {
+        mut term,
+        mut int,
+        mut hup,
+    } = signals;
     loop {
         tokio::select! {
             _ = term.recv() => return,

@@ -76,6 +76,9 @@ pub struct PrivacyCfg {
     /// Request-log rows older than this many days lose machine code, friendly name and client
     /// network (checked hourly by the store writer); 0 keeps them.
     pub log_retention_days: u64,
+    /// Key file for encryption at rest of personal fields (one `<id> <base64 32 bytes>` per
+    /// line; the first encrypts, all decrypt). Unset: stored in clear.
+    pub encryption_key_file: Option<PathBuf>,
 }
 
 impl Default for PrivacyCfg {
@@ -84,6 +87,7 @@ impl Default for PrivacyCfg {
             log_ipv4_prefix: 24,
             log_ipv6_prefix: 48,
             log_retention_days: 730,
+            encryption_key_file: None,
         }
     }
 }
@@ -364,6 +368,9 @@ impl Config {
                 p.push("set store.postgres_url or store.sqlite_path, not both".into());
             }
         }
+        if let Err(e) = self.keyring() {
+            p.push(e.to_string());
+        }
         if s.tls_cert.is_none() && s.tls_names.is_empty() {
             p.push("server.tls_names must not be empty when no certificate is configured".into());
         }
@@ -383,6 +390,20 @@ impl Config {
             Some(url) => crate::store::Location::Postgres(url.clone()),
             None => crate::store::Location::Sqlite(self.sqlite_path()),
         }
+    }
+
+    /// The encryption keys, when `privacy.encryption_key_file` is set.
+    pub fn keyring(
+        &self,
+    ) -> Result<
+        Option<std::sync::Arc<crate::store::cipher::Keyring>>,
+        crate::store::cipher::CipherError,
+    > {
+        self.privacy
+            .encryption_key_file
+            .as_deref()
+            .map(|p| crate::store::cipher::Keyring::load(p).map(std::sync::Arc::new))
+            .transpose()
     }
 
     pub fn spool_dir(&self) -> PathBuf {

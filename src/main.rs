@@ -65,6 +65,15 @@ enum Cmd {
 enum PrivacyCmd {
     /// Everything stored about a machine code, a customer or an IP address, as JSON.
     Export(Subject),
+    /// Print a new encryption key line for `privacy.encryption_key_file`.
+    NewKey {
+        /// The key's id (1-32 characters, no ':'), e.g. the date: 2026-11.
+        #[arg(long)]
+        id: String,
+    },
+    /// Re-encrypt every personal field under the key file's first key (after adding a key;
+    /// restart the nodes first). Then older keys can be removed from the file.
+    RotateKey,
     /// Remove it everywhere, recorded in the audit log. A machine code: activations deleted,
     /// request-log rows blanked, trial records forgotten. A customer: name, email and company
     /// blanked (their keys stay). An IP: blanked in activations and the request log. Running
@@ -324,6 +333,10 @@ fn main() -> ExitCode {
 
 fn control_command(cfg: &Config, cmd: Cmd) -> Result<Value, control::ControlError> {
     let mut store = Store::connect(&cfg.store_location())?;
+    store.set_keyring(
+        cfg.keyring()
+            .map_err(|e| control::ControlError::Invalid(e.to_string()))?,
+    );
     // The audit log names the operating-system user who ran the command.
     let user = std::env::var("SUDO_USER")
         .or_else(|_| std::env::var("USER"))
@@ -425,6 +438,15 @@ fn control_command(cfg: &Config, cmd: Cmd) -> Result<Value, control::ControlErro
             Subject { ip: Some(ip), .. } => control::privacy_export_ip(s, &ip),
             _ => unreachable!("clap requires one of them"),
         },
+        Cmd::Privacy(PrivacyCmd::NewKey { id }) => {
+            let line = keygate::store::cipher::Keyring::new_key_line(&id);
+            keygate::store::cipher::Keyring::parse(&line)
+                .map_err(control::ControlError::Invalid)?;
+            Ok(serde_json::json!({ "key_line": line }))
+        }
+        Cmd::Privacy(PrivacyCmd::RotateKey) => Ok(serde_json::json!({
+            "rows_reencrypted": s.rotate_encryption()?,
+        })),
         Cmd::Privacy(PrivacyCmd::Erase(who)) => match who {
             Subject {
                 machine_code: Some(mc),

@@ -5,6 +5,7 @@
 //! node polls that feed (`sync`) and reloads what changed. The node's own writes (activations,
 //! request-log rows) arrive in batches from `writer`, off the request path.
 
+pub mod cipher;
 pub mod db;
 pub mod journal;
 pub mod wal;
@@ -13,6 +14,75 @@ pub mod writer;
 use crate::domain::{Customer, DataObject, Features, License, Machine, MachineKind, Scope};
 use db::{vals, Db, Engine, Row};
 use std::path::Path;
+use std::sync::Arc;
+
+/// Sealing and opening of personal fields with the node's keyring; a no-op without one.
+#[derive(Clone, Default)]
+struct Seal(Option<Arc<cipher::Keyring>>);
+
+impl Seal {
+    fn text(&self, v: &str) -> String {
+        match &self.0 {
+            Some(r) => r.seal_text(v),
+            None => v.to_owned(),
+        }
+    }
+
+    fn opt(&self, v: Option<&str>) -> Option<String> {
+        v.map(|v| self.text(v))
+    }
+
+    fn open(&self, v: String) -> Result<String> {
+        Ok(cipher::open_text(self.0.as_deref(), v)?)
+    }
+
+    fn open_opt(&self, v: Option<String>) -> Result<Option<String>> {
+        v.map(|v| self.open(v)).transpose()
+    }
+
+    fn bytes(&self, v: &[u8]) -> Vec<u8> {
+        match &self.0 {
+            Some(r) => r.seal_bytes(v),
+            None => v.to_vec(),
+        }
+    }
+
+    fn open_bytes(&self, v: Vec<u8>) -> Result<Vec<u8>> {
+        Ok(cipher::open_bytes(self.0.as_deref(), v)?)
+    }
+
+    /// Every stored form of `v` (see `Keyring::lookup_forms`): what equality lookups match.
+    fn forms(&self, v: &str) -> Vec<db::Value> {
+        match &self.0 {
+            Some(r) => r.lookup_forms(v).into_iter().map(db::Value::from).collect(),
+            None => vec![v.into()],
+        }
+    }
+
+    fn log_row(&self, r: &LogRow) -> LogRow {
+        LogRow {
+            client_ip: self.text(&r.client_ip),
+            machine_code: self.text(&r.machine_code),
+            friendly_name: self.text(&r.friendly_name),
+            ..r.clone()
+        }
+    }
+
+    fn open_log_row(&self, r: LogRow) -> Result<LogRow> {
+        Ok(LogRow {
+            client_ip: self.open(r.client_ip)?,
+            machine_code: self.open(r.machine_code)?,
+            friendly_name: self.open(r.friendly_name)?,
+            ..r
+        })
+    }
+}
+
+/// `column IN (?first, ?first+1, ...)` for `n` values.
+fn any_of(column: &str, n: usize, first: usize) -> String {
+    let list: Vec<String> = (first..first + n).map(|i| format!("?{i}")).collect();
+    format!("{column} IN ({})", list.join(", "))
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -20,6 +90,8 @@ pub enum StoreError {
     Sqlite(#[from] rusqlite::Error),
     #[error("postgresql: {0}")]
     Postgres(#[from] postgres::Error),
+    #[error("{0}")]
+    Cipher(#[from] cipher::CipherError),
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
@@ -63,6 +135,8 @@ pub struct Store {
     actor: String,
     /// Where to connect again after a PostgreSQL connection broke.
     url: Option<String>,
+    /// Encryption at rest of personal fields, when a key file is configured.
+    seal: Seal,
 }
 
 /// Where the main store lives: a SQLite file or a PostgreSQL URL.
@@ -306,6 +380,7 @@ impl Store {
         }
         let fresh = Self::connect_postgres(&url)?;
         self.db = fresh.db;
+        // `actor` and `seal` stay: they are this store's, not the connection's.
         tracing::info!("reconnected to the main store");
         Ok(())
     }
@@ -322,6 +397,7 @@ impl Store {
             db,
             actor: "keygate".into(),
             url: None,
+            seal: Seal::default(),
         };
         store.migrate()?;
         Ok(store)
@@ -399,6 +475,12 @@ impl Store {
         Ok(())
     }
 
+    /// Encrypts personal fields (and signing keys) with `ring` from now on; reads open both
+    /// encrypted and plaintext values.
+    pub fn set_keyring(&mut self, ring: Option<Arc<cipher::Keyring>>) {
+        self.seal = Seal(ring);
+    }
+
     /// Names who the audit log records for this store's administrative writes.
     pub fn set_actor(&mut self, actor: &str) {
         self.actor = actor.to_owned();
@@ -465,7 +547,7 @@ impl Store {
     ) -> Result<i64> {
         self.insert_audited(
             "INSERT INTO tenants (name, private_key, public_key_xml, created) VALUES (?1, ?2, ?3, ?4) RETURNING id",
-            vals![name, private_key, xml, now],
+            vals![name, &self.seal.bytes(private_key)[..], xml, now],
             Some("tenant"),
             "tenant.create",
             "tenant",
@@ -499,9 +581,10 @@ impl Store {
         now: i64,
     ) -> Result<i64> {
         self.tenant(tenant_id)?;
+        let seal = self.seal.clone();
         self.insert_audited(
             "INSERT INTO customers (tenant_id, name, email, company_name, created) VALUES (?1, ?2, ?3, ?4, ?5) RETURNING id",
-            vals![tenant_id, name, email, company, now],
+            vals![tenant_id, seal.text(name), seal.text(email), seal.text(company), now],
             None,
             "customer.create",
             "customer",
@@ -521,7 +604,7 @@ impl Store {
                 return Err(StoreError::NotFound(format!("customer {c} not found")));
             }
         }
-        let actor = &self.actor;
+        let (actor, seal) = (&self.actor, &self.seal);
         self.db.transaction(|db| {
             if db.engine() == Engine::Postgres {
                 // Per-product key numbers: one creator per product at a time.
@@ -543,7 +626,7 @@ impl Store {
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14) RETURNING global_id",
                     vals![
                         k.product_id, id, &k.key, k.created, k.expires, k.period, k.features.0, k.notes.as_deref(), k.block,
-                        k.customer_id, k.trial_activation, k.max_no_of_machines, &k.allowed_machines, k.trial_machine_code.as_deref()
+                        k.customer_id, k.trial_activation, k.max_no_of_machines, &k.allowed_machines, seal.opt(k.trial_machine_code.as_deref())
                     ],
                 )?
                 .i64(0)?;
@@ -554,7 +637,7 @@ impl Store {
                 )?;
             }
             for m in &k.machines {
-                upsert_machine(db, gid, m)?;
+                upsert_machine(db, seal, gid, m)?;
             }
             Self::note_change(db, "key", gid, None)?;
             Self::audit(db, actor, "key.create", "key", gid)?;
@@ -618,14 +701,14 @@ impl Store {
         self.db
             .query_opt(&format!("{TENANT_SELECT} WHERE id = ?1"), vals![id])?
             .ok_or_else(|| StoreError::NotFound(format!("tenant {id} not found")))
-            .and_then(|r| tenant_row(&r))
+            .and_then(|r| tenant_row(&self.seal, &r))
     }
 
     pub fn tenants(&mut self) -> Result<Vec<TenantRow>> {
         self.db
             .query(&format!("{TENANT_SELECT} ORDER BY id"), &[])?
             .iter()
-            .map(tenant_row)
+            .map(|r| tenant_row(&self.seal, r))
             .collect()
     }
 
@@ -740,6 +823,7 @@ impl Store {
     /// Three streamed queries in all, whatever the number of keys: on PostgreSQL a query per
     /// key would be a network round trip per key.
     fn keys_where(&mut self, cond: &str, args: &[db::Value]) -> Result<Vec<KeyRow>> {
+        let seal = self.seal.clone();
         let mut rows: Vec<KeyRow> = Vec::new();
         self.db.for_each(
             &format!(
@@ -752,7 +836,7 @@ impl Store {
             ),
             args,
             |r| {
-                rows.push(key_row(&r)?);
+                rows.push(key_row(&seal, &r)?);
                 Ok(())
             },
         )?;
@@ -798,12 +882,12 @@ impl Store {
                         .or_insert_with_key(|a| a.as_str().into())
                         .clone();
                     rows[i].license.machines.push(Machine {
-                        machine_code: x.text(1)?,
+                        machine_code: seal.open(x.text(1)?)?,
                         kind: MachineKind::from_i64(x.i64(2)?),
-                        ip: x.text(3)?,
+                        ip: seal.open(x.text(3)?)?,
                         proxy_ip,
                         time: x.i64(5)?,
-                        friendly_name: x.text(6)?,
+                        friendly_name: seal.open(x.text(6)?)?,
                         floating_expires: x.i64(7)?,
                     });
                 }
@@ -924,14 +1008,17 @@ impl Store {
         column: &'static str,
         value: &str,
     ) -> Result<Vec<(i64, String, Machine)>> {
+        let seal = self.seal.clone();
+        let forms = seal.forms(value);
         self.db
             .query(
                 &format!(
                     "SELECT k.product_id, k.key, a.machine_code, a.kind, a.ip, a.proxy_ip, a.time, a.friendly_name, a.floating_expires
                      FROM activations a JOIN license_keys k ON k.global_id = a.key_global_id
-                     WHERE a.{column} = ?1 ORDER BY k.global_id, a.seq"
+                     WHERE {} ORDER BY k.global_id, a.seq",
+                    any_of(&format!("a.{column}"), forms.len(), 1)
                 ),
-                vals![value],
+                &forms,
             )?
             .into_iter()
             .map(|x| {
@@ -939,12 +1026,12 @@ impl Store {
                     x.i64(0)?,
                     x.text(1)?,
                     Machine {
-                        machine_code: x.text(2)?,
+                        machine_code: seal.open(x.text(2)?)?,
                         kind: MachineKind::from_i64(x.i64(3)?),
-                        ip: x.text(4)?,
+                        ip: seal.open(x.text(4)?)?,
                         proxy_ip: x.text(5)?.into(),
                         time: x.i64(6)?,
-                        friendly_name: x.text(7)?,
+                        friendly_name: seal.open(x.text(7)?)?,
                         floating_expires: x.i64(8)?,
                     },
                 ))
@@ -954,15 +1041,18 @@ impl Store {
 
     /// Request-log rows whose `column` (a fixed column name, never input) equals `value`.
     fn log_rows_matching(&mut self, column: &'static str, value: &str) -> Result<Vec<LogRow>> {
+        let seal = self.seal.clone();
+        let forms = seal.forms(value);
         self.db
             .query(
                 &format!(
-                    "SELECT {LOG_COLUMNS_SQL} FROM request_log WHERE {column} = ?1 ORDER BY id"
+                    "SELECT {LOG_COLUMNS_SQL} FROM request_log WHERE {} ORDER BY id",
+                    any_of(column, forms.len(), 1)
                 ),
-                vals![value],
+                &forms,
             )?
             .iter()
-            .map(|r| log_row_from(r, 0))
+            .map(|r| seal.open_log_row(log_row_from(r, 0)?))
             .collect()
     }
 
@@ -977,9 +1067,9 @@ impl Store {
             .ok_or_else(|| StoreError::NotFound(format!("customer {id} not found")))?;
         let c = Customer {
             id,
-            name: r.opt_text(1)?,
-            email: r.opt_text(2)?,
-            company_name: r.opt_text(3)?,
+            name: self.seal.open_opt(r.opt_text(1)?)?,
+            email: self.seal.open_opt(r.opt_text(2)?)?,
+            company_name: self.seal.open_opt(r.opt_text(3)?)?,
             created: r.i64(4)?,
         };
         let keys = self.key_refs("customer_id = ?1", vals![id])?;
@@ -1025,22 +1115,37 @@ impl Store {
 
     /// Keys whose trial was made for `machine_code`: (product id, key).
     pub fn trial_keys_of_machine(&mut self, machine_code: &str) -> Result<Vec<KeyRef>> {
-        self.key_refs("trial_machine_code = ?1", vals![machine_code])
+        let forms = self.seal.forms(machine_code);
+        self.key_refs(&any_of("trial_machine_code", forms.len(), 1), &forms)
     }
 
     /// Blanks `ip` in activations and in the request log (the activations stay), tells
     /// running nodes by digest, and audits it. Returns (activations, log rows) changed.
     pub fn erase_ip(&mut self, ip: &str) -> Result<(usize, usize)> {
         let actor = &self.actor;
+        let forms = self.seal.forms(ip);
+        let n = forms.len();
         self.db.transaction(|db| {
             let gids = ids(db.query(
-                "SELECT DISTINCT key_global_id FROM activations WHERE ip = ?1",
-                vals![ip],
+                &format!(
+                    "SELECT DISTINCT key_global_id FROM activations WHERE {}",
+                    any_of("ip", n, 1)
+                ),
+                &forms,
             )?)?;
-            let activations = db.exec("UPDATE activations SET ip = '' WHERE ip = ?1", vals![ip])?;
+            let activations = db.exec(
+                &format!(
+                    "UPDATE activations SET ip = '' WHERE {}",
+                    any_of("ip", n, 1)
+                ),
+                &forms,
+            )?;
             let log_rows = db.exec(
-                "UPDATE request_log SET client_ip = '' WHERE client_ip = ?1",
-                vals![ip],
+                &format!(
+                    "UPDATE request_log SET client_ip = '' WHERE {}",
+                    any_of("client_ip", n, 1)
+                ),
+                &forms,
             )?;
             // No digest here: an IPv4 address's hash is reversed by trying all 2^32. Nodes
             // compare their activations with the store's blanked copies instead.
@@ -1063,24 +1168,36 @@ impl Store {
     /// also tells running nodes (by digest) and writes the audit log (without the code).
     pub fn erase_machine(&mut self, machine_code: &str) -> Result<Erased> {
         let actor = &self.actor;
+        let forms = self.seal.forms(machine_code);
+        let n = forms.len();
         self.db.transaction(|db| {
             let gids = ids(db.query(
-                "SELECT DISTINCT key_global_id FROM activations WHERE machine_code = ?1
-                 UNION SELECT global_id FROM license_keys WHERE trial_machine_code = ?1",
-                vals![machine_code],
+                &format!(
+                    "SELECT DISTINCT key_global_id FROM activations WHERE {}
+                     UNION SELECT global_id FROM license_keys WHERE {}",
+                    any_of("machine_code", n, 1),
+                    any_of("trial_machine_code", n, 1)
+                ),
+                &forms,
             )?)?;
             let erased = Erased {
                 activations: db.exec(
-                    "DELETE FROM activations WHERE machine_code = ?1",
-                    vals![machine_code],
+                    &format!("DELETE FROM activations WHERE {}", any_of("machine_code", n, 1)),
+                    &forms,
                 )?,
                 log_rows: db.exec(
-                    "UPDATE request_log SET machine_code = '', friendly_name = '', client_ip = '' WHERE machine_code = ?1",
-                    vals![machine_code],
+                    &format!(
+                        "UPDATE request_log SET machine_code = '', friendly_name = '', client_ip = '' WHERE {}",
+                        any_of("machine_code", n, 1)
+                    ),
+                    &forms,
                 )?,
                 trial_keys: db.exec(
-                    "UPDATE license_keys SET trial_machine_code = NULL WHERE trial_machine_code = ?1",
-                    vals![machine_code],
+                    &format!(
+                        "UPDATE license_keys SET trial_machine_code = NULL WHERE {}",
+                        any_of("trial_machine_code", n, 1)
+                    ),
+                    &forms,
                 )?,
             };
             let digest = personal_digest(machine_code);
@@ -1095,6 +1212,7 @@ impl Store {
 
     /// Request-log rows of a product, newest first.
     pub fn log_rows(&mut self, product_id: Option<i64>, limit: i64) -> Result<Vec<(i64, LogRow)>> {
+        let seal = self.seal.clone();
         self.db
             .query(
                 &format!(
@@ -1104,12 +1222,72 @@ impl Store {
                 vals![product_id, limit],
             )?
             .iter()
-            .map(|r| Ok((r.i64(0)?, log_row_from(r, 1)?)))
+            .map(|r| Ok((r.i64(0)?, seal.open_log_row(log_row_from(r, 1)?)?)))
             .collect()
     }
 
     /// One page of a tenant's request log (GetWebAPILog), in the asked order.
+    ///
+    /// With encryption on, a `FriendlyName` filter cannot run in SQL (the column holds
+    /// ciphertext), so rows are read in chunks along the cursor, opened and matched here, up
+    /// to 100,000 rows scanned per call.
     pub fn web_api_log(&mut self, q: &LogQuery) -> Result<Vec<LogEntry>> {
+        let seal = self.seal.clone();
+        let (Some(name), true) = (&q.friendly_name, seal.0.is_some()) else {
+            return self.web_api_log_page(q, &seal, true);
+        };
+        const CHUNK: i64 = 500;
+        let needle = name.to_lowercase();
+        let limit = q.limit.max(0) as usize;
+        let backwards = q.ending_before.is_some();
+        let mut chunk_query = LogQuery {
+            friendly_name: None,
+            limit: CHUNK,
+            ..q.clone()
+        };
+        let mut out: Vec<LogEntry> = Vec::new();
+        for _ in 0..200 {
+            let page = self.web_api_log_page(&chunk_query, &seal, false)?;
+            let (Some(first), Some(last)) = (page.first(), page.last()) else {
+                break;
+            };
+            if backwards {
+                chunk_query.ending_before = Some(first.id);
+            } else {
+                chunk_query.starting_after = Some(last.id);
+            }
+            let exhausted = (page.len() as i64) < CHUNK;
+            let matching = page
+                .into_iter()
+                .filter(|e| e.row.friendly_name.to_lowercase().contains(&needle));
+            if backwards {
+                // Chunks arrive nearest to the cursor first; each goes in front.
+                let mut m: Vec<LogEntry> = matching.collect();
+                m.append(&mut out);
+                out = m;
+            } else {
+                out.extend(matching);
+            }
+            if out.len() >= limit || exhausted {
+                break;
+            }
+        }
+        if backwards {
+            out = out.split_off(out.len().saturating_sub(limit));
+        } else {
+            out.truncate(limit);
+        }
+        Ok(out)
+    }
+
+    /// The SQL part of `web_api_log`; `friendly_in_sql` applies the `FriendlyName` filter
+    /// in the query (plaintext columns only).
+    fn web_api_log_page(
+        &mut self,
+        q: &LogQuery,
+        seal: &Seal,
+        friendly_in_sql: bool,
+    ) -> Result<Vec<LogEntry>> {
         let mut args: Vec<db::Value> = vec![q.tenant_id.into()];
         let mut cond = vec!["r.tenant_id = ?1".to_owned()];
         let arg = |v: db::Value, args: &mut Vec<db::Value>| {
@@ -1123,9 +1301,11 @@ impl Store {
             cond.push(format!("r.key_id = {}", arg(k.into(), &mut args)));
         }
         if let Some(m) = &q.machine_code {
-            cond.push(format!("r.machine_code = {}", arg(m.into(), &mut args)));
+            let forms = seal.forms(m);
+            cond.push(any_of("r.machine_code", forms.len(), args.len() + 1));
+            args.extend(forms);
         }
-        if let Some(f) = &q.friendly_name {
+        if let (Some(f), true) = (&q.friendly_name, friendly_in_sql) {
             let escaped = f
                 .to_lowercase()
                 .replace('\\', "\\\\")
@@ -1174,7 +1354,7 @@ impl Store {
             .map(|r| {
                 Ok(LogEntry {
                     id: r.i64(0)?,
-                    row: log_row_from(r, 1)?,
+                    row: seal.open_log_row(log_row_from(r, 1)?)?,
                     key: r.opt_text(11)?,
                 })
             })
@@ -1183,6 +1363,102 @@ impl Store {
             rows.reverse();
         }
         Ok(rows)
+    }
+
+    /// Re-encrypts every personal field (and every signing key) under the keyring's current
+    /// key, plaintext included, so older keys can leave the key file. Idempotent; returns how
+    /// many rows changed. The request log goes in chunks, each its own transaction.
+    pub fn rotate_encryption(&mut self) -> Result<usize> {
+        let seal = self.seal.clone();
+        if seal.0.is_none() {
+            return Err(StoreError::Invalid(
+                "no privacy.encryption_key_file is configured".into(),
+            ));
+        }
+        let reseal = |v: String| -> Result<String> { Ok(seal.text(&seal.open(v)?)) };
+        let reseal_opt =
+            |v: Option<String>| -> Result<Option<String>> { v.map(reseal).transpose() };
+        let mut changed = 0;
+        let actor = self.actor.clone();
+        changed += self.db.transaction(|db| {
+            let mut n = 0;
+            for r in db.query("SELECT id, private_key FROM tenants", &[])? {
+                let old = r.blob(1)?;
+                let new = seal.bytes(&seal.open_bytes(old.clone())?);
+                if new != old {
+                    db.exec("UPDATE tenants SET private_key = ?1 WHERE id = ?2", vals![&new[..], r.i64(0)?])?;
+                    n += 1;
+                }
+            }
+            for r in db.query("SELECT id, name, email, company_name FROM customers", &[])? {
+                let old = (r.opt_text(1)?, r.opt_text(2)?, r.opt_text(3)?);
+                let new = (reseal_opt(old.0.clone())?, reseal_opt(old.1.clone())?, reseal_opt(old.2.clone())?);
+                if new != old {
+                    db.exec(
+                        "UPDATE customers SET name = ?1, email = ?2, company_name = ?3 WHERE id = ?4",
+                        vals![new.0, new.1, new.2, r.i64(0)?],
+                    )?;
+                    n += 1;
+                }
+            }
+            for r in db.query(
+                "SELECT global_id, trial_machine_code FROM license_keys WHERE trial_machine_code IS NOT NULL",
+                &[],
+            )? {
+                let old = r.text(1)?;
+                let new = reseal(old.clone())?;
+                if new != old {
+                    db.exec(
+                        "UPDATE license_keys SET trial_machine_code = ?1 WHERE global_id = ?2",
+                        vals![new, r.i64(0)?],
+                    )?;
+                    n += 1;
+                }
+            }
+            for r in db.query(
+                "SELECT key_global_id, floating, machine_code, ip, friendly_name FROM activations",
+                &[],
+            )? {
+                let old = (r.text(2)?, r.text(3)?, r.text(4)?);
+                let new = (reseal(old.0.clone())?, reseal(old.1.clone())?, reseal(old.2.clone())?);
+                if new != old {
+                    db.exec(
+                        "UPDATE activations SET machine_code = ?1, ip = ?2, friendly_name = ?3
+                         WHERE key_global_id = ?4 AND floating = ?5 AND machine_code = ?6",
+                        vals![new.0, new.1, new.2, r.i64(0)?, r.i64(1)?, old.0],
+                    )?;
+                    n += 1;
+                }
+            }
+            Self::audit(db, &actor, "privacy.rotate_key", "store", 0)?;
+            Ok(n)
+        })?;
+        let mut after = 0i64;
+        loop {
+            let rows = self.db.query(
+                "SELECT id, machine_code, client_ip, friendly_name FROM request_log
+                 WHERE id > ?1 ORDER BY id LIMIT 5000",
+                vals![after],
+            )?;
+            let Some(last) = rows.last() else { break };
+            after = last.i64(0)?;
+            changed += self.db.transaction(|db| {
+                let mut n = 0;
+                for r in &rows {
+                    let old = (r.text(1)?, r.text(2)?, r.text(3)?);
+                    let new = (reseal(old.0.clone())?, reseal(old.1.clone())?, reseal(old.2.clone())?);
+                    if new != old {
+                        db.exec(
+                            "UPDATE request_log SET machine_code = ?1, client_ip = ?2, friendly_name = ?3 WHERE id = ?4",
+                            vals![new.0, new.1, new.2, r.i64(0)?],
+                        )?;
+                        n += 1;
+                    }
+                }
+                Ok(n)
+            })?;
+        }
+        Ok(changed)
     }
 
     /// How many request-log rows the store holds.
@@ -1211,6 +1487,14 @@ impl Store {
         events: &[StoreEvent],
         logs: &[LogRow],
     ) -> Result<bool> {
+        let seal = &self.seal;
+        let sealed: Vec<LogRow>;
+        let logs = if seal.0.is_some() {
+            sealed = logs.iter().map(|r| seal.log_row(r)).collect();
+            &sealed[..]
+        } else {
+            logs
+        };
         self.db.transaction(|db| {
             if let Some(id) = id {
                 let fresh = db.query(
@@ -1223,7 +1507,7 @@ impl Store {
                 }
             }
             for e in events {
-                write_event(db, e)?;
+                write_event(db, seal, e)?;
             }
             match db {
                 Db::Sqlite(conn) => insert_log_rows_sqlite(conn, logs)?,
@@ -1268,20 +1552,26 @@ fn ids(rows: Vec<Row>) -> Result<Vec<i64>> {
     rows.iter().map(|r| r.i64(0)).collect()
 }
 
-fn write_event(db: &mut Db, e: &StoreEvent) -> Result<()> {
+fn write_event(db: &mut Db, seal: &Seal, e: &StoreEvent) -> Result<()> {
     match e {
         StoreEvent::MachineUpsert {
             key_global_id,
             machine,
-        } => upsert_machine(db, *key_global_id, machine)?,
+        } => upsert_machine(db, seal, *key_global_id, machine)?,
         StoreEvent::MachineRemove {
             key_global_id,
             machine_code,
             floating,
         } => {
+            let forms = seal.forms(machine_code);
+            let mut args: Vec<db::Value> = vals![*key_global_id, *floating].to_vec();
+            let cond = any_of("machine_code", forms.len(), 3);
+            args.extend(forms);
             db.exec(
-                "DELETE FROM activations WHERE key_global_id = ?1 AND floating = ?2 AND machine_code = ?3",
-                vals![*key_global_id, *floating, machine_code],
+                &format!(
+                    "DELETE FROM activations WHERE key_global_id = ?1 AND floating = ?2 AND {cond}"
+                ),
+                &args,
             )?;
         }
         StoreEvent::FloatingExpired { key_global_id, now } => {
@@ -1413,7 +1703,26 @@ fn copy_log_rows_postgres(client: &mut postgres::Client, logs: &[LogRow]) -> Res
     Ok(())
 }
 
-fn upsert_machine(db: &mut Db, gid: i64, m: &Machine) -> Result<()> {
+fn upsert_machine(db: &mut Db, seal: &Seal, gid: i64, m: &Machine) -> Result<()> {
+    let code = seal.text(&m.machine_code);
+    let others: Vec<db::Value> = seal
+        .forms(&m.machine_code)
+        .into_iter()
+        .filter(|f| *f != db::Value::from(&code))
+        .collect();
+    if seal.0.is_some() && !others.is_empty() {
+        // The same machine stored in another form (plaintext from before encryption, or an
+        // older key not yet rotated away) goes, so the upsert below finds no twin.
+        let mut args: Vec<db::Value> = vals![gid, m.is_floating()].to_vec();
+        let cond = any_of("machine_code", others.len(), 3);
+        args.extend(others);
+        db.exec(
+            &format!(
+                "DELETE FROM activations WHERE key_global_id = ?1 AND floating = ?2 AND {cond}"
+            ),
+            &args,
+        )?;
+    }
     // An existing row keeps its `seq` (list position); the domain passes the first-activation
     // `time` back unchanged on a floating renewal.
     db.exec(
@@ -1425,12 +1734,12 @@ fn upsert_machine(db: &mut Db, gid: i64, m: &Machine) -> Result<()> {
         vals![
             gid,
             m.is_floating(),
-            &m.machine_code,
+            code,
             m.kind.as_i64(),
-            &m.ip,
+            seal.text(&m.ip),
             &*m.proxy_ip,
             m.time,
-            &m.friendly_name,
+            seal.text(&m.friendly_name),
             m.floating_expires
         ],
     )?;
@@ -1443,11 +1752,11 @@ const PRODUCT_SELECT: &str =
 const TOKEN_SELECT: &str =
     "SELECT id, tenant_id, hash, methods, product_lock, key_lock, feature_lock, description, created FROM tokens";
 
-fn tenant_row(r: &Row) -> Result<TenantRow> {
+fn tenant_row(seal: &Seal, r: &Row) -> Result<TenantRow> {
     Ok(TenantRow {
         id: r.i64(0)?,
         name: r.text(1)?,
-        private_key: r.blob(2)?,
+        private_key: seal.open_bytes(r.blob(2)?)?,
         public_key_xml: r.text(3)?,
         created: r.i64(4)?,
     })
@@ -1481,20 +1790,20 @@ fn token_row(r: &Row) -> Result<TokenRow> {
     })
 }
 
-fn key_row(r: &Row) -> Result<KeyRow> {
+fn key_row(seal: &Seal, r: &Row) -> Result<KeyRow> {
     let customer = match r.opt_i64(15)? {
         Some(id) => Some(Customer {
             id,
-            name: r.opt_text(16)?,
-            email: r.opt_text(17)?,
-            company_name: r.opt_text(18)?,
+            name: seal.open_opt(r.opt_text(16)?)?,
+            email: seal.open_opt(r.opt_text(17)?)?,
+            company_name: seal.open_opt(r.opt_text(18)?)?,
             created: r.i64(19)?,
         }),
         None => None,
     };
     Ok(KeyRow {
         tenant_id: r.i64(14)?,
-        trial_machine_code: r.opt_text(13)?,
+        trial_machine_code: seal.open_opt(r.opt_text(13)?)?,
         license: License {
             global_id: r.i64(0)?,
             product_id: r.i64(1)?,
@@ -1679,5 +1988,47 @@ mod tests {
             2,
             "week's m5 and m1"
         );
+    }
+
+    #[test]
+    fn a_machine_sealed_under_an_older_key_is_replaced_not_duplicated() {
+        on_both_engines("twin", |store| {
+            use cipher::Keyring;
+            let t = store.create_tenant("t", b"k", "<x/>", 1).unwrap();
+            let p = store.create_product(t, "p", None, None, 1).unwrap();
+            let (_, gid) = store
+                .create_key(&NewKey {
+                    product_id: p,
+                    key: "K".into(),
+                    max_no_of_machines: 10,
+                    ..Default::default()
+                })
+                .unwrap();
+            let m = |ip: &str| StoreEvent::MachineUpsert {
+                key_global_id: gid,
+                machine: Machine {
+                    machine_code: "mc".into(),
+                    kind: MachineKind::NodeLocked,
+                    ip: ip.into(),
+                    proxy_ip: "10.0.0.1".into(),
+                    time: 1,
+                    friendly_name: "pc".into(),
+                    floating_expires: 0,
+                },
+            };
+            // In clear, then under k1, then under k2 (k1 still readable): one row throughout.
+            store.write_batch(&[m("192.0.2.1")], &[]).unwrap();
+            let (k1, k2) = (Keyring::new_key_line("k1"), Keyring::new_key_line("k2"));
+            store.set_keyring(Some(Arc::new(Keyring::parse(&k1).unwrap())));
+            store.write_batch(&[m("192.0.2.2")], &[]).unwrap();
+            store.set_keyring(Some(Arc::new(
+                Keyring::parse(&format!("{k2}\n{k1}")).unwrap(),
+            )));
+            store.write_batch(&[m("192.0.2.3")], &[]).unwrap();
+            let machines = store.key(gid).unwrap().license.machines;
+            assert_eq!(machines.len(), 1, "{machines:?}");
+            assert_eq!(machines[0].ip, "192.0.2.3");
+            assert_eq!(store.erase_machine("mc").unwrap().activations, 1);
+        });
     }
 }
