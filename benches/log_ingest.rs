@@ -7,6 +7,8 @@
 //! request handlers do. Reported: rows written per second, rows dropped (queue full), and the
 //! lag (how long ago the newest committed row was offered), sampled every 50 ms.
 //!
+//! `KEYGATE_BENCH_ENCRYPT=1` turns on encryption at rest (three sealed fields per row).
+//!
 //! `cargo bench --bench log_ingest`
 
 use keygate::store::journal::Journal;
@@ -41,8 +43,13 @@ fn env_u64(name: &str, default: u64) -> u64 {
 }
 
 /// The ceiling: one binary COPY of `n` rows per transaction of 8,192, straight from a client.
-fn raw_copy_rate(url: &str, n: u64) -> f64 {
+fn raw_copy_rate(
+    url: &str,
+    n: u64,
+    ring: Option<std::sync::Arc<keygate::store::cipher::Keyring>>,
+) -> f64 {
     let mut store = Store::connect_postgres(url).unwrap();
+    store.set_keyring(ring);
     let rows: Vec<LogRow> = (0..n).map(|i| row(1 << 40 | i)).collect();
     let started = Instant::now();
     for chunk in rows.chunks(8192) {
@@ -60,8 +67,19 @@ fn main() {
     let url = pg.url();
     let spool = pg.dir().join("spool");
 
+    let encrypt = std::env::var("KEYGATE_BENCH_ENCRYPT").is_ok_and(|v| v == "1");
+    let ring = encrypt.then(|| {
+        std::sync::Arc::new(
+            keygate::store::cipher::Keyring::parse(&keygate::store::cipher::Keyring::new_key_line(
+                "bench",
+            ))
+            .unwrap(),
+        )
+    });
+    let mut store = Store::connect_postgres(&url).unwrap();
+    store.set_keyring(ring.clone());
     let writer = Writer::spawn(
-        Store::connect_postgres(&url).unwrap(),
+        store,
         Journal::open(&spool).unwrap(),
         None,
         BatchPolicy {
@@ -117,9 +135,12 @@ fn main() {
     let dropped = stats.log_dropped.load(Ordering::Relaxed);
     lags.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let pct = |p: f64| lags[((lags.len() - 1) as f64 * p) as usize];
-    let ceiling = raw_copy_rate(&url, if smoke { 20_000 } else { 1_000_000 });
+    let ceiling = raw_copy_rate(&url, if smoke { 20_000 } else { 1_000_000 }, ring);
     let achieved = written as f64 / elapsed;
-    println!("log ingestion into PostgreSQL (fsync on), offered {rate} rows/s for {seconds} s");
+    println!(
+        "log ingestion into PostgreSQL (fsync on{}), offered {rate} rows/s for {seconds} s",
+        if encrypt { ", encryption at rest" } else { "" }
+    );
     println!("  written         {written} rows in {elapsed:.2} s = {achieved:.0} rows/s");
     println!("  dropped         {dropped} rows (queue full)");
     println!(
