@@ -125,9 +125,11 @@ const POSTGRES_MIGRATIONS: [(i64, &str); 2] = [
     ),
 ];
 
-/// Advisory lock keys (PostgreSQL): migrations, and the change feed's commit order.
+/// Advisory lock keys (PostgreSQL): migrations, the change feed's commit order, and (plus the
+/// product id) the per-product key numbers.
 const LOCK_MIGRATE: i64 = 0x6b67_0001;
 const LOCK_CHANGES: i64 = 0x6b67_0002;
+const LOCK_KEY_NUMBERS: i64 = 0x6b67_0000_0000;
 
 pub struct Store {
     db: Db,
@@ -434,6 +436,14 @@ impl Store {
             Engine::Sqlite => &SQLITE_MIGRATIONS,
             Engine::Postgres => &POSTGRES_MIGRATIONS,
         };
+        // Up to date: nothing to write, so a role without DDL rights (the PostgreSQL edge
+        // role of deploy/postgres/roles.sql) can connect.
+        let latest = migrations.last().map_or(0, |m| m.0);
+        if let Ok(have) = self.schema_version() {
+            if have >= latest {
+                return Ok(());
+            }
+        }
         self.db.transaction(|db| {
             if engine == Engine::Postgres {
                 // Nodes starting together migrate one at a time.
@@ -607,10 +617,11 @@ impl Store {
         let (actor, seal) = (&self.actor, &self.seal);
         self.db.transaction(|db| {
             if db.engine() == Engine::Postgres {
-                // Per-product key numbers: one creator per product at a time.
+                // Per-product key numbers: one creator per product at a time. An advisory lock,
+                // not a row lock, so the edge role needs no UPDATE right on products.
                 db.query(
-                    "SELECT 1 FROM products WHERE id = ?1 FOR UPDATE",
-                    vals![k.product_id],
+                    "SELECT pg_advisory_xact_lock(?1)",
+                    vals![LOCK_KEY_NUMBERS + k.product_id],
                 )?;
             }
             let id = db

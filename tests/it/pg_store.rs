@@ -1,7 +1,8 @@
 //! The node on a PostgreSQL main store, with a private cluster per test: exact limits and a
 //! restart; a PostgreSQL outage in the middle of sustained load (spool, then replay: every log
 //! row and every activation arrives exactly once); `kill -9` of the node under load (every
-//! acknowledged activation survives; log loss within one flush interval).
+//! acknowledged activation survives; log loss within one flush interval); and the least-
+//! privilege edge role of deploy/postgres/roles.sql serving real traffic.
 
 use super::helpers::{cli, eventually, use_postgres, Seed, Server, TempDir};
 use keygate::testkit::TempPostgres;
@@ -330,4 +331,130 @@ async fn kill_9_under_load_keeps_every_acknowledged_activation() {
         "lost {} log rows, more than about one flush interval ({bound})",
         accepted.len() - logged
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_edge_role_serves_everything_and_is_refused_the_rest() {
+    let pg = TempPostgres::start();
+    let dir = TempDir::new("pg-roles");
+    // The owner migrates and runs the control plane.
+    use_postgres(&dir.0, &pg.url());
+    let seed = Seed::new(&dir.0);
+    let key = seed.key(&dir.0, &["--max-machines", "5"]);
+    let reader = cli(
+        &dir.0,
+        &[
+            "token",
+            "create",
+            "--tenant",
+            &seed.tenant.to_string(),
+            "--methods",
+            "GetWebAPILog",
+        ],
+    )["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let roles = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/postgres/roles.sql"),
+    )
+    .unwrap();
+    let owner = pg.url();
+    std::thread::spawn(move || {
+        let mut c = postgres::Client::connect(&owner, postgres::NoTls).unwrap();
+        c.batch_execute(&roles)
+            .expect("deploy/postgres/roles.sql applies");
+    })
+    .join()
+    .unwrap();
+    let edge = format!("postgres://keygate_edge@127.0.0.1:{}/postgres", pg.port());
+
+    // A node as the edge role: activation, trial key, deactivation, log read, clean stop.
+    let mut server = Server::start(
+        &dir.0,
+        &[
+            ("KEYGATE_STORE__POSTGRES_URL", edge.as_str()),
+            ("KEYGATE_STORE__FLUSH_INTERVAL_MS", "20"),
+        ],
+    );
+    let mut conn = server.connect(Protocol::Http1).await;
+    let product = seed.product.to_string();
+    for (path, fields) in [
+        (
+            "/api/key/Activate",
+            vec![("Key", key.as_str()), ("MachineCode", "m1")],
+        ),
+        (
+            "/api/key/Activate",
+            vec![("Key", key.as_str()), ("MachineCode", "m2")],
+        ),
+        (
+            "/api/key/Deactivate",
+            vec![("Key", key.as_str()), ("MachineCode", "m2")],
+        ),
+        ("/api/key/CreateTrialKey", vec![("MachineCode", "trial-1")]),
+    ] {
+        let mut all = vec![
+            ("token", seed.token.as_str()),
+            ("ProductId", product.as_str()),
+        ];
+        all.extend(fields);
+        let r = conn.post(path, &form(&all)).await.unwrap();
+        assert_eq!(r.status, 200, "{path}: {}", r.text());
+    }
+    let mut logged = 0;
+    for _ in 0..100 {
+        let r = conn
+            .post(
+                "/api/ai/GetWebAPILog",
+                &form(&[("token", &reader), ("ProductId", &product)]),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+        logged = serde_json::from_str::<serde_json::Value>(&r.text()).unwrap()["logs"]
+            .as_array()
+            .unwrap()
+            .len();
+        if logged >= 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(logged, 4);
+    server.stop();
+    let stored: Vec<String> = pg_rows(&pg.url(), "SELECT machine_code FROM activations ORDER BY 1")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(stored, ["m1", "trial-1"]);
+
+    // What the edge role may not do.
+    let refused = std::thread::spawn(move || {
+        let mut c = postgres::Client::connect(&edge, postgres::NoTls).unwrap();
+        [
+            "UPDATE customers SET name = 'x'",
+            "UPDATE tenants SET name = 'x'",
+            "UPDATE license_keys SET block = 1",
+            "INSERT INTO tokens (tenant_id, hash, methods, feature_lock, description, created) VALUES (1, '\\x00', 31, 0, '', 0)",
+            "DELETE FROM tokens",
+            "DELETE FROM request_log",
+            "UPDATE request_log SET state = 0",
+            "TRUNCATE audit_log",
+            "DROP TABLE activations",
+            "CREATE TABLE stolen (a int)",
+        ]
+        .into_iter()
+        .map(|sql| (sql, c.batch_execute(sql).map_err(|e| format!("{e:?}"))))
+        .collect::<Vec<_>>()
+    })
+    .join()
+    .unwrap();
+    for (sql, r) in refused {
+        let e = r.expect_err(sql);
+        assert!(
+            e.contains("permission denied") || e.contains("must be owner"),
+            "{sql}: {e}"
+        );
+    }
 }
