@@ -291,6 +291,16 @@ pub fn delete_token(store: &mut Store, id: i64) -> Result<Value> {
     Ok(json!({"token_id": id, "deleted": true}))
 }
 
+pub fn set_product_lock(store: &mut Store, id: i64, locked: bool) -> Result<Value> {
+    store.set_product_lock(id, locked)?;
+    Ok(json!({"product_id": id, "locked": locked}))
+}
+
+pub fn delete_product(store: &mut Store, id: i64) -> Result<Value> {
+    let keys = store.delete_product(id)?;
+    Ok(json!({"product_id": id, "deleted": true, "keys_deleted": keys}))
+}
+
 pub fn set_token_lock(store: &mut Store, id: i64, locked: bool) -> Result<Value> {
     store.set_token_lock(id, locked)?;
     Ok(json!({"token_id": id, "locked": locked}))

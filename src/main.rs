@@ -140,6 +140,20 @@ enum ProductCmd {
         #[arg(long)]
         tenant: Option<i64>,
     },
+    /// Delete a product with all its keys and their activations (refused while locked).
+    Delete {
+        #[arg(long)]
+        id: i64,
+    },
+    /// Protect a product against deletion.
+    Lock {
+        #[arg(long)]
+        id: i64,
+    },
+    Unlock {
+        #[arg(long)]
+        id: i64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -361,6 +375,9 @@ fn control_command(cfg: &Config, cmd: Cmd) -> Result<Value, control::ControlErro
             time_limited_feature,
         }) => control::create_product(s, tenant, &name, trial_feature, time_limited_feature),
         Cmd::Product(ProductCmd::List { tenant }) => control::list_products(s, tenant),
+        Cmd::Product(ProductCmd::Delete { id }) => control::delete_product(s, id),
+        Cmd::Product(ProductCmd::Lock { id }) => control::set_product_lock(s, id, true),
+        Cmd::Product(ProductCmd::Unlock { id }) => control::set_product_lock(s, id, false),
         Cmd::Customer(CustomerCmd::Create {
             tenant,
             name,

@@ -129,10 +129,21 @@ impl State {
                 let t = store.tenant(c.entity_id)?;
                 self.put_tenant(&t.private_key, t.id)?;
             }
-            "product" => {
-                let p = store.product(c.entity_id)?;
-                self.products.insert(p.id, Arc::new(p));
-            }
+            "product" => match store.product(c.entity_id) {
+                Ok(p) => {
+                    self.products.insert(p.id, Arc::new(p));
+                }
+                // Deleted, with its keys: nothing of it is served any more.
+                Err(StoreError::NotFound(_)) => {
+                    let id = c.entity_id;
+                    self.products.remove(&id);
+                    self.licenses.retain(|(p, _), _| *p != id);
+                    self.keys_by_global
+                        .retain(|_, e| e.license.lock().product_id != id);
+                    self.trials.retain(|(p, _), _| *p != id);
+                }
+                Err(e) => return Err(e),
+            },
             "key" => self.put_key(store.key(c.entity_id)?, true),
             // A data-subject erasure: forget the machine (named by digest) on this key.
             "machine_erased" => {

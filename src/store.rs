@@ -100,7 +100,7 @@ pub enum StoreError {
 
 pub type Result<T> = std::result::Result<T, StoreError>;
 
-const SQLITE_MIGRATIONS: [(i64, &str); 7] = [
+const SQLITE_MIGRATIONS: [(i64, &str); 8] = [
     (1, include_str!("store/migrations/0001_init.sql")),
     (2, include_str!("store/migrations/0002_audit.sql")),
     (3, include_str!("store/migrations/0003_change_detail.sql")),
@@ -114,14 +114,19 @@ const SQLITE_MIGRATIONS: [(i64, &str); 7] = [
         include_str!("store/migrations/0006_ingested_batches.sql"),
     ),
     (7, include_str!("store/migrations/0007_node_progress.sql")),
+    (8, include_str!("store/migrations/0008_product_lock.sql")),
 ];
 
 /// PostgreSQL started at SQLite's version 6, as one script.
-const POSTGRES_MIGRATIONS: [(i64, &str); 2] = [
+const POSTGRES_MIGRATIONS: [(i64, &str); 3] = [
     (1, include_str!("store/migrations/postgres/0001_init.sql")),
     (
         2,
         include_str!("store/migrations/postgres/0002_node_progress.sql"),
+    ),
+    (
+        3,
+        include_str!("store/migrations/postgres/0003_product_lock.sql"),
     ),
 ];
 
@@ -740,6 +745,58 @@ impl Store {
             .iter()
             .map(product_row)
             .collect()
+    }
+
+    /// Locks or unlocks a product against deletion.
+    pub fn set_product_lock(&mut self, id: i64, locked: bool) -> Result<()> {
+        let actor = &self.actor;
+        self.db.transaction(|db| {
+            let n = db.exec(
+                "UPDATE products SET locked = ?1 WHERE id = ?2",
+                vals![locked, id],
+            )?;
+            if n == 0 {
+                return Err(StoreError::NotFound(format!("product {id} not found")));
+            }
+            let action = if locked {
+                "product.lock"
+            } else {
+                "product.unlock"
+            };
+            Self::audit(db, actor, action, "product", id)
+        })
+    }
+
+    /// Deletes a product with its keys, their data objects and activations, unless it is
+    /// locked. Request-log rows stay (history, aged by retention). Running nodes drop the
+    /// product and its keys on their next sync. Returns how many keys went with it.
+    pub fn delete_product(&mut self, id: i64) -> Result<usize> {
+        let actor = &self.actor;
+        self.db.transaction(|db| {
+            let locked = db
+                .query_opt("SELECT locked FROM products WHERE id = ?1", vals![id])?
+                .ok_or_else(|| StoreError::NotFound(format!("product {id} not found")))?
+                .i64(0)?;
+            if locked != 0 {
+                return Err(StoreError::Invalid(format!(
+                    "product {id} is locked; unlock it before deleting it"
+                )));
+            }
+            const KEYS: &str = "SELECT global_id FROM license_keys WHERE product_id = ?1";
+            db.exec(
+                &format!("DELETE FROM activations WHERE key_global_id IN ({KEYS})"),
+                vals![id],
+            )?;
+            db.exec(
+                &format!("DELETE FROM data_objects WHERE key_global_id IN ({KEYS})"),
+                vals![id],
+            )?;
+            let keys = db.exec("DELETE FROM license_keys WHERE product_id = ?1", vals![id])?;
+            db.exec("DELETE FROM products WHERE id = ?1", vals![id])?;
+            Self::note_change(db, "product", id, None)?;
+            Self::audit(db, actor, "product.delete", "product", id)?;
+            Ok(keys)
+        })
     }
 
     /// Locks or unlocks a token against deletion.

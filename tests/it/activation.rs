@@ -643,3 +643,57 @@ async fn a_customer_is_exported_then_erased_from_every_answer() {
         "the node still answers with the erased customer"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_locked_product_cannot_be_deleted_and_a_deleted_one_is_gone_everywhere() {
+    let dir = TempDir::new("product-lock");
+    let seed = Seed::new(&dir.0);
+    let key = seed.key(&dir.0, &["--max-machines", "3"]);
+    let server = Server::start(&dir.0, &[]);
+    let mut c = server.connect(Protocol::Http1).await;
+    let r = c
+        .post("/api/key/Activate", &activate_form(&seed, &key, "m1"))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    // The activation reaches the store within a flush interval.
+    for _ in 0..100 {
+        if !seed.mids(&dir.0, &key).is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let id = seed.product.to_string();
+    cli(&dir.0, &["product", "lock", "--id", &id]);
+    let refused = super::helpers::keygate(&dir.0)
+        .args(["product", "delete", "--id", &id])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("locked"));
+    assert_eq!(seed.mids(&dir.0, &key), ["m1"], "nothing was deleted");
+    cli(&dir.0, &["product", "unlock", "--id", &id]);
+    let deleted = cli(&dir.0, &["product", "delete", "--id", &id]);
+    assert_eq!(deleted["keys_deleted"], 1);
+    assert!(cli(&dir.0, &["product", "list"])["products"]
+        .as_array()
+        .unwrap()
+        .is_empty());
+
+    // The running node drops the product and its keys.
+    let gone = eventually(Duration::from_secs(5), || async {
+        let mut c = server.connect(Protocol::Http1).await;
+        let r = c
+            .post("/api/key/Activate", &activate_form(&seed, &key, "m1"))
+            .await
+            .unwrap();
+        (r.status != 200).then(|| r.json().unwrap()["message"].clone())
+    })
+    .await;
+    assert_eq!(gone.unwrap(), "Could not find the product.");
+    let audit = cli(&dir.0, &["audit", "list", "--limit", "3"]).to_string();
+    for action in ["product.lock", "product.unlock", "product.delete"] {
+        assert!(audit.contains(action), "{action}: {audit}");
+    }
+}

@@ -1,0 +1,2 @@
+-- Object lock: a locked product cannot be deleted until it is unlocked.
+ALTER TABLE products ADD COLUMN locked BIGINT NOT NULL DEFAULT 0;
