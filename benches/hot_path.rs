@@ -76,6 +76,7 @@ fn fixture(cached: bool) -> Fixture {
     let ctx = Arc::new(Ctx {
         state: Arc::new(state),
         writer: writer.sender(),
+        dist: None,
         control_store: Arc::new(parking_lot::Mutex::new(Store::open(&db).unwrap())),
         log_store: Arc::new(parking_lot::Mutex::new(Store::open(&db).unwrap())),
         trial_lock: tokio::sync::Mutex::new(()),

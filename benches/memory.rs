@@ -69,6 +69,7 @@ fn main() {
             trial_activation: false,
             max_no_of_machines: 5,
             version: 0,
+            shared_version: 0,
             allowed_machines: String::new(),
             data_objects: Vec::new(),
             machines,

@@ -77,6 +77,54 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     tracing::info!(licenses = state.license_count(), store = %location.describe(), "state loaded");
     crate::metrics::licenses_loaded(state.license_count());
 
+    // Distributed mode: connect, catch up with what the other nodes committed, then follow
+    // their changes and carry the change streams into the main store.
+    let dist_stop = CancellationToken::new();
+    let mut dist_tasks = Vec::new();
+    let dist = match &cfg.redis.url {
+        None => None,
+        Some(url) => {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            let d = crate::dist::Dist::connect(url, cfg.redis.shards, tx)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot connect to redis: {e}"))?;
+            d.ensure_groups().await?;
+            let d = Arc::new(d);
+            let newer = crate::dist::sync_all(&d, &state).await?;
+            crate::metrics::redis_up(true);
+            tracing::info!(
+                licenses_newer_in_redis = newer,
+                "distributed mode: synced from redis"
+            );
+            let consumer = format!(
+                "node-{}",
+                crate::store::wal::node_key(&cfg.data_dir.join("wal"))?
+            );
+            let store = {
+                let (location, ring) = (location.clone(), cfg.keyring()?);
+                tokio::task::spawn_blocking(move || -> anyhow::Result<Store> {
+                    let mut s = Store::connect(&location)?;
+                    s.set_keyring(ring);
+                    Ok(s)
+                })
+                .await??
+            };
+            dist_tasks.push(tokio::spawn(crate::dist::follow(
+                d.clone(),
+                state.clone(),
+                rx,
+                dist_stop.clone(),
+            )));
+            dist_tasks.push(tokio::spawn(crate::dist::store_changes(
+                d.clone(),
+                Arc::new(parking_lot::Mutex::new(store)),
+                consumer,
+                dist_stop.clone(),
+            )));
+            Some(d)
+        }
+    };
+
     let (cert, key) = match (&cfg.server.tls_cert, &cfg.server.tls_key) {
         (Some(c), Some(k)) => (c.clone(), k.clone()),
         _ => crate::tls::ensure_self_signed(&cfg.data_dir.join("tls"), &cfg.server.tls_names)?,
@@ -104,6 +152,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     );
     let s = &cfg.server;
     let ctx = Arc::new(Ctx {
+        dist,
         state,
         writer: writer.sender(),
         control_store: Arc::new(parking_lot::Mutex::new({
@@ -218,6 +267,10 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         s.await?;
     }
     sync.shutdown();
+    dist_stop.cancel();
+    for t in dist_tasks {
+        let _ = t.await;
+    }
     let writer_stats = writer.sender();
     tokio::task::spawn_blocking(move || writer.shutdown()).await?;
     admin_stop.cancel();

@@ -18,6 +18,27 @@ pub struct Config {
     pub rate_limits: RateLimitCfg,
     pub cache: CacheCfg,
     pub privacy: PrivacyCfg,
+    pub redis: RedisCfg,
+}
+
+/// Distributed mode (`dist`): nodes share license activations through Redis.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisCfg {
+    /// `redis://[user:password@]host:port/` (or `rediss://`); unset: one node on its own.
+    pub url: Option<String>,
+    /// Streams the changes are spread over (and hash tags): more lets more nodes share the
+    /// work of writing them to the main store. Every node must use the same number.
+    pub shards: u64,
+}
+
+impl Default for RedisCfg {
+    fn default() -> Self {
+        RedisCfg {
+            url: None,
+            shards: 16,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -162,6 +183,7 @@ impl Default for Config {
             admin: Admin::default(),
             rate_limits: RateLimitCfg::default(),
             cache: CacheCfg::default(),
+            redis: RedisCfg::default(),
             privacy: PrivacyCfg::default(),
         }
     }
@@ -366,6 +388,14 @@ impl Config {
             }
             if self.store.sqlite_path.is_some() {
                 p.push("set store.postgres_url or store.sqlite_path, not both".into());
+            }
+        }
+        if !(1..=1024).contains(&self.redis.shards) {
+            p.push("redis.shards must be between 1 and 1024".into());
+        }
+        if let Some(url) = &self.redis.url {
+            if redis::parse_redis_url(url).is_none() {
+                p.push("redis.url is not a redis:// or rediss:// URL".into());
             }
         }
         if let Err(e) = self.keyring() {

@@ -48,6 +48,8 @@ pub struct Limits {
 pub struct Ctx {
     pub state: Arc<State>,
     pub writer: WriterSender,
+    /// Distributed mode: activation changes are committed in Redis (`dist`).
+    pub dist: Option<Arc<crate::dist::Dist>>,
     /// Used only by CreateTrialKey, which creates a key in the main store.
     pub control_store: Arc<parking_lot::Mutex<Store>>,
     /// GetWebAPILog's connection, apart from CreateTrialKey's so neither waits on the other.

@@ -6,6 +6,7 @@
 //! - `wire`: the byte-exact Cryptolens JSON and the public-key XML.
 //! - `signing`: RSA-2048 PKCS#1 v1.5 over aws-lc-rs.
 //! - `state`: the node's in-memory licenses, tokens and signers; change-feed sync.
+//! - `dist`: distributed mode: license activations shared by edge nodes through Redis.
 //! - `store`: the main store (SQLite or PostgreSQL), its batched writer and local spool.
 //! - `http`: the HTTPS edge, handlers and the one error mapping.
 //! - `privacy`: pure privacy rules (IP anonymisation of the request log).
@@ -15,6 +16,7 @@
 pub mod app;
 pub mod config;
 pub mod control;
+pub mod dist;
 pub mod domain;
 pub mod http;
 pub mod metrics;

@@ -32,7 +32,12 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Serve the Web API over HTTPS (HTTP/1.1 and HTTP/2).
-    Serve,
+    Serve {
+        /// Distributed mode: share activations with other nodes through this Redis
+        /// (`redis.url`).
+        #[arg(long)]
+        redis: Option<String>,
+    },
     /// Validate the configuration and print it.
     CheckConfig,
     /// Apply pending schema migrations to the main store and print its schema version
@@ -320,8 +325,19 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    if let Cmd::Serve { redis: Some(url) } = &cli.cmd {
+        cfg.redis.url = Some(url.clone());
+        let problems = cfg.problems();
+        if !problems.is_empty() {
+            eprintln!(
+                "keygate: invalid configuration:\n  - {}",
+                problems.join("\n  - ")
+            );
+            return ExitCode::from(64);
+        }
+    }
     match cli.cmd {
-        Cmd::Serve => match keygate::app::run(cfg) {
+        Cmd::Serve { .. } => match keygate::app::run(cfg) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("keygate: {e:#}");
@@ -358,7 +374,7 @@ fn control_command(cfg: &Config, cmd: Cmd) -> Result<Value, control::ControlErro
     store.set_actor(&format!("cli:{user}"));
     let s = &mut store;
     match cmd {
-        Cmd::Serve | Cmd::CheckConfig => unreachable!("handled in main"),
+        Cmd::Serve { .. } | Cmd::CheckConfig => unreachable!("handled in main"),
         Cmd::Migrate => Ok(serde_json::json!({
             "store": cfg.store_location().describe(),
             "schema_version": s.schema_version()?,

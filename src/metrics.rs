@@ -34,6 +34,11 @@ pub const LOG_ROWS_REPLAYED_TOTAL: &str = "keygate_log_rows_replayed_total";
 pub const STORE_EVENTS_SPOOLED_TOTAL: &str = "keygate_store_events_spooled_total";
 pub const SPOOL_BATCHES: &str = "keygate_spool_batches";
 pub const STORE_UP: &str = "keygate_store_up";
+pub const SHARED_CONFLICTS_TOTAL: &str = "keygate_redis_cas_conflicts_total";
+pub const SHARED_UNAVAILABLE_TOTAL: &str = "keygate_redis_unavailable_total";
+pub const SHARED_APPLIED_TOTAL: &str = "keygate_redis_snapshots_applied_total";
+pub const SHARED_STORED_TOTAL: &str = "keygate_redis_stream_entries_stored_total";
+pub const REDIS_UP: &str = "keygate_redis_up";
 
 /// Histogram buckets in seconds: 50 µs (a cached answer) up to 10 s (a stalled store).
 const BUCKETS: [f64; 16] = [
@@ -120,6 +125,30 @@ pub fn sync_polled(applied: usize, failed: usize, licenses: usize) {
 
 pub fn sync_poll_failed() {
     metrics::counter!(SYNC_FAILURES_TOTAL).increment(1);
+}
+
+/// Distributed mode: a compare-and-set lost to another change (the request decides again).
+pub fn shared_conflict() {
+    metrics::counter!(SHARED_CONFLICTS_TOTAL).increment(1);
+}
+
+/// Distributed mode: a change refused because Redis did not answer.
+pub fn shared_unavailable() {
+    metrics::counter!(SHARED_UNAVAILABLE_TOTAL).increment(1);
+}
+
+/// Distributed mode: snapshots from other nodes installed here (`source`: pubsub, sync).
+pub fn shared_applied(source: &'static str, n: usize) {
+    metrics::counter!(SHARED_APPLIED_TOTAL, "source" => source).increment(n as u64);
+}
+
+/// Distributed mode: stream entries written to the main store by this node.
+pub fn shared_stored(n: usize) {
+    metrics::counter!(SHARED_STORED_TOTAL).increment(n as u64);
+}
+
+pub fn redis_up(up: bool) {
+    metrics::gauge!(REDIS_UP).set(if up { 1.0 } else { 0.0 });
 }
 
 pub fn licenses_loaded(n: usize) {

@@ -101,10 +101,12 @@ impl State {
                 let expires = cur.expires;
                 let trial = cur.trial_activation;
                 let version = cur.version + 1;
+                let shared = cur.shared_version;
                 *cur = license;
                 cur.version = version;
                 if keep_machines {
                     cur.machines = machines;
+                    cur.shared_version = shared;
                     // A trial activation on this node may have moved Expires ahead of the store.
                     if trial && cur.trial_activation {
                         cur.expires = cur.expires.max(expires);
@@ -186,6 +188,20 @@ impl State {
             other => tracing::warn!(entity = other, "unknown change-feed entity; ignored"),
         }
         Ok(())
+    }
+
+    /// Distributed mode: installs a license's snapshot from Redis if it is newer than what
+    /// this node holds. Returns whether it was.
+    pub fn install_shared(&self, gid: i64, snap: &crate::dist::Snapshot) -> bool {
+        match self.license_by_global(gid) {
+            Some(e) => snap.install(&mut e.license.lock()),
+            None => false,
+        }
+    }
+
+    /// Every license's global id (distributed mode's start-up sync).
+    pub fn global_ids(&self) -> Vec<i64> {
+        self.keys_by_global.iter().map(|e| *e.key()).collect()
     }
 
     pub fn scope(&self, token: &str) -> Option<Arc<Scope>> {

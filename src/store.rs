@@ -100,7 +100,7 @@ pub enum StoreError {
 
 pub type Result<T> = std::result::Result<T, StoreError>;
 
-const SQLITE_MIGRATIONS: [(i64, &str); 8] = [
+const SQLITE_MIGRATIONS: [(i64, &str); 9] = [
     (1, include_str!("store/migrations/0001_init.sql")),
     (2, include_str!("store/migrations/0002_audit.sql")),
     (3, include_str!("store/migrations/0003_change_detail.sql")),
@@ -115,10 +115,11 @@ const SQLITE_MIGRATIONS: [(i64, &str); 8] = [
     ),
     (7, include_str!("store/migrations/0007_node_progress.sql")),
     (8, include_str!("store/migrations/0008_product_lock.sql")),
+    (9, include_str!("store/migrations/0009_shared_version.sql")),
 ];
 
 /// PostgreSQL started at SQLite's version 6, as one script.
-const POSTGRES_MIGRATIONS: [(i64, &str); 3] = [
+const POSTGRES_MIGRATIONS: [(i64, &str); 4] = [
     (1, include_str!("store/migrations/postgres/0001_init.sql")),
     (
         2,
@@ -127,6 +128,10 @@ const POSTGRES_MIGRATIONS: [(i64, &str); 3] = [
     (
         3,
         include_str!("store/migrations/postgres/0003_product_lock.sql"),
+    ),
+    (
+        4,
+        include_str!("store/migrations/postgres/0004_shared_version.sql"),
     ),
 ];
 
@@ -1593,6 +1598,39 @@ impl Store {
         })
     }
 
+    /// Distributed mode: replaces a key's activations (and, for a trial-activation key, its
+    /// `Expires`) with a snapshot from Redis, if `version` is newer than the one stored.
+    /// Returns false when it was not (an older or repeated stream entry).
+    pub fn apply_shared_snapshot(
+        &mut self,
+        gid: i64,
+        version: u64,
+        expires: Option<i64>,
+        machines: &[Machine],
+    ) -> Result<bool> {
+        let seal = &self.seal;
+        self.db.transaction(|db| {
+            let newer = db.exec(
+                "UPDATE license_keys SET shared_version = ?1 WHERE global_id = ?2 AND shared_version < ?1",
+                vals![version as i64, gid],
+            )?;
+            if newer == 0 {
+                return Ok(false);
+            }
+            if let Some(e) = expires {
+                db.exec(
+                    "UPDATE license_keys SET expires = ?1 WHERE global_id = ?2",
+                    vals![e, gid],
+                )?;
+            }
+            db.exec("DELETE FROM activations WHERE key_global_id = ?1", vals![gid])?;
+            for m in machines {
+                upsert_machine(db, seal, gid, m)?;
+            }
+            Ok(true)
+        })
+    }
+
     /// How far `node`'s activation log is committed (0: nothing yet).
     pub fn wal_progress(&mut self, node: i64) -> Result<u64> {
         Ok(self
@@ -1886,6 +1924,7 @@ fn key_row(seal: &Seal, r: &Row) -> Result<KeyRow> {
             trial_activation: r.i64(10)? != 0,
             max_no_of_machines: r.i64(11)?,
             version: 0,
+            shared_version: 0,
             allowed_machines: r.text(12)?,
             customer,
             data_objects: Vec::new(),

@@ -200,3 +200,81 @@ impl Drop for TempPostgres {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// A private `redis-server` on a free loopback port, with its files in a temporary directory;
+/// stopped (killed) on drop, and restartable on the same port for fault tests.
+pub struct TempRedis {
+    dir: PathBuf,
+    port: u16,
+    child: Option<std::process::Child>,
+}
+
+impl TempRedis {
+    pub fn start() -> TempRedis {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("keygate-redis-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("creating the redis directory");
+        let mut r = TempRedis {
+            dir,
+            port: free_port(),
+            child: None,
+        };
+        r.start_server();
+        r
+    }
+
+    /// Starts the server (again), with an append-only file so a restart keeps the data.
+    pub fn start_server(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args([
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+            ])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server not found: apt-get install -y redis-server");
+        self.child = Some(child);
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(25));
+        }
+        panic!(
+            "redis-server did not listen on port {} within 5 s",
+            self.port
+        );
+    }
+
+    /// Kills the server (SIGKILL), as a crash.
+    pub fn kill_server(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/?protocol=resp3", self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+}
+
+impl Drop for TempRedis {
+    fn drop(&mut self) {
+        self.kill_server();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

@@ -41,7 +41,7 @@ GRANT INSERT, UPDATE ON node_progress TO keygate_edge;
 -- CreateTrialKey: a new key (noted in the change feed and the audit log); trial activation
 -- moves a key's expiry.
 GRANT INSERT ON license_keys TO keygate_edge;
-GRANT UPDATE (expires) ON license_keys TO keygate_edge;
+GRANT UPDATE (expires, shared_version) ON license_keys TO keygate_edge;
 GRANT INSERT ON changes, audit_log TO keygate_edge;
 
 -- Identity columns of the tables it inserts into.

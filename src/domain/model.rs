@@ -130,6 +130,9 @@ pub struct License {
     /// Bumped by every change to this license in memory (`apply`, `remove_machine`, a reload):
     /// with the time, it identifies everything an answer about the license depends on.
     pub version: u64,
+    /// In distributed mode, the version of these activations in Redis (0: not known there
+    /// yet). A node only installs a newer one (version fence).
+    pub shared_version: u64,
 }
 
 impl License {

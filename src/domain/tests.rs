@@ -21,6 +21,7 @@ fn license(max: i64) -> License {
         trial_activation: false,
         max_no_of_machines: max,
         version: 0,
+        shared_version: 0,
         allowed_machines: String::new(),
         data_objects: vec![],
         machines: vec![],

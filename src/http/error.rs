@@ -27,6 +27,9 @@ pub enum ApiError {
     LegacyApi,
     HttpMethod,
     RateLimited,
+    /// Distributed mode with Redis unreachable: a change (new activation, deactivation)
+    /// cannot be committed where every node sees it.
+    Unavailable,
 }
 
 impl ApiError {
@@ -55,6 +58,9 @@ impl ApiError {
             ApiError::LegacyApi => "Web API 2 is not supported. Please use Web API 3 (/api/key/Activate).",
             ApiError::HttpMethod => "Only GET and POST are supported.",
             ApiError::RateLimited => "Too many requests. Please try again later.",
+            ApiError::Unavailable => {
+                "The license server cannot record activations right now. Please try again later."
+            }
         }
     }
 
@@ -68,6 +74,7 @@ impl ApiError {
             ApiError::UnsupportedEncoding => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::HttpMethod => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
             _ => StatusCode::BAD_REQUEST,
         }
@@ -95,6 +102,7 @@ impl ApiError {
             | ApiError::LegacyApi
             | ApiError::HttpMethod => "bad_request",
             ApiError::RateLimited => "rate_limited",
+            ApiError::Unavailable => "unavailable",
         }
     }
 }

@@ -6,6 +6,7 @@
 use super::error::{ApiError, Failure};
 use super::response_cache::{Probe, Shape};
 use super::Ctx;
+use crate::dist::{Cas, Snapshot};
 use crate::domain::{
     self, decide::Change, ActivateInput, ActivateOutcome, DeactivateOutcome, License, Machine,
     Mask, Method, Scope, StateCode, DAY_SECONDS,
@@ -16,6 +17,7 @@ use crate::request::{
 };
 use crate::signing::Signer;
 use crate::state::LicenseEntry;
+use crate::store::writer::Durable;
 use crate::store::{LogQuery, LogRow, NewKey, ProductRow, StoreEvent};
 use crate::wire::{self, LicenseStatus, LicenseView, Metadata};
 use std::sync::Arc;
@@ -315,81 +317,178 @@ pub async fn activate(
         now,
     };
     let mask = scope.mask(r.options.fields_to_return);
-    let (prepared, code, durable) = {
-        let mut lic = entry.license.lock();
-        let (code, change) = match domain::activate(&lic, &input) {
-            ActivateOutcome::Rejected(rj) => return Err(Failure::new(rj.into(), rj.code())),
-            ActivateOutcome::Accepted { code, change } => (code, change),
-        };
-        if let Change::Upsert(m) | Change::UpsertWithExpiry(m, _) = &change {
-            let known = lic
-                .machines
-                .iter()
-                .any(|x| x.machine_code == m.machine_code && x.is_floating() == m.is_floating());
-            if !known {
-                ctx.rate_limits
-                    .new_machine(lic.global_id)
-                    .map_err(|_| Failure::new(ApiError::RateLimited, StateCode::ACTIVATE_FAILED))?;
+    let mut attempt = 0u32;
+    let (prepared, code, durable) = loop {
+        attempt += 1;
+        // Decide under the lock. On one node the change is applied at once; in distributed
+        // mode it is first committed in Redis (compare-and-set), after the lock is released.
+        let (code, change, next, expected) = {
+            let mut lic = entry.license.lock();
+            let (code, change) = match domain::activate(&lic, &input) {
+                ActivateOutcome::Rejected(rj) => return Err(Failure::new(rj.into(), rj.code())),
+                ActivateOutcome::Accepted { code, change } => (code, change),
+            };
+            if attempt == 1 {
+                if let Change::Upsert(m) | Change::UpsertWithExpiry(m, _) = &change {
+                    let known = lic.machines.iter().any(|x| {
+                        x.machine_code == m.machine_code && x.is_floating() == m.is_floating()
+                    });
+                    if !known {
+                        ctx.rate_limits.new_machine(lic.global_id).map_err(|_| {
+                            Failure::new(ApiError::RateLimited, StateCode::ACTIVATE_FAILED)
+                        })?;
+                    }
+                }
             }
+            let writes = matches!(change, Change::Upsert(_) | Change::UpsertWithExpiry(..));
+            if ctx.dist.is_some() && writes {
+                let mut next = lic.clone();
+                next.apply(&change, now);
+                (code, change, Snapshot::of(&next, 0), lic.shared_version)
+            } else {
+                lic.apply(&change, now);
+                // Forwarded under the lock, so the store sees one license's changes in order.
+                // (Distributed mode: writes went the other branch; nothing to store here.)
+                let durable = match ctx.dist {
+                    Some(_) => Durable::ready(),
+                    None => ctx
+                        .writer
+                        .changes(store_events(&change, lic.global_id, now)),
+                };
+                let prepared = answer(ctx, &lic, &change, &r, &product, &signer, mask, now, log);
+                break (prepared, code, durable);
+            }
+        };
+        let gid = next_gid(&entry);
+        match commit_shared(ctx, &entry, gid, expected, next, attempt).await {
+            Ok(Some(())) => {
+                let lic = entry.license.lock();
+                let prepared = answer(ctx, &lic, &change, &r, &product, &signer, mask, now, log);
+                break (prepared, code, Durable::ready());
+            }
+            Ok(None) => continue,
+            Err(e) => return Err(fail(e)),
         }
-        lic.apply(&change, now);
-        // Forwarded under the lock, so the store sees one license's changes in order.
-        let gid = lic.global_id;
-        let events = match &change {
-            Change::Upsert(m) if m.is_floating() => vec![
-                StoreEvent::FloatingExpired {
-                    key_global_id: gid,
-                    now,
-                },
-                StoreEvent::MachineUpsert {
-                    key_global_id: gid,
-                    machine: m.clone(),
-                },
-            ],
-            Change::Upsert(m) => vec![StoreEvent::MachineUpsert {
-                key_global_id: gid,
-                machine: m.clone(),
-            }],
-            Change::UpsertWithExpiry(m, e) => vec![
-                StoreEvent::MachineUpsert {
-                    key_global_id: gid,
-                    machine: m.clone(),
-                },
-                StoreEvent::ExpiresSet {
-                    key_global_id: gid,
-                    expires: *e,
-                },
-            ],
-            Change::None | Change::Transient(_) => Vec::new(),
-        };
-        let durable = ctx.writer.changes(events);
-        let floating = r.floating_interval > 0;
-        let caller = match &change {
-            Change::Transient(m) => Some(m.clone()),
-            _ => lic
-                .machines
-                .iter()
-                .find(|m| m.is_floating() == floating && m.machine_code == r.machine_code)
-                .cloned(),
-        };
-        log.floating_expires = caller.as_ref().map_or(0, |m| m.floating_expires);
-        let cacheable = change == Change::None;
-        let prepared = prepare(
-            ctx,
-            &signer,
-            &lic,
-            &product,
-            &r.options,
-            mask,
-            caller.as_ref(),
-            now,
-            cacheable,
-        );
-        (prepared, code, durable)
     };
     // Signing and the activation log's sync run at the same time; the answer waits for both.
     let (body, ()) = tokio::join!(respond(ctx, signer, prepared, mask, now), durable.wait());
     Ok((body.map_err(fail)?, code))
+}
+
+/// How often a change is decided again after losing a compare-and-set race in Redis.
+const MAX_SHARED_ATTEMPTS: u32 = 16;
+
+fn next_gid(entry: &LicenseEntry) -> i64 {
+    entry.license.lock().global_id
+}
+
+/// Distributed mode: commits a decided snapshot in Redis. `Some(())`: committed and installed
+/// here; `None`: another node (or request) changed the license first, its state is now
+/// installed here, decide again.
+async fn commit_shared(
+    ctx: &Ctx,
+    entry: &LicenseEntry,
+    gid: i64,
+    expected: u64,
+    next: Snapshot,
+    attempt: u32,
+) -> Result<Option<()>, ApiError> {
+    let dist = ctx.dist.as_ref().ok_or(ApiError::Internal)?;
+    match dist.cas(gid, expected, &next).await {
+        Ok(Cas::Done(v)) => {
+            Snapshot { version: v, ..next }.install(&mut entry.license.lock());
+            Ok(Some(()))
+        }
+        Ok(Cas::Conflict(theirs)) => {
+            let mut lic = entry.license.lock();
+            if theirs.version < lic.shared_version {
+                // Redis lost this license (flushed or restored from an older copy): the next
+                // attempt writes this node's state back, on top of what Redis now holds.
+                lic.shared_version = theirs.version;
+            } else {
+                theirs.install(&mut lic);
+            }
+            crate::metrics::shared_conflict();
+            if attempt >= MAX_SHARED_ATTEMPTS {
+                tracing::error!(gid, "gave up after {attempt} compare-and-set conflicts");
+                return Err(ApiError::Internal);
+            }
+            Ok(None)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "redis unreachable: change refused");
+            crate::metrics::shared_unavailable();
+            Err(ApiError::Unavailable)
+        }
+    }
+}
+
+/// The store events of one activation change (single-node mode).
+fn store_events(change: &Change, gid: i64, now: i64) -> Vec<StoreEvent> {
+    match change {
+        Change::Upsert(m) if m.is_floating() => vec![
+            StoreEvent::FloatingExpired {
+                key_global_id: gid,
+                now,
+            },
+            StoreEvent::MachineUpsert {
+                key_global_id: gid,
+                machine: m.clone(),
+            },
+        ],
+        Change::Upsert(m) => vec![StoreEvent::MachineUpsert {
+            key_global_id: gid,
+            machine: m.clone(),
+        }],
+        Change::UpsertWithExpiry(m, e) => vec![
+            StoreEvent::MachineUpsert {
+                key_global_id: gid,
+                machine: m.clone(),
+            },
+            StoreEvent::ExpiresSet {
+                key_global_id: gid,
+                expires: *e,
+            },
+        ],
+        Change::None | Change::Transient(_) => Vec::new(),
+    }
+}
+
+/// The answer to an Activate, prepared under the license lock once its change is in place.
+#[allow(clippy::too_many_arguments)]
+fn answer(
+    ctx: &Ctx,
+    lic: &License,
+    change: &Change,
+    r: &ActivateRequest,
+    product: &ProductRow,
+    signer: &Arc<Signer>,
+    mask: Mask,
+    now: i64,
+    log: &mut LogCtx,
+) -> Prepared {
+    let floating = r.floating_interval > 0;
+    let caller = match change {
+        Change::Transient(m) => Some(m.clone()),
+        _ => lic
+            .machines
+            .iter()
+            .find(|m| m.is_floating() == floating && m.machine_code == r.machine_code)
+            .cloned(),
+    };
+    log.floating_expires = caller.as_ref().map_or(0, |m| m.floating_expires);
+    let cacheable = *change == Change::None;
+    prepare(
+        ctx,
+        signer,
+        lic,
+        product,
+        &r.options,
+        mask,
+        caller.as_ref(),
+        now,
+        cacheable,
+    )
 }
 
 pub async fn get_key(ctx: &Ctx, r: GetKeyRequest, log: &mut LogCtx) -> Outcome {
@@ -422,26 +521,44 @@ pub async fn deactivate(ctx: &Ctx, r: DeactivateRequest, log: &mut LogCtx) -> Ou
     let (scope, _) =
         authorize(ctx, &r.token, Method::Deactivate, r.product_id, log).map_err(fail)?;
     let entry = authorize_key(ctx, &scope, r.product_id, &r.key, log).map_err(fail)?;
-    let (code, durable) = {
-        let mut lic = entry.license.lock();
-        let outcome = domain::deactivate(&lic, &r.machine_code, r.floating);
-        let code = outcome.code();
-        let events = match outcome {
-            DeactivateOutcome::Blocked => return Err(Failure::new(ApiError::Blocked, code)),
-            DeactivateOutcome::NotActivated => {
-                return Err(Failure::new(ApiError::NotActivated, code))
+    let mut attempt = 0u32;
+    let (code, durable) = loop {
+        attempt += 1;
+        let (code, next, expected) = {
+            let mut lic = entry.license.lock();
+            let outcome = domain::deactivate(&lic, &r.machine_code, r.floating);
+            let code = outcome.code();
+            match outcome {
+                DeactivateOutcome::Blocked => return Err(Failure::new(ApiError::Blocked, code)),
+                DeactivateOutcome::NotActivated => {
+                    return Err(Failure::new(ApiError::NotActivated, code))
+                }
+                DeactivateOutcome::FloatingReleased { removed: false } => {
+                    break (code, Durable::ready())
+                }
+                DeactivateOutcome::Removed
+                | DeactivateOutcome::FloatingReleased { removed: true } => {}
             }
-            DeactivateOutcome::Removed | DeactivateOutcome::FloatingReleased { removed: true } => {
+            if ctx.dist.is_some() {
+                let mut next = lic.clone();
+                next.remove_machine(&r.machine_code, r.floating);
+                (code, Snapshot::of(&next, 0), lic.shared_version)
+            } else {
                 lic.remove_machine(&r.machine_code, r.floating);
-                vec![StoreEvent::MachineRemove {
+                let durable = ctx.writer.changes(vec![StoreEvent::MachineRemove {
                     key_global_id: lic.global_id,
                     machine_code: r.machine_code.clone(),
                     floating: r.floating,
-                }]
+                }]);
+                break (code, durable);
             }
-            DeactivateOutcome::FloatingReleased { removed: false } => Vec::new(),
         };
-        (code, ctx.writer.changes(events))
+        let gid = next_gid(&entry);
+        match commit_shared(ctx, &entry, gid, expected, next, attempt).await {
+            Ok(Some(())) => break (code, Durable::ready()),
+            Ok(None) => continue,
+            Err(e) => return Err(fail(e)),
+        }
     };
     durable.wait().await;
     Ok((wire::ok_response(), code))

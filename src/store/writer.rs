@@ -95,6 +95,11 @@ pub struct WriterSender {
 pub struct Durable(Option<tokio::sync::oneshot::Receiver<()>>);
 
 impl Durable {
+    /// Nothing to wait for.
+    pub fn ready() -> Durable {
+        Durable(None)
+    }
+
     pub async fn wait(self) {
         if let Some(rx) = self.0 {
             // An error means the log thread stopped (shutdown); nothing more can be done.

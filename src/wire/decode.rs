@@ -113,6 +113,7 @@ pub fn decode_license(bytes: &[u8]) -> Result<DecodedLicense, String> {
         data_objects,
         machines,
         version: 0,
+        shared_version: 0,
     };
     Ok(DecodedLicense {
         license,

@@ -25,6 +25,7 @@ fn sample() -> License {
         trial_activation: true,
         max_no_of_machines: 1,
         version: 0,
+        shared_version: 0,
         allowed_machines: String::new(),
         data_objects: vec![DataObject {
             id: 4484,

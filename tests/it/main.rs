@@ -2,6 +2,7 @@
 //! client and by the real Cryptolens SDKs. One binary: `cargo test --test it`.
 
 mod activation;
+mod distributed;
 mod encryption;
 mod helpers;
 mod hostile;

@@ -1,0 +1,625 @@
+//! Distributed mode: several edge nodes share every license's activations through Redis.
+//!
+//! Each license's activations live in one Redis hash, `kg:{s<shard>}:lic:<global id>`, as a
+//! version number and a snapshot (the machine list, and `Expires` for trial-activation keys).
+//! A node decides in memory as always (`domain::activate`), then commits the resulting
+//! snapshot with one compare-and-set script: it succeeds only if Redis still holds the version
+//! the node decided on. The script also appends the snapshot to its shard's stream (for the
+//! main store) and publishes `<global id> <version>` so the other nodes refresh. A node that
+//! lost the race installs the newer snapshot and decides again. The limit is exact because
+//! every accepted change is one successful compare-and-set on the one hash.
+//!
+//! Known machines are answered from memory without a Redis round trip. Each node consumes
+//! the shard streams (consumer group `kg-store`) into the main store, where a snapshot
+//! replaces the license's activations only if its version is newer than the stored one, so
+//! entries can be applied more than once and by any node.
+//!
+//! Keys of one license and its shard's stream share a hash tag, so the script also runs on a
+//! Redis Cluster; this module talks to one Redis server or a cluster's single endpoint today.
+
+use crate::domain::{License, Machine, MachineKind};
+use crate::state::State;
+use redis::aio::ConnectionManager;
+use redis::Value;
+use serde_json::json;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// The activations of one license as Redis holds them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Snapshot {
+    pub version: u64,
+    /// `Expires`, for trial-activation keys (a new machine moves it); `None` otherwise.
+    pub expires: Option<i64>,
+    pub machines: Vec<Machine>,
+}
+
+impl Snapshot {
+    pub fn of(l: &License, version: u64) -> Snapshot {
+        Snapshot {
+            version,
+            expires: l.trial_activation.then_some(l.expires),
+            machines: l.machines.clone(),
+        }
+    }
+
+    /// Installs this snapshot in `l` if it is newer than what `l` holds (version fence).
+    pub fn install(&self, l: &mut License) -> bool {
+        if self.version <= l.shared_version {
+            return false;
+        }
+        l.machines.clone_from(&self.machines);
+        if let Some(e) = self.expires {
+            l.expires = e;
+        }
+        l.shared_version = self.version;
+        l.version += 1;
+        true
+    }
+
+    pub fn encode(&self) -> String {
+        let machines: Vec<serde_json::Value> = self
+            .machines
+            .iter()
+            .map(|m| {
+                json!([
+                    m.machine_code,
+                    m.kind.as_i64(),
+                    m.ip,
+                    &*m.proxy_ip,
+                    m.time,
+                    m.friendly_name,
+                    m.floating_expires
+                ])
+            })
+            .collect();
+        json!({"e": self.expires, "m": machines}).to_string()
+    }
+
+    pub fn decode(version: u64, text: &str) -> Option<Snapshot> {
+        let v: serde_json::Value = serde_json::from_str(text).ok()?;
+        let machines = v["m"]
+            .as_array()?
+            .iter()
+            .map(|m| {
+                Some(Machine {
+                    machine_code: m[0].as_str()?.to_owned(),
+                    kind: MachineKind::from_i64(m[1].as_i64()?),
+                    ip: m[2].as_str()?.to_owned(),
+                    proxy_ip: m[3].as_str()?.into(),
+                    time: m[4].as_i64()?,
+                    friendly_name: m[5].as_str()?.to_owned(),
+                    floating_expires: m[6].as_i64()?,
+                })
+            })
+            .collect::<Option<Vec<_>>>()?;
+        Some(Snapshot {
+            version,
+            expires: v["e"].as_i64(),
+            machines,
+        })
+    }
+}
+
+/// What a compare-and-set came to.
+#[derive(Debug)]
+pub enum Cas {
+    /// Committed as this version.
+    Done(u64),
+    /// Redis holds another version: this one.
+    Conflict(Snapshot),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DistError {
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("unexpected reply from redis: {0}")]
+    Reply(String),
+}
+
+/// Compare-and-set of one license's snapshot, append to its shard's stream, publish.
+/// KEYS: state hash, shard stream. ARGV: expected version, snapshot, global id, channel.
+const CAS_LUA: &str = r#"
+local v = tonumber(redis.call('HGET', KEYS[1], 'v') or '0')
+if v ~= tonumber(ARGV[1]) then
+  return {0, tostring(v), redis.call('HGET', KEYS[1], 's') or ''}
+end
+local nv = v + 1
+redis.call('HSET', KEYS[1], 'v', nv, 's', ARGV[2])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', '1000000', '*', 'g', ARGV[3], 'v', nv, 's', ARGV[2])
+redis.call('PUBLISH', ARGV[4], ARGV[3] .. ' ' .. nv)
+return {1, tostring(nv)}
+"#;
+
+/// The pub/sub channel of license changes.
+pub const CHANNEL: &str = "kg:licenses";
+/// The consumer group that carries the shard streams into the main store.
+pub const GROUP: &str = "kg-store";
+
+pub struct Dist {
+    conn: ConnectionManager,
+    shards: u64,
+    cas: redis::Script,
+}
+
+fn text(v: &Value) -> Option<String> {
+    match v {
+        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+        Value::SimpleString(s) => Some(s.clone()),
+        Value::Int(i) => Some(i.to_string()),
+        Value::VerbatimString { text, .. } => Some(text.clone()),
+        _ => None,
+    }
+}
+
+impl Dist {
+    /// Connects (RESP3, so pub/sub pushes arrive on the same connection) and subscribes to the
+    /// license channel; pushes go to `pushes`. The connection reconnects by itself.
+    pub async fn connect(
+        url: &str,
+        shards: u64,
+        pushes: tokio::sync::mpsc::UnboundedSender<redis::PushInfo>,
+    ) -> Result<Dist, DistError> {
+        let url = if url.contains("protocol=") {
+            url.to_owned()
+        } else if url.contains('?') {
+            format!("{url}&protocol=resp3")
+        } else {
+            format!("{url}/?protocol=resp3")
+        };
+        let client = redis::Client::open(url)?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_push_sender(pushes)
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_response_timeout(Some(Duration::from_secs(2)))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_millis(500));
+        let mut conn = ConnectionManager::new_with_config(client, config).await?;
+        conn.subscribe(CHANNEL).await?;
+        Ok(Dist {
+            conn,
+            shards: shards.max(1),
+            cas: redis::Script::new(CAS_LUA),
+        })
+    }
+
+    pub fn shards(&self) -> u64 {
+        self.shards
+    }
+
+    fn shard(&self, gid: i64) -> u64 {
+        gid.unsigned_abs() % self.shards
+    }
+
+    pub fn state_key(&self, gid: i64) -> String {
+        format!("kg:{{s{}}}:lic:{gid}", self.shard(gid))
+    }
+
+    pub fn stream_key(&self, shard: u64) -> String {
+        format!("kg:{{s{shard}}}:changes")
+    }
+
+    /// Commits `next` as the license's new snapshot if Redis still holds `expected`.
+    pub async fn cas(&self, gid: i64, expected: u64, next: &Snapshot) -> Result<Cas, DistError> {
+        let mut conn = self.conn.clone();
+        let reply: Value = self
+            .cas
+            .key(self.state_key(gid))
+            .key(self.stream_key(self.shard(gid)))
+            .arg(expected)
+            .arg(next.encode())
+            .arg(gid)
+            .arg(CHANNEL)
+            .invoke_async(&mut conn)
+            .await?;
+        let Value::Array(parts) = &reply else {
+            return Err(DistError::Reply(format!("{reply:?}")));
+        };
+        let field = |i: usize| parts.get(i).and_then(text);
+        let version: u64 = field(1)
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| DistError::Reply(format!("{reply:?}")))?;
+        match field(0).as_deref() {
+            Some("1") => Ok(Cas::Done(version)),
+            Some("0") => {
+                let snap = match field(2) {
+                    Some(s) if !s.is_empty() => Snapshot::decode(version, &s).ok_or_else(|| {
+                        DistError::Reply("a snapshot that does not decode".into())
+                    })?,
+                    // Nothing stored: version 0, no machines.
+                    _ => Snapshot {
+                        version,
+                        expires: None,
+                        machines: Vec::new(),
+                    },
+                };
+                Ok(Cas::Conflict(snap))
+            }
+            _ => Err(DistError::Reply(format!("{reply:?}"))),
+        }
+    }
+
+    /// The stored snapshots of these licenses (`None`: not in Redis yet), in one pipeline.
+    pub async fn fetch(&self, gids: &[i64]) -> Result<Vec<Option<Snapshot>>, DistError> {
+        let mut pipe = redis::pipe();
+        for g in gids {
+            pipe.cmd("HMGET").arg(self.state_key(*g)).arg("v").arg("s");
+        }
+        let mut conn = self.conn.clone();
+        let replies: Vec<Value> = pipe.query_async(&mut conn).await?;
+        Ok(replies
+            .iter()
+            .map(|r| {
+                let Value::Array(p) = r else { return None };
+                let version: u64 = text(p.first()?)?.parse().ok()?;
+                Snapshot::decode(version, &text(p.get(1)?)?)
+            })
+            .collect())
+    }
+
+    /// Creates the consumer group on every shard stream (from the start, so nothing written
+    /// before this node came up is missed); an existing group is fine.
+    pub async fn ensure_groups(&self) -> Result<(), DistError> {
+        let mut conn = self.conn.clone();
+        for shard in 0..self.shards {
+            let r: Result<Value, _> = redis::cmd("XGROUP")
+                .arg("CREATE")
+                .arg(self.stream_key(shard))
+                .arg(GROUP)
+                .arg("0")
+                .arg("MKSTREAM")
+                .query_async(&mut conn)
+                .await;
+            match r {
+                Ok(_) => {}
+                Err(e) if e.to_string().contains("BUSYGROUP") => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Up to `count` entries of a shard for `consumer`: its own pending ones when `pending`,
+    /// else new ones. Each is (entry id, global id and snapshot); the second is `None` for an
+    /// entry that cannot be used (trimmed or damaged), which is still to be acknowledged.
+    pub async fn read(
+        &self,
+        shard: u64,
+        consumer: &str,
+        pending: bool,
+        count: usize,
+    ) -> Result<Vec<Entry>, DistError> {
+        let mut conn = self.conn.clone();
+        let reply: Value = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg(GROUP)
+            .arg(consumer)
+            .arg("COUNT")
+            .arg(count)
+            .arg("STREAMS")
+            .arg(self.stream_key(shard))
+            .arg(if pending { "0" } else { ">" })
+            .query_async(&mut conn)
+            .await?;
+        // RESP3: {stream: [[id, [field, value, ...]], ...]}; RESP2: [[stream, [...]]].
+        let streams: Vec<Value> = match reply {
+            Value::Nil => return Ok(Vec::new()),
+            Value::Map(m) => m.into_iter().map(|(_, v)| v).collect(),
+            Value::Array(a) => a
+                .into_iter()
+                .filter_map(|s| match s {
+                    Value::Array(mut kv) if kv.len() == 2 => kv.pop(),
+                    _ => None,
+                })
+                .collect(),
+            other => return Err(DistError::Reply(format!("{other:?}"))),
+        };
+        let mut out = Vec::new();
+        for entries in streams {
+            let Value::Array(entries) = entries else {
+                continue;
+            };
+            for e in entries {
+                let Value::Array(e) = e else { continue };
+                let Some(id) = e.first().and_then(text) else {
+                    continue;
+                };
+                let Some(Value::Array(fields)) = e.get(1) else {
+                    out.push((id, None));
+                    continue;
+                };
+                let mut g = None;
+                let mut v = None;
+                let mut s = None;
+                for pair in fields.chunks(2) {
+                    match (
+                        pair.first().and_then(text).as_deref(),
+                        pair.get(1).and_then(text),
+                    ) {
+                        (Some("g"), val) => g = val.and_then(|x| x.parse::<i64>().ok()),
+                        (Some("v"), val) => v = val.and_then(|x| x.parse::<u64>().ok()),
+                        (Some("s"), val) => s = val,
+                        _ => {}
+                    }
+                }
+                let decoded = match (g, v, s) {
+                    (Some(g), Some(v), Some(s)) => Snapshot::decode(v, &s).map(|snap| (g, snap)),
+                    _ => None,
+                };
+                if decoded.is_none() {
+                    tracing::error!(entry = %id, "an unusable stream entry; skipped");
+                }
+                out.push((id, decoded));
+            }
+        }
+        Ok(out)
+    }
+
+    pub async fn ack(&self, shard: u64, ids: &[String]) -> Result<(), DistError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut conn = self.conn.clone();
+        let _: Value = redis::cmd("XACK")
+            .arg(self.stream_key(shard))
+            .arg(GROUP)
+            .arg(ids)
+            .query_async(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    /// Takes over entries another consumer read but did not acknowledge for `idle`.
+    pub async fn claim_stale(
+        &self,
+        shard: u64,
+        consumer: &str,
+        idle: Duration,
+    ) -> Result<(), DistError> {
+        let mut conn = self.conn.clone();
+        let _: Value = redis::cmd("XAUTOCLAIM")
+            .arg(self.stream_key(shard))
+            .arg(GROUP)
+            .arg(consumer)
+            .arg(idle.as_millis() as u64)
+            .arg("0-0")
+            .arg("COUNT")
+            .arg(500)
+            .arg("JUSTID")
+            .query_async(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    /// A cheap liveness probe (readiness, metrics).
+    pub async fn ping(&self) -> bool {
+        let mut conn = self.conn.clone();
+        redis::cmd("PING")
+            .query_async::<Value>(&mut conn)
+            .await
+            .is_ok()
+    }
+}
+
+/// One stream entry: its id, and the license change it carries if it could be read.
+pub type Entry = (String, Option<(i64, Snapshot)>);
+
+/// Brings every license this node holds up to what Redis holds (at start, and after a
+/// reconnect, when pub/sub messages may have been missed). Returns how many were newer.
+pub async fn sync_all(dist: &Dist, state: &State) -> Result<usize, DistError> {
+    let mut installed = 0;
+    for chunk in state.global_ids().chunks(1000) {
+        for (gid, snap) in chunk.iter().zip(dist.fetch(chunk).await?) {
+            if let Some(snap) = snap {
+                installed += usize::from(state.install_shared(*gid, &snap));
+            }
+        }
+    }
+    crate::metrics::shared_applied("sync", installed);
+    Ok(installed)
+}
+
+/// Follows the license channel: a change made on another node is fetched and installed here
+/// (version fence: never an older one). After a reconnect, everything is synced again.
+pub async fn follow(
+    dist: Shared,
+    state: Arc<State>,
+    mut pushes: tokio::sync::mpsc::UnboundedReceiver<redis::PushInfo>,
+    stop: CancellationToken,
+) {
+    loop {
+        let push = tokio::select! {
+            _ = stop.cancelled() => return,
+            p = pushes.recv() => match p {
+                Some(p) => p,
+                None => return,
+            },
+        };
+        if push.kind == redis::PushKind::Disconnection {
+            crate::metrics::redis_up(false);
+            // Messages sent while disconnected are lost: resync once Redis answers again.
+            let (dist, state, stop) = (dist.clone(), state.clone(), stop.clone());
+            tokio::spawn(async move {
+                while !stop.is_cancelled() {
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                    if let Ok(n) = sync_all(&dist, &state).await {
+                        crate::metrics::redis_up(true);
+                        tracing::info!(licenses = n, "redis reachable again; resynced");
+                        return;
+                    }
+                }
+            });
+            continue;
+        }
+        let Some((gid, version)) = parse_push(&push) else {
+            continue;
+        };
+        let behind = state
+            .license_by_global(gid)
+            .is_some_and(|e| e.license.lock().shared_version < version);
+        if !behind {
+            continue;
+        }
+        match dist.fetch(&[gid]).await {
+            Ok(snaps) => {
+                if let Some(Some(snap)) = snaps.first() {
+                    if state.install_shared(gid, snap) {
+                        crate::metrics::shared_applied("pubsub", 1);
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, gid, "fetching a changed license failed"),
+        }
+    }
+}
+
+/// Carries the shard streams into the main store: reads entries (first its own unacknowledged
+/// ones, and every few seconds those other consumers left behind), writes each snapshot
+/// version-fenced, and acknowledges only after the commit.
+pub async fn store_changes(
+    dist: Shared,
+    store: Arc<parking_lot::Mutex<crate::store::Store>>,
+    consumer: String,
+    stop: CancellationToken,
+) {
+    let mut pending = true;
+    let mut claimed_at = std::time::Instant::now();
+    while !stop.is_cancelled() {
+        let mut any = false;
+        let mut reachable = true;
+        for shard in 0..dist.shards() {
+            let entries = match dist.read(shard, &consumer, pending, 256).await {
+                Ok(e) => e,
+                Err(e) => {
+                    tracing::debug!(error = %e, "reading a change stream failed");
+                    reachable = false;
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                    continue;
+                }
+            };
+            if entries.is_empty() {
+                continue;
+            }
+            any = true;
+            let ids: Vec<String> = entries.iter().map(|(id, _)| id.clone()).collect();
+            let store = store.clone();
+            let written = tokio::task::spawn_blocking(move || {
+                let mut s = store.lock();
+                s.reconnect_if_broken()?;
+                let mut n = 0;
+                for (_, change) in &entries {
+                    if let Some((gid, snap)) = change {
+                        n += usize::from(s.apply_shared_snapshot(
+                            *gid,
+                            snap.version,
+                            snap.expires,
+                            &snap.machines,
+                        )?);
+                    }
+                }
+                Ok::<_, crate::store::StoreError>(n)
+            })
+            .await;
+            match written {
+                Ok(Ok(n)) => {
+                    crate::metrics::shared_stored(n);
+                    if let Err(e) = dist.ack(shard, &ids).await {
+                        // Unacknowledged entries come back; writing them again is harmless.
+                        tracing::warn!(error = %e, "acknowledging stream entries failed");
+                    }
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "writing stream entries to the main store failed");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => tracing::error!(error = %e, "the store task failed"),
+            }
+        }
+        crate::metrics::redis_up(reachable);
+        if pending && !any {
+            pending = false;
+        }
+        if claimed_at.elapsed() > Duration::from_secs(5) {
+            claimed_at = std::time::Instant::now();
+            for shard in 0..dist.shards() {
+                if dist
+                    .claim_stale(shard, &consumer, Duration::from_secs(30))
+                    .await
+                    .is_ok()
+                {
+                    pending = true;
+                }
+            }
+        }
+        if !any {
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+            }
+        }
+    }
+}
+
+/// Parses a channel message `<global id> <version>`.
+pub fn parse_push(p: &redis::PushInfo) -> Option<(i64, u64)> {
+    if p.kind != redis::PushKind::Message {
+        return None;
+    }
+    let payload = text(p.data.get(1)?)?;
+    let (g, v) = payload.split_once(' ')?;
+    Some((g.parse().ok()?, v.parse().ok()?))
+}
+
+/// Shared handle.
+pub type Shared = Arc<Dist>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshots_round_trip_and_install_only_when_newer() {
+        let m = Machine {
+            machine_code: "m\"1".into(),
+            kind: MachineKind::Floating,
+            ip: "203.0.113.1".into(),
+            proxy_ip: "10.0.0.1".into(),
+            time: 5,
+            friendly_name: "pc".into(),
+            floating_expires: 9,
+        };
+        let s = Snapshot {
+            version: 3,
+            expires: Some(77),
+            machines: vec![m.clone()],
+        };
+        assert_eq!(Snapshot::decode(3, &s.encode()), Some(s.clone()));
+        let mut l = License {
+            product_id: 1,
+            id: 1,
+            global_id: 1,
+            key: "K".into(),
+            created: 0,
+            expires: 10,
+            period: 0,
+            features: Default::default(),
+            notes: None,
+            block: false,
+            customer: None,
+            trial_activation: true,
+            max_no_of_machines: 5,
+            version: 0,
+            shared_version: 0,
+            allowed_machines: String::new(),
+            data_objects: vec![],
+            machines: vec![],
+        };
+        l.shared_version = 3;
+        assert!(!s.install(&mut l), "same version: fenced");
+        let newer = Snapshot { version: 4, ..s };
+        assert!(newer.install(&mut l));
+        assert_eq!((l.machines.len(), l.expires, l.shared_version), (1, 77, 4));
+    }
+}

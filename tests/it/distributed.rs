@@ -1,0 +1,209 @@
+//! Distributed mode over real processes: three `keygate serve` nodes sharing one redis-server
+//! and one PostgreSQL main store.
+
+use super::helpers::{cli, license_text, use_postgres, Seed, Server, TempDir};
+use keygate::testkit::{TempPostgres, TempRedis};
+use keygate_loadtest::{form, Protocol};
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+fn activate(seed: &Seed, key: &str, machine: &str) -> String {
+    form(&[
+        ("token", &seed.token),
+        ("ProductId", &seed.product.to_string()),
+        ("Key", key),
+        ("MachineCode", machine),
+        ("SignMethod", "1"),
+    ])
+}
+
+/// The machine codes a node lists for the key (GetKey).
+async fn listed(server: &Server, seed: &Seed, key: &str) -> BTreeSet<String> {
+    let mut c = server.connect(Protocol::Http1).await;
+    let r = c
+        .post("/api/key/GetKey", &activate(seed, key, ""))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v: serde_json::Value = serde_json::from_str(&license_text(&r.text())).unwrap();
+    v["ActivatedMachines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["Mid"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+fn store_machines(url: &str, gid: i64) -> BTreeSet<String> {
+    let url = url.to_owned();
+    std::thread::spawn(move || {
+        let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+        c.query(
+            "SELECT machine_code FROM activations WHERE key_global_id = $1",
+            &[&gid],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+    })
+    .join()
+    .unwrap()
+}
+
+fn redis_machines(url: &str, gid: i64) -> BTreeSet<String> {
+    let url = url.to_owned();
+    std::thread::spawn(move || {
+        let mut c = redis::Client::open(url).unwrap().get_connection().unwrap();
+        let key = format!("kg:{{s{}}}:lic:{gid}", gid % 16);
+        let s: String = redis::cmd("HGET").arg(key).arg("s").query(&mut c).unwrap();
+        let snap = keygate::dist::Snapshot::decode(1, &s).expect("a snapshot");
+        snap.machines.into_iter().map(|m| m.machine_code).collect()
+    })
+    .join()
+    .unwrap()
+}
+
+async fn wait_until<F, Fut>(what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..250 {
+        if f().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("not within 5 s: {what}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_keep_a_limit_exact_in_redis_in_the_store_and_on_every_node() {
+    let pg = TempPostgres::start();
+    let redis = TempRedis::start();
+    let dirs = [
+        TempDir::new("dist-a"),
+        TempDir::new("dist-b"),
+        TempDir::new("dist-c"),
+    ];
+    for d in &dirs {
+        use_postgres(&d.0, &pg.url());
+    }
+    let seed = Seed::new(&dirs[0].0);
+    let key = seed.key(&dirs[0].0, &["--max-machines", "5"]);
+    let shown = cli(
+        &dirs[0].0,
+        &[
+            "key",
+            "show",
+            "--product",
+            &seed.product.to_string(),
+            "--key",
+            &key,
+        ],
+    );
+    let gid = shown["global_id"].as_i64().unwrap();
+    let url = redis.url();
+    let env = [
+        ("KEYGATE_REDIS__URL", url.as_str()),
+        ("KEYGATE_STORE__FLUSH_INTERVAL_MS", "50"),
+    ];
+    let nodes: Vec<Server> = dirs.iter().map(|d| Server::start(&d.0, &env)).collect();
+
+    // 600 distinct machines at once: 4 connections per node, 50 machines each.
+    let mut tasks = Vec::new();
+    for (n, node) in nodes.iter().enumerate() {
+        for c in 0..4 {
+            let mut conn = node.connect(Protocol::Http1).await;
+            let bodies: Vec<(String, String)> = (0..50)
+                .map(|i| {
+                    let m = format!("n{n}-c{c}-{i}");
+                    (m.clone(), activate(&seed, &key, &m))
+                })
+                .collect();
+            tasks.push(tokio::spawn(async move {
+                let mut accepted = Vec::new();
+                for (m, body) in bodies {
+                    let r = conn.post("/api/key/Activate", &body).await.unwrap();
+                    match r.status {
+                        200 => accepted.push(m),
+                        400 => assert!(r.text().contains("limit has been reached"), "{}", r.text()),
+                        s => panic!("{s}: {}", r.text()),
+                    }
+                }
+                accepted
+            }));
+        }
+    }
+    let mut accepted = BTreeSet::new();
+    for t in tasks {
+        accepted.extend(t.await.unwrap());
+    }
+    assert_eq!(
+        accepted.len(),
+        5,
+        "exactly the limit, over three nodes: {accepted:?}"
+    );
+    // The nodes did race each other: some compare-and-sets lost and were decided again.
+    let conflicts: f64 = nodes
+        .iter()
+        .map(|n| {
+            let (_, m) = n.admin_get("/metrics");
+            m.lines()
+                .find_map(|l| {
+                    l.strip_prefix("keygate_redis_cas_conflicts_total ")?
+                        .trim()
+                        .parse::<f64>()
+                        .ok()
+                })
+                .unwrap_or(0.0)
+        })
+        .sum();
+    println!("compare-and-set conflicts over the three nodes: {conflicts}");
+    assert_eq!(redis_machines(&url, gid), accepted, "redis");
+    let pg_url = pg.url();
+    wait_until("the main store holds the five", || async {
+        store_machines(&pg_url, gid) == accepted
+    })
+    .await;
+    for node in &nodes {
+        let want = accepted.clone();
+        wait_until("every node lists the five", || async {
+            listed(node, &seed, &key).await == want
+        })
+        .await;
+    }
+
+    // A seat freed on one node is taken on another; the limit still holds on the third.
+    let gone = accepted.iter().next().unwrap().clone();
+    let mut c = nodes[1].connect(Protocol::Http1).await;
+    let body = form(&[
+        ("token", &seed.token),
+        ("ProductId", &seed.product.to_string()),
+        ("Key", &key),
+        ("MachineCode", &gone),
+    ]);
+    let r = c.post("/api/key/Deactivate", &body).await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let mut c = nodes[2].connect(Protocol::Http1).await;
+    let r = c
+        .post("/api/key/Activate", &activate(&seed, &key, "late-1"))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let mut c = nodes[0].connect(Protocol::Http1).await;
+    let r = c
+        .post("/api/key/Activate", &activate(&seed, &key, "late-2"))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 400, "{}", r.text());
+    let mut want = accepted.clone();
+    want.remove(&gone);
+    want.insert("late-1".into());
+    assert_eq!(redis_machines(&url, gid), want);
+    wait_until("the store follows", || async {
+        store_machines(&pg_url, gid) == want
+    })
+    .await;
+}
