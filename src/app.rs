@@ -81,6 +81,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     // their changes and carry the change streams into the main store.
     let dist_stop = CancellationToken::new();
     let mut dist_tasks = Vec::new();
+    let (poke_tx, poke_rx) = crossbeam_channel::bounded(64);
     let dist = match &cfg.redis.url {
         None => None,
         Some(url) => {
@@ -113,6 +114,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
                 d.clone(),
                 state.clone(),
                 rx,
+                poke_tx,
                 dist_stop.clone(),
             )));
             dist_tasks.push(tokio::spawn(crate::dist::store_changes(
@@ -149,6 +151,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         sync_store,
         seq,
         Duration::from_millis(cfg.store.sync_interval_ms),
+        cfg.redis.url.is_some().then_some(poke_rx),
     );
     let s = &cfg.server;
     let ctx = Arc::new(Ctx {

@@ -135,6 +135,9 @@ return {1, tostring(nv)}
 
 /// The pub/sub channel of license changes.
 pub const CHANNEL: &str = "kg:licenses";
+/// The pub/sub channel on which the control plane announces a committed change (payload: the
+/// time it was sent, unix milliseconds); nodes then read the change feed at once.
+pub const CONTROL: &str = "kg:control";
 /// The consumer group that carries the shard streams into the main store.
 pub const GROUP: &str = "kg-store";
 
@@ -177,7 +180,7 @@ impl Dist {
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_millis(500));
         let mut conn = ConnectionManager::new_with_config(client, config).await?;
-        conn.subscribe(CHANNEL).await?;
+        conn.subscribe(&[CHANNEL, CONTROL]).await?;
         Ok(Dist {
             conn,
             shards: shards.max(1),
@@ -427,6 +430,7 @@ pub async fn follow(
     dist: Shared,
     state: Arc<State>,
     mut pushes: tokio::sync::mpsc::UnboundedReceiver<redis::PushInfo>,
+    control: crossbeam_channel::Sender<i64>,
     stop: CancellationToken,
 ) {
     loop {
@@ -451,6 +455,11 @@ pub async fn follow(
                     }
                 }
             });
+            continue;
+        }
+        if let Some(sent_ms) = parse_control(&push) {
+            // The change-feed poller reads at once instead of at its next interval.
+            let _ = control.try_send(sent_ms);
             continue;
         }
         let Some((gid, version)) = parse_push(&push) else {
@@ -564,12 +573,32 @@ pub async fn store_changes(
 
 /// Parses a channel message `<global id> <version>`.
 pub fn parse_push(p: &redis::PushInfo) -> Option<(i64, u64)> {
-    if p.kind != redis::PushKind::Message {
+    if p.kind != redis::PushKind::Message || text(p.data.first()?)? != CHANNEL {
         return None;
     }
     let payload = text(p.data.get(1)?)?;
     let (g, v) = payload.split_once(' ')?;
     Some((g.parse().ok()?, v.parse().ok()?))
+}
+
+/// Parses a control announcement: the time it was sent.
+pub fn parse_control(p: &redis::PushInfo) -> Option<i64> {
+    if p.kind != redis::PushKind::Message || text(p.data.first()?)? != CONTROL {
+        return None;
+    }
+    text(p.data.get(1)?)?.parse().ok()
+}
+
+/// The control plane (the CLI) announces a committed change. Best effort: nodes that miss it
+/// still read the change feed within `store.sync_interval_ms`.
+pub fn announce_control_change(url: &str) -> Result<(), DistError> {
+    let client = redis::Client::open(url)?;
+    let mut conn = client.get_connection_with_timeout(Duration::from_secs(2))?;
+    redis::cmd("PUBLISH")
+        .arg(CONTROL)
+        .arg(crate::http::unix_now_ms())
+        .query::<i64>(&mut conn)?;
+    Ok(())
 }
 
 /// Shared handle.

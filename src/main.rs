@@ -350,6 +350,12 @@ fn main() -> ExitCode {
         }
         cmd => match control_command(&cfg, cmd) {
             Ok(v) => {
+                // Distributed mode: nodes apply the change now, not at their next poll.
+                if let Some(url) = &cfg.redis.url {
+                    if let Err(e) = keygate::dist::announce_control_change(url) {
+                        tracing::warn!(error = %e, "could not announce the change through redis; nodes pick it up at their next poll");
+                    }
+                }
                 print_value(&v, cli.json);
                 ExitCode::SUCCESS
             }

@@ -39,6 +39,7 @@ pub const SHARED_UNAVAILABLE_TOTAL: &str = "keygate_redis_unavailable_total";
 pub const SHARED_APPLIED_TOTAL: &str = "keygate_redis_snapshots_applied_total";
 pub const SHARED_STORED_TOTAL: &str = "keygate_redis_stream_entries_stored_total";
 pub const REDIS_UP: &str = "keygate_redis_up";
+pub const CONTROL_PROPAGATION_SECONDS: &str = "keygate_control_propagation_seconds";
 
 /// Histogram buckets in seconds: 50 µs (a cached answer) up to 10 s (a stalled store).
 const BUCKETS: [f64; 16] = [
@@ -145,6 +146,12 @@ pub fn shared_applied(source: &'static str, n: usize) {
 /// Distributed mode: stream entries written to the main store by this node.
 pub fn shared_stored(n: usize) {
     metrics::counter!(SHARED_STORED_TOTAL).increment(n as u64);
+}
+
+/// Distributed mode: from a control-plane change's announcement (the CLI, through Redis) to
+/// this node having applied it.
+pub fn control_propagation(d: Duration) {
+    metrics::histogram!(CONTROL_PROPAGATION_SECONDS).record(d.as_secs_f64());
 }
 
 pub fn redis_up(up: bool) {

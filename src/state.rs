@@ -243,12 +243,21 @@ pub struct Sync {
 }
 
 impl Sync {
-    pub fn spawn(state: Arc<State>, mut store: Store, mut seq: i64, interval: Duration) -> Sync {
+    /// `poke` wakes the poller before its interval is up (distributed mode: a control-plane
+    /// change was announced through Redis, with the time it was sent, in unix milliseconds).
+    pub fn spawn(
+        state: Arc<State>,
+        mut store: Store,
+        mut seq: i64,
+        interval: Duration,
+        poke: Option<crossbeam_channel::Receiver<i64>>,
+    ) -> Sync {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let thread = std::thread::Builder::new()
             .name("keygate-sync".into())
             .spawn(move || {
+                let mut announced: Option<i64> = None;
                 while !flag.load(Ordering::Relaxed) {
                     match store.changes_since(seq, 1000) {
                         Ok(changes) => {
@@ -261,6 +270,10 @@ impl Sync {
                                 seq = c.seq;
                             }
                             crate::metrics::sync_polled(changes.len() - failed, failed, state.license_count());
+                            if let (Some(sent), false) = (announced.take(), changes.is_empty()) {
+                                let ms = (crate::http::unix_now_ms() - sent).max(0);
+                                crate::metrics::control_propagation(Duration::from_millis(ms as u64));
+                            }
                             if changes.len() == 1000 {
                                 continue;
                             }
@@ -273,7 +286,15 @@ impl Sync {
                             }
                         }
                     }
-                    std::thread::sleep(interval);
+                    match &poke {
+                        Some(p) => {
+                            if let Ok(sent) = p.recv_timeout(interval) {
+                                while p.try_recv().is_ok() {}
+                                announced = Some(sent);
+                            }
+                        }
+                        None => std::thread::sleep(interval),
+                    }
                 }
             })
             .expect("spawning the sync thread");

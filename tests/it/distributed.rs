@@ -207,3 +207,125 @@ async fn three_nodes_keep_a_limit_exact_in_redis_in_the_store_and_on_every_node(
     })
     .await;
 }
+
+/// Appends TOML to a data directory's configuration.
+fn add_config(dir: &std::path::Path, text: &str) {
+    let path = dir.join("keygate.toml");
+    let mut s = std::fs::read_to_string(&path).unwrap_or_default();
+    s.push_str(text);
+    std::fs::write(path, s).unwrap();
+}
+
+async fn activate_status(node: &Server, seed: &Seed, key: &str, machine: &str) -> (u16, String) {
+    let mut c = node.connect(Protocol::Http1).await;
+    let r = c
+        .post("/api/key/Activate", &activate(seed, key, machine))
+        .await
+        .unwrap();
+    (r.status, r.text())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_block_reaches_every_node_at_once_and_losing_redis_degrades_then_recovers() {
+    let pg = TempPostgres::start();
+    let mut redis = TempRedis::start();
+    let dirs = [
+        TempDir::new("dist2-a"),
+        TempDir::new("dist2-b"),
+        TempDir::new("dist2-c"),
+    ];
+    for d in &dirs {
+        use_postgres(&d.0, &pg.url());
+        add_config(&d.0, &format!("\n[redis]\nurl = \"{}\"\n", redis.url()));
+    }
+    let seed = Seed::new(&dirs[0].0);
+    let key = seed.key(&dirs[0].0, &["--max-machines", "10"]);
+    // Polling alone would take up to a second: what arrives sooner came through Redis.
+    let env = [("KEYGATE_STORE__SYNC_INTERVAL_MS", "1000")];
+    let nodes: Vec<Server> = dirs.iter().map(|d| Server::start(&d.0, &env)).collect();
+    assert_eq!(
+        activate_status(&nodes[0], &seed, &key, "known-1").await.0,
+        200
+    );
+
+    // Block and unblock through the CLI, ten times each; time until every node answers so.
+    let product = seed.product.to_string();
+    let mut samples = Vec::new();
+    for round in 0..20 {
+        let block = round % 2 == 0;
+        cli(
+            &dirs[0].0,
+            &[
+                "key",
+                if block { "block" } else { "unblock" },
+                "--product",
+                &product,
+                "--key",
+                &key,
+            ],
+        );
+        let started = std::time::Instant::now();
+        let mut slowest = Duration::ZERO;
+        for node in &nodes {
+            loop {
+                let (status, body) = activate_status(node, &seed, &key, "known-1").await;
+                if (status == 200) != block {
+                    assert!(!block || body.contains("blocked"), "{body}");
+                    break;
+                }
+                assert!(
+                    started.elapsed() < Duration::from_secs(5),
+                    "round {round} never arrived"
+                );
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            slowest = slowest.max(started.elapsed());
+        }
+        samples.push(slowest);
+    }
+    samples.sort();
+    let (p50, max) = (samples[samples.len() / 2], samples[samples.len() - 1]);
+    println!("block/unblock reached all three nodes: p50 {p50:?}, max (p99 of 20) {max:?}");
+    assert!(p50 < Duration::from_millis(100), "p50 {p50:?}");
+    assert!(
+        max < Duration::from_millis(500),
+        "max {max:?}: slower than pub/sub should be"
+    );
+    let (_, m) = nodes[2].admin_get("/metrics");
+    assert!(
+        m.contains("keygate_control_propagation_seconds_count"),
+        "the propagation metric"
+    );
+
+    // Redis goes away: known machines and GetKey are still served, changes are refused.
+    redis.kill_server();
+    let (s, _) = activate_status(&nodes[1], &seed, &key, "known-1").await;
+    assert_eq!(s, 200, "a known machine is answered from memory");
+    let (s, body) = activate_status(&nodes[1], &seed, &key, "new-during-outage").await;
+    assert_eq!(s, 503, "{body}");
+    assert!(body.contains("cannot record activations"), "{body}");
+    let mut c = nodes[2].connect(Protocol::Http1).await;
+    let r = c
+        .post("/api/key/GetKey", &activate(&seed, &key, ""))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+
+    // Back (with its data): the nodes reconnect by themselves.
+    redis.start_server();
+    wait_until("a new activation works again", || async {
+        activate_status(&nodes[2], &seed, &key, "after-outage")
+            .await
+            .0
+            == 200
+    })
+    .await;
+    let want: BTreeSet<String> = ["known-1", "after-outage"].map(String::from).into();
+    for node in &nodes {
+        let want = want.clone();
+        wait_until("every node agrees after the outage", || async {
+            listed(node, &seed, &key).await == want
+        })
+        .await;
+    }
+}
