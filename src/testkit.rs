@@ -207,10 +207,16 @@ pub struct TempRedis {
     dir: PathBuf,
     port: u16,
     child: Option<std::process::Child>,
+    args: Vec<String>,
 }
 
 impl TempRedis {
     pub fn start() -> TempRedis {
+        Self::start_with(&[])
+    }
+
+    /// With extra `redis-server` arguments (`--aclfile <path>`, ...).
+    pub fn start_with(args: &[&str]) -> TempRedis {
         static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("keygate-redis-{}-{n}", std::process::id()));
@@ -220,6 +226,7 @@ impl TempRedis {
             dir,
             port: free_port(),
             child: None,
+            args: args.iter().map(|a| a.to_string()).collect(),
         };
         r.start_server();
         r
@@ -239,6 +246,7 @@ impl TempRedis {
             ])
             .arg("--dir")
             .arg(&self.dir)
+            .args(&self.args)
             .stdout(std::process::Stdio::null())
             .spawn()
             .expect("redis-server not found: apt-get install -y redis-server");

@@ -329,3 +329,92 @@ async fn a_block_reaches_every_node_at_once_and_losing_redis_degrades_then_recov
         .await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_work_as_the_least_privilege_redis_user_which_is_refused_the_rest() {
+    let pg = TempPostgres::start();
+    let acl_dir = TempDir::new("acl");
+    let acl = acl_dir.0.join("users.acl");
+    let shipped = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/redis/users.acl"),
+    )
+    .unwrap();
+    std::fs::write(&acl, shipped.replace(">change-me", ">s3cret-edge")).unwrap();
+    let redis = TempRedis::start_with(&["--aclfile", acl.to_str().unwrap()]);
+    let url = format!(
+        "redis://keygate-edge:s3cret-edge@127.0.0.1:{}/",
+        redis.port()
+    );
+    let dirs = [TempDir::new("acl-a"), TempDir::new("acl-b")];
+    for d in &dirs {
+        use_postgres(&d.0, &pg.url());
+        add_config(&d.0, &format!("\n[redis]\nurl = \"{url}\"\n"));
+    }
+    let seed = Seed::new(&dirs[0].0);
+    let key = seed.key(&dirs[0].0, &["--max-machines", "2"]);
+    let nodes: Vec<Server> = dirs.iter().map(|d| Server::start(&d.0, &[])).collect();
+    assert_eq!(activate_status(&nodes[0], &seed, &key, "a").await.0, 200);
+    assert_eq!(activate_status(&nodes[1], &seed, &key, "b").await.0, 200);
+    let (s, body) = activate_status(&nodes[0], &seed, &key, "c").await;
+    assert_eq!(s, 400, "the limit holds across nodes as this user: {body}");
+    let want: BTreeSet<String> = ["a", "b"].map(String::from).into();
+    for node in &nodes {
+        let want = want.clone();
+        wait_until("both nodes list a and b", || async {
+            listed(node, &seed, &key).await == want
+        })
+        .await;
+    }
+    // The CLI announces as the same user.
+    cli(
+        &dirs[0].0,
+        &[
+            "key",
+            "block",
+            "--product",
+            &seed.product.to_string(),
+            "--key",
+            &key,
+        ],
+    );
+    wait_until("the block reached node b", || async {
+        activate_status(&nodes[1], &seed, &key, "a")
+            .await
+            .1
+            .contains("blocked")
+    })
+    .await;
+
+    let refused = std::thread::spawn(move || {
+        let mut c = redis::Client::open(url).unwrap().get_connection().unwrap();
+        let mut out = Vec::new();
+        for args in [
+            vec!["FLUSHALL"],
+            vec!["CONFIG", "GET", "*"],
+            vec!["KEYS", "*"],
+            vec!["GET", "kg:x"],
+            vec!["DEL", "kg:{s0}:changes"],
+            vec!["HSET", "other:key", "f", "v"],
+            vec!["ACL", "LIST"],
+        ] {
+            let mut cmd = redis::cmd(args[0]);
+            for a in &args[1..] {
+                cmd.arg(*a);
+            }
+            out.push((
+                args.join(" "),
+                cmd.query::<redis::Value>(&mut c).map_err(|e| e.to_string()),
+            ));
+        }
+        out
+    })
+    .join()
+    .unwrap();
+    for (cmd, r) in refused {
+        let e = r.expect_err(&cmd);
+        assert!(
+            e.contains("NOPERM") || e.contains("permission"),
+            "{cmd}: {e}"
+        );
+    }
+}
