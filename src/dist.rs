@@ -119,6 +119,15 @@ pub enum DistError {
     Reply(String),
 }
 
+/// Writes a snapshot from the main store unless Redis holds this version or a newer one.
+/// KEYS: state hash. ARGV: version, snapshot. Returns 1 when written.
+const RESTORE_LUA: &str = r#"
+local v = tonumber(redis.call('HGET', KEYS[1], 'v') or '0')
+if v >= tonumber(ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[1], 'v', ARGV[1], 's', ARGV[2])
+return 1
+"#;
+
 /// Compare-and-set of one license's snapshot, append to its shard's stream, publish.
 /// KEYS: state hash, shard stream. ARGV: expected version, snapshot, global id, channel.
 const CAS_LUA: &str = r#"
@@ -394,6 +403,25 @@ impl Dist {
             .query_async(&mut conn)
             .await?;
         Ok(())
+    }
+
+    /// `keygate sync`: puts the main store's activations into Redis for every license that
+    /// Redis does not hold at that version or newer (after Redis lost data, or to start
+    /// distributed mode on an existing store). Returns how many were written.
+    pub async fn restore(&self, snaps: &[(i64, Snapshot)]) -> Result<usize, DistError> {
+        let script = redis::Script::new(RESTORE_LUA);
+        let mut written = 0;
+        let mut conn = self.conn.clone();
+        for (gid, snap) in snaps {
+            let n: i64 = script
+                .key(self.state_key(*gid))
+                .arg(snap.version.max(1))
+                .arg(snap.encode())
+                .invoke_async(&mut conn)
+                .await?;
+            written += n as usize;
+        }
+        Ok(written)
     }
 
     /// A cheap liveness probe (readiness, metrics).

@@ -43,6 +43,9 @@ enum Cmd {
     /// Apply pending schema migrations to the main store and print its schema version
     /// (`serve` and every command also do this on their own).
     Migrate,
+    /// Distributed mode: rebuild Redis from the main store (licenses Redis lost, or holds at
+    /// an older version). Needs `redis.url`.
+    Sync,
     /// Tenants: vendors, each with its own RSA-2048 signing key.
     #[command(subcommand)]
     Tenant(TenantCmd),
@@ -367,6 +370,40 @@ fn main() -> ExitCode {
     }
 }
 
+/// `keygate sync`: the main store's activations into Redis.
+fn sync_redis(cfg: &Config, store: &mut Store) -> Result<Value, control::ControlError> {
+    let invalid = |e: String| control::ControlError::Invalid(e);
+    let url = cfg
+        .redis
+        .url
+        .clone()
+        .ok_or_else(|| invalid("keygate sync needs redis.url".into()))?;
+    let versions = store.shared_versions()?;
+    let snaps: Vec<(i64, keygate::dist::Snapshot)> = store
+        .keys(None)?
+        .into_iter()
+        .map(|k| {
+            let v = versions.get(&k.license.global_id).copied().unwrap_or(0);
+            (
+                k.license.global_id,
+                keygate::dist::Snapshot::of(&k.license, v),
+            )
+        })
+        .collect();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| invalid(e.to_string()))?;
+    let written = rt
+        .block_on(async {
+            let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+            let d = keygate::dist::Dist::connect(&url, cfg.redis.shards, tx).await?;
+            d.restore(&snaps).await
+        })
+        .map_err(|e| invalid(e.to_string()))?;
+    Ok(serde_json::json!({"licenses": snaps.len(), "written": written}))
+}
+
 fn control_command(cfg: &Config, cmd: Cmd) -> Result<Value, control::ControlError> {
     let mut store = Store::connect(&cfg.store_location())?;
     store.set_keyring(
@@ -381,6 +418,7 @@ fn control_command(cfg: &Config, cmd: Cmd) -> Result<Value, control::ControlErro
     let s = &mut store;
     match cmd {
         Cmd::Serve { .. } | Cmd::CheckConfig => unreachable!("handled in main"),
+        Cmd::Sync => sync_redis(cfg, s),
         Cmd::Migrate => Ok(serde_json::json!({
             "store": cfg.store_location().describe(),
             "schema_version": s.schema_version()?,

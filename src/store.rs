@@ -1631,6 +1631,15 @@ impl Store {
         })
     }
 
+    /// Every key's `shared_version` (distributed mode), by global id.
+    pub fn shared_versions(&mut self) -> Result<std::collections::HashMap<i64, u64>> {
+        self.db
+            .query("SELECT global_id, shared_version FROM license_keys", &[])?
+            .iter()
+            .map(|r| Ok((r.i64(0)?, r.i64(1)? as u64)))
+            .collect()
+    }
+
     /// How far `node`'s activation log is committed (0: nothing yet).
     pub fn wal_progress(&mut self, node: i64) -> Result<u64> {
         Ok(self

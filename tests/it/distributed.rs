@@ -418,3 +418,54 @@ async fn nodes_work_as_the_least_privilege_redis_user_which_is_refused_the_rest(
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keygate_sync_rebuilds_a_lost_redis_from_the_main_store() {
+    let pg = TempPostgres::start();
+    let first = TempRedis::start();
+    let dir = TempDir::new("dist-sync");
+    use_postgres(&dir.0, &pg.url());
+    let seed = Seed::new(&dir.0);
+    let key = seed.key(&dir.0, &["--max-machines", "3"]);
+    let gid = cli(
+        &dir.0,
+        &[
+            "key",
+            "show",
+            "--product",
+            &seed.product.to_string(),
+            "--key",
+            &key,
+        ],
+    )["global_id"]
+        .as_i64()
+        .unwrap();
+    let mut node = Server::start(&dir.0, &[("KEYGATE_REDIS__URL", first.url().as_str())]);
+    for m in ["a", "b"] {
+        assert_eq!(activate_status(&node, &seed, &key, m).await.0, 200);
+    }
+    let pg_url = pg.url();
+    let two: BTreeSet<String> = ["a", "b"].map(String::from).into();
+    wait_until("the store has a and b", || async {
+        store_machines(&pg_url, gid) == two
+    })
+    .await;
+    node.stop();
+    drop(first);
+
+    // A new, empty Redis: rebuilt from the store, then the limit still counts a and b.
+    let second = TempRedis::start();
+    add_config(&dir.0, &format!("\n[redis]\nurl = \"{}\"\n", second.url()));
+    let out = cli(&dir.0, &["sync"]);
+    assert_eq!(
+        (out["licenses"].as_i64(), out["written"].as_i64()),
+        (Some(1), Some(1)),
+        "{out}"
+    );
+    assert_eq!(cli(&dir.0, &["sync"])["written"], 0, "already there");
+    assert_eq!(redis_machines(&second.url(), gid), two);
+    let node = Server::start(&dir.0, &[]);
+    assert_eq!(activate_status(&node, &seed, &key, "c").await.0, 200);
+    let (s, body) = activate_status(&node, &seed, &key, "d").await;
+    assert_eq!(s, 400, "{body}");
+}
