@@ -27,6 +27,8 @@ pub struct Config {
 pub struct RedisCfg {
     /// `redis://[user:password@]host:port/` (or `rediss://`); unset: one node on its own.
     pub url: Option<String>,
+    /// `url` names one node of a Redis Cluster (the others are discovered).
+    pub cluster: bool,
     /// Streams the changes are spread over (and hash tags): more lets more nodes share the
     /// work of writing them to the main store. Every node must use the same number.
     pub shards: u64,
@@ -36,6 +38,7 @@ impl Default for RedisCfg {
     fn default() -> Self {
         RedisCfg {
             url: None,
+            cluster: false,
             shards: 16,
         }
     }

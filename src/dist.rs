@@ -151,9 +151,45 @@ pub const CONTROL: &str = "kg:control";
 pub const GROUP: &str = "kg-store";
 
 pub struct Dist {
-    conn: ConnectionManager,
+    conn: Conn,
     shards: u64,
     cas: redis::Script,
+}
+
+/// One Redis server (reconnecting manager) or a Redis Cluster (slot-routing connection). Both
+/// multiplex and reconnect by themselves; cheap to clone.
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
 }
 
 fn text(v: &Value) -> Option<String> {
@@ -169,27 +205,44 @@ fn text(v: &Value) -> Option<String> {
 impl Dist {
     /// Connects (RESP3, so pub/sub pushes arrive on the same connection) and subscribes to the
     /// license channel; pushes go to `pushes`. The connection reconnects by itself.
+    /// With `cluster`, `url` is any node of a Redis Cluster (the others are discovered).
     pub async fn connect(
         url: &str,
+        cluster: bool,
         shards: u64,
         pushes: tokio::sync::mpsc::UnboundedSender<redis::PushInfo>,
     ) -> Result<Dist, DistError> {
-        let url = if url.contains("protocol=") {
-            url.to_owned()
-        } else if url.contains('?') {
-            format!("{url}&protocol=resp3")
+        let conn = if cluster {
+            let mut c = redis::cluster::ClusterClient::builder(vec![url.to_owned()])
+                .use_protocol(redis::ProtocolVersion::RESP3)
+                .push_sender(pushes)
+                .connection_timeout(Duration::from_secs(2))
+                .response_timeout(Duration::from_secs(2))
+                .retries(2)
+                .build()?
+                .get_async_connection()
+                .await?;
+            c.subscribe(&[CHANNEL, CONTROL]).await?;
+            Conn::Cluster(c)
         } else {
-            format!("{url}/?protocol=resp3")
+            let url = if url.contains("protocol=") {
+                url.to_owned()
+            } else if url.contains('?') {
+                format!("{url}&protocol=resp3")
+            } else {
+                format!("{url}/?protocol=resp3")
+            };
+            let client = redis::Client::open(url)?;
+            let config = redis::aio::ConnectionManagerConfig::new()
+                .set_push_sender(pushes)
+                .set_connection_timeout(Some(Duration::from_secs(2)))
+                .set_response_timeout(Some(Duration::from_secs(2)))
+                .set_number_of_retries(2)
+                .set_max_delay(Duration::from_millis(500));
+            let mut c = ConnectionManager::new_with_config(client, config).await?;
+            c.subscribe(&[CHANNEL, CONTROL]).await?;
+            Conn::Single(c)
         };
-        let client = redis::Client::open(url)?;
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_push_sender(pushes)
-            .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_response_timeout(Some(Duration::from_secs(2)))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_millis(500));
-        let mut conn = ConnectionManager::new_with_config(client, config).await?;
-        conn.subscribe(&[CHANNEL, CONTROL]).await?;
         Ok(Dist {
             conn,
             shards: shards.max(1),
@@ -253,22 +306,33 @@ impl Dist {
         }
     }
 
-    /// The stored snapshots of these licenses (`None`: not in Redis yet), in one pipeline.
+    /// The stored snapshots of these licenses (`None`: not in Redis yet): one pipeline per
+    /// shard, whose keys share a hash tag and so a cluster slot.
     pub async fn fetch(&self, gids: &[i64]) -> Result<Vec<Option<Snapshot>>, DistError> {
-        let mut pipe = redis::pipe();
-        for g in gids {
-            pipe.cmd("HMGET").arg(self.state_key(*g)).arg("v").arg("s");
+        let mut out = vec![None; gids.len()];
+        let mut by_shard: std::collections::BTreeMap<u64, Vec<usize>> = Default::default();
+        for (i, g) in gids.iter().enumerate() {
+            by_shard.entry(self.shard(*g)).or_default().push(i);
         }
         let mut conn = self.conn.clone();
-        let replies: Vec<Value> = pipe.query_async(&mut conn).await?;
-        Ok(replies
-            .iter()
-            .map(|r| {
-                let Value::Array(p) = r else { return None };
-                let version: u64 = text(p.first()?)?.parse().ok()?;
-                Snapshot::decode(version, &text(p.get(1)?)?)
-            })
-            .collect())
+        for idx in by_shard.values() {
+            let mut pipe = redis::pipe();
+            for &i in idx {
+                pipe.cmd("HMGET")
+                    .arg(self.state_key(gids[i]))
+                    .arg("v")
+                    .arg("s");
+            }
+            let replies: Vec<Value> = pipe.query_async(&mut conn).await?;
+            for (&i, r) in idx.iter().zip(&replies) {
+                out[i] = (|| {
+                    let Value::Array(p) = r else { return None };
+                    let version: u64 = text(p.first()?)?.parse().ok()?;
+                    Snapshot::decode(version, &text(p.get(1)?)?)
+                })();
+            }
+        }
+        Ok(out)
     }
 
     /// Creates the consumer group on every shard stream (from the start, so nothing written

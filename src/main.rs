@@ -397,7 +397,8 @@ fn sync_redis(cfg: &Config, store: &mut Store) -> Result<Value, control::Control
     let written = rt
         .block_on(async {
             let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
-            let d = keygate::dist::Dist::connect(&url, cfg.redis.shards, tx).await?;
+            let d =
+                keygate::dist::Dist::connect(&url, cfg.redis.cluster, cfg.redis.shards, tx).await?;
             d.restore(&snaps).await
         })
         .map_err(|e| invalid(e.to_string()))?;

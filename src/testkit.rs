@@ -286,3 +286,78 @@ impl Drop for TempRedis {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// A three-master Redis Cluster on loopback (no replicas), built with `redis-cli --cluster
+/// create`; every node is killed on drop.
+pub struct TempRedisCluster {
+    nodes: Vec<TempRedis>,
+}
+
+impl TempRedisCluster {
+    pub fn start() -> TempRedisCluster {
+        // The cluster bus listens on port + 10000: both must be free.
+        let port = || loop {
+            let p = free_port();
+            if p < 55_000 && std::net::TcpListener::bind(("127.0.0.1", p + 10_000)).is_ok() {
+                return p;
+            }
+        };
+        let mut nodes = Vec::new();
+        for _ in 0..3 {
+            static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+            let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let dir =
+                std::env::temp_dir().join(format!("keygate-rcluster-{}-{n}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).expect("creating the redis directory");
+            let mut r = TempRedis {
+                dir,
+                port: port(),
+                child: None,
+                args: ["--cluster-enabled", "yes", "--cluster-node-timeout", "5000"]
+                    .map(String::from)
+                    .to_vec(),
+            };
+            r.start_server();
+            nodes.push(r);
+        }
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let out = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .expect("redis-cli not found: apt-get install -y redis-server");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        // Every node agrees that all slots are served.
+        for n in &nodes {
+            let ok = (0..200).any(|_| {
+                let info = Command::new("redis-cli")
+                    .args(["-p", &n.port.to_string(), "cluster", "info"])
+                    .output()
+                    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                    .unwrap_or_default();
+                if info.contains("cluster_state:ok") {
+                    return true;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                false
+            });
+            assert!(ok, "the redis cluster did not become ready");
+        }
+        TempRedisCluster { nodes }
+    }
+
+    /// A URL of one node (clients discover the rest).
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.nodes[0].port)
+    }
+}

@@ -52,11 +52,25 @@ fn store_machines(url: &str, gid: i64) -> BTreeSet<String> {
 }
 
 fn redis_machines(url: &str, gid: i64) -> BTreeSet<String> {
+    redis_machines_in(url, false, gid)
+}
+
+fn redis_machines_in(url: &str, cluster: bool, gid: i64) -> BTreeSet<String> {
     let url = url.to_owned();
     std::thread::spawn(move || {
-        let mut c = redis::Client::open(url).unwrap().get_connection().unwrap();
         let key = format!("kg:{{s{}}}:lic:{gid}", gid % 16);
-        let s: String = redis::cmd("HGET").arg(key).arg("s").query(&mut c).unwrap();
+        let mut get = redis::cmd("HGET");
+        get.arg(key).arg("s");
+        let s: String = if cluster {
+            let mut c = redis::cluster::ClusterClient::new(vec![url])
+                .unwrap()
+                .get_connection()
+                .unwrap();
+            get.query(&mut c).unwrap()
+        } else {
+            let mut c = redis::Client::open(url).unwrap().get_connection().unwrap();
+            get.query(&mut c).unwrap()
+        };
         let snap = keygate::dist::Snapshot::decode(1, &s).expect("a snapshot");
         snap.machines.into_iter().map(|m| m.machine_code).collect()
     })
@@ -80,8 +94,20 @@ where
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_keep_a_limit_exact_in_redis_in_the_store_and_on_every_node() {
-    let pg = TempPostgres::start();
     let redis = TempRedis::start();
+    exact_limit_over_three_nodes(&redis.url(), false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_on_a_three_node_redis_cluster() {
+    let cluster = keygate::testkit::TempRedisCluster::start();
+    exact_limit_over_three_nodes(&cluster.url(), true).await;
+}
+
+/// 1,200 distinct machines at once over three nodes on a limit of 5; then a seat freed on one
+/// node is taken on another while the third still refuses.
+async fn exact_limit_over_three_nodes(url: &str, cluster: bool) {
+    let pg = TempPostgres::start();
     let dirs = [
         TempDir::new("dist-a"),
         TempDir::new("dist-b"),
@@ -104,19 +130,23 @@ async fn three_nodes_keep_a_limit_exact_in_redis_in_the_store_and_on_every_node(
         ],
     );
     let gid = shown["global_id"].as_i64().unwrap();
-    let url = redis.url();
+    let url = url.to_owned();
     let env = [
         ("KEYGATE_REDIS__URL", url.as_str()),
+        (
+            "KEYGATE_REDIS__CLUSTER",
+            if cluster { "true" } else { "false" },
+        ),
         ("KEYGATE_STORE__FLUSH_INTERVAL_MS", "50"),
     ];
     let nodes: Vec<Server> = dirs.iter().map(|d| Server::start(&d.0, &env)).collect();
 
-    // 600 distinct machines at once: 4 connections per node, 50 machines each.
+    // 1,200 distinct machines at once: 4 connections per node, 100 machines each.
     let mut tasks = Vec::new();
     for (n, node) in nodes.iter().enumerate() {
         for c in 0..4 {
             let mut conn = node.connect(Protocol::Http1).await;
-            let bodies: Vec<(String, String)> = (0..50)
+            let bodies: Vec<(String, String)> = (0..100)
                 .map(|i| {
                     let m = format!("n{n}-c{c}-{i}");
                     (m.clone(), activate(&seed, &key, &m))
@@ -161,7 +191,7 @@ async fn three_nodes_keep_a_limit_exact_in_redis_in_the_store_and_on_every_node(
         })
         .sum();
     println!("compare-and-set conflicts over the three nodes: {conflicts}");
-    assert_eq!(redis_machines(&url, gid), accepted, "redis");
+    assert_eq!(redis_machines_in(&url, cluster, gid), accepted, "redis");
     let pg_url = pg.url();
     wait_until("the main store holds the five", || async {
         store_machines(&pg_url, gid) == accepted
@@ -201,7 +231,7 @@ async fn three_nodes_keep_a_limit_exact_in_redis_in_the_store_and_on_every_node(
     let mut want = accepted.clone();
     want.remove(&gone);
     want.insert("late-1".into());
-    assert_eq!(redis_machines(&url, gid), want);
+    assert_eq!(redis_machines_in(&url, cluster, gid), want);
     wait_until("the store follows", || async {
         store_machines(&pg_url, gid) == want
     })
