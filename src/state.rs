@@ -18,6 +18,9 @@ use std::time::Duration;
 pub struct LicenseEntry {
     pub tenant_id: i64,
     pub license: Mutex<License>,
+    /// Distributed mode: one compare-and-set in flight per license on this node, so the
+    /// node's own requests do not race each other in Redis (only other nodes do).
+    pub writer: tokio::sync::Mutex<()>,
 }
 
 #[derive(Default)]
@@ -117,6 +120,7 @@ impl State {
                 let entry = Arc::new(LicenseEntry {
                     tenant_id,
                     license: Mutex::new(license),
+                    writer: tokio::sync::Mutex::new(()),
                 });
                 self.keys_by_global.insert(gid, entry.clone());
                 v.insert(entry);

@@ -318,11 +318,13 @@ pub async fn activate(
     };
     let mask = scope.mask(r.options.fields_to_return);
     let mut attempt = 0u32;
+    let mut writer: Option<tokio::sync::MutexGuard<'_, ()>> = None;
     let (prepared, code, durable) = loop {
         attempt += 1;
         // Decide under the lock. On one node the change is applied at once; in distributed
-        // mode it is first committed in Redis (compare-and-set), after the lock is released.
-        let (code, change, next, expected) = {
+        // mode it is first committed in Redis (compare-and-set), after the lock is released,
+        // by the one writer of this license on this node.
+        let step = {
             let mut lic = entry.license.lock();
             let (code, change) = match domain::activate(&lic, &input) {
                 ActivateOutcome::Rejected(rj) => return Err(Failure::new(rj.into(), rj.code())),
@@ -342,9 +344,13 @@ pub async fn activate(
             }
             let writes = matches!(change, Change::Upsert(_) | Change::UpsertWithExpiry(..));
             if ctx.dist.is_some() && writes {
-                let mut next = lic.clone();
-                next.apply(&change, now);
-                (code, change, Snapshot::of(&next, 0), lic.shared_version)
+                if writer.is_none() {
+                    None
+                } else {
+                    let mut next = lic.clone();
+                    next.apply(&change, now);
+                    Some((code, change, Snapshot::of(&next, 0), lic.shared_version))
+                }
             } else {
                 lic.apply(&change, now);
                 // Forwarded under the lock, so the store sees one license's changes in order.
@@ -359,6 +365,12 @@ pub async fn activate(
                 break (prepared, code, durable);
             }
         };
+        let Some((code, change, next, expected)) = step else {
+            // Become this license's writer on this node, then decide again.
+            writer = Some(entry.writer.lock().await);
+            attempt = 0;
+            continue;
+        };
         let gid = next_gid(&entry);
         match commit_shared(ctx, &entry, gid, expected, next, attempt).await {
             Ok(Some(())) => {
@@ -370,13 +382,15 @@ pub async fn activate(
             Err(e) => return Err(fail(e)),
         }
     };
+    drop(writer);
     // Signing and the activation log's sync run at the same time; the answer waits for both.
     let (body, ()) = tokio::join!(respond(ctx, signer, prepared, mask, now), durable.wait());
     Ok((body.map_err(fail)?, code))
 }
 
-/// How often a change is decided again after losing a compare-and-set race in Redis.
-const MAX_SHARED_ATTEMPTS: u32 = 16;
+/// How often a change is decided again after losing a compare-and-set race in Redis (to
+/// other nodes: on one node, one writer per license at a time).
+const MAX_SHARED_ATTEMPTS: u32 = 64;
 
 fn next_gid(entry: &LicenseEntry) -> i64 {
     entry.license.lock().global_id
@@ -400,19 +414,30 @@ async fn commit_shared(
             Ok(Some(()))
         }
         Ok(Cas::Conflict(theirs)) => {
-            let mut lic = entry.license.lock();
-            if theirs.version < lic.shared_version {
-                // Redis lost this license (flushed or restored from an older copy): the next
-                // attempt writes this node's state back, on top of what Redis now holds.
-                lic.shared_version = theirs.version;
-            } else {
-                theirs.install(&mut lic);
+            tracing::debug!(
+                gid,
+                expected,
+                theirs = theirs.version,
+                attempt,
+                "compare-and-set conflict"
+            );
+            {
+                let mut lic = entry.license.lock();
+                if theirs.version < lic.shared_version {
+                    // Redis lost this license (flushed or restored from an older copy): the
+                    // next attempt writes this node's state back, on top of what Redis holds.
+                    lic.shared_version = theirs.version;
+                } else {
+                    theirs.install(&mut lic);
+                }
             }
             crate::metrics::shared_conflict();
             if attempt >= MAX_SHARED_ATTEMPTS {
                 tracing::error!(gid, "gave up after {attempt} compare-and-set conflicts");
                 return Err(ApiError::Internal);
             }
+            // No back-off: the conflict reply carries the winner's state, so the next attempt
+            // is as fresh as it can be, and waiting would only hand the race to the others.
             Ok(None)
         }
         Err(e) => {
@@ -522,6 +547,11 @@ pub async fn deactivate(ctx: &Ctx, r: DeactivateRequest, log: &mut LogCtx) -> Ou
         authorize(ctx, &r.token, Method::Deactivate, r.product_id, log).map_err(fail)?;
     let entry = authorize_key(ctx, &scope, r.product_id, &r.key, log).map_err(fail)?;
     let mut attempt = 0u32;
+    // Distributed mode: one writer of this license per node (see `LicenseEntry::writer`).
+    let _writer = match ctx.dist {
+        Some(_) => Some(entry.writer.lock().await),
+        None => None,
+    };
     let (code, durable) = loop {
         attempt += 1;
         let (code, next, expected) = {
