@@ -323,6 +323,23 @@ pub struct LogEntry {
     pub key: Option<String>,
 }
 
+/// What can carry an object lock.
+#[derive(Clone, Copy)]
+enum Lockable {
+    Product,
+    Token,
+}
+
+impl Lockable {
+    /// (table, entity name in messages and the audit log)
+    fn names(self) -> (&'static str, &'static str) {
+        match self {
+            Lockable::Product => ("products", "product"),
+            Lockable::Token => ("tokens", "token"),
+        }
+    }
+}
+
 /// A key as (product id, key string).
 pub type KeyRef = (i64, String);
 
@@ -754,22 +771,46 @@ impl Store {
 
     /// Locks or unlocks a product against deletion.
     pub fn set_product_lock(&mut self, id: i64, locked: bool) -> Result<()> {
+        self.set_object_lock(Lockable::Product, id, locked)
+    }
+
+    /// Locks or unlocks a token against deletion.
+    pub fn set_token_lock(&mut self, id: i64, locked: bool) -> Result<()> {
+        self.set_object_lock(Lockable::Token, id, locked)
+    }
+
+    fn set_object_lock(&mut self, what: Lockable, id: i64, locked: bool) -> Result<()> {
+        let (table, entity) = what.names();
         let actor = &self.actor;
         self.db.transaction(|db| {
             let n = db.exec(
-                "UPDATE products SET locked = ?1 WHERE id = ?2",
+                &format!("UPDATE {table} SET locked = ?1 WHERE id = ?2"),
                 vals![locked, id],
             )?;
             if n == 0 {
-                return Err(StoreError::NotFound(format!("product {id} not found")));
+                return Err(StoreError::NotFound(format!("{entity} {id} not found")));
             }
-            let action = if locked {
-                "product.lock"
-            } else {
-                "product.unlock"
-            };
-            Self::audit(db, actor, action, "product", id)
+            let action = format!("{entity}.{}", if locked { "lock" } else { "unlock" });
+            Self::audit(db, actor, &action, entity, id)
         })
+    }
+
+    /// The object-lock check before a deletion, in the caller's transaction.
+    fn ensure_unlocked(db: &mut Db, what: Lockable, id: i64) -> Result<()> {
+        let (table, entity) = what.names();
+        let locked = db
+            .query_opt(
+                &format!("SELECT locked FROM {table} WHERE id = ?1"),
+                vals![id],
+            )?
+            .ok_or_else(|| StoreError::NotFound(format!("{entity} {id} not found")))?
+            .i64(0)?;
+        if locked != 0 {
+            return Err(StoreError::Invalid(format!(
+                "{entity} {id} is locked; unlock it before deleting it"
+            )));
+        }
+        Ok(())
     }
 
     /// Deletes a product with its keys, their data objects and activations, unless it is
@@ -778,15 +819,7 @@ impl Store {
     pub fn delete_product(&mut self, id: i64) -> Result<usize> {
         let actor = &self.actor;
         self.db.transaction(|db| {
-            let locked = db
-                .query_opt("SELECT locked FROM products WHERE id = ?1", vals![id])?
-                .ok_or_else(|| StoreError::NotFound(format!("product {id} not found")))?
-                .i64(0)?;
-            if locked != 0 {
-                return Err(StoreError::Invalid(format!(
-                    "product {id} is locked; unlock it before deleting it"
-                )));
-            }
+            Self::ensure_unlocked(db, Lockable::Product, id)?;
             const KEYS: &str = "SELECT global_id FROM license_keys WHERE product_id = ?1";
             db.exec(
                 &format!("DELETE FROM activations WHERE key_global_id IN ({KEYS})"),
@@ -804,39 +837,11 @@ impl Store {
         })
     }
 
-    /// Locks or unlocks a token against deletion.
-    pub fn set_token_lock(&mut self, id: i64, locked: bool) -> Result<()> {
-        let actor = &self.actor;
-        self.db.transaction(|db| {
-            let n = db.exec(
-                "UPDATE tokens SET locked = ?1 WHERE id = ?2",
-                vals![locked, id],
-            )?;
-            if n == 0 {
-                return Err(StoreError::NotFound(format!("token {id} not found")));
-            }
-            let action = if locked { "token.lock" } else { "token.unlock" };
-            Self::audit(db, actor, action, "token", id)
-        })
-    }
-
     /// Deletes (revokes) a token unless it is locked; running nodes drop it on their next sync.
     pub fn delete_token(&mut self, id: i64) -> Result<()> {
         let actor = &self.actor;
         self.db.transaction(|db| {
-            let locked = db
-                .query_opt("SELECT locked FROM tokens WHERE id = ?1", vals![id])?
-                .map(|r| r.i64(0))
-                .transpose()?;
-            match locked {
-                None => return Err(StoreError::NotFound(format!("token {id} not found"))),
-                Some(1) => {
-                    return Err(StoreError::Invalid(format!(
-                        "token {id} is locked; unlock it before deleting it"
-                    )))
-                }
-                Some(_) => {}
-            }
+            Self::ensure_unlocked(db, Lockable::Token, id)?;
             db.exec("DELETE FROM tokens WHERE id = ?1", vals![id])?;
             Self::note_change(db, "token", id, None)?;
             Self::audit(db, actor, "token.delete", "token", id)
