@@ -71,6 +71,7 @@ fn fixture(cached: bool) -> Fixture {
             flush_interval: Duration::from_millis(200),
             log_queue_rows: 1 << 20,
             retention_days: None,
+            inactive_tenant_days: None,
         },
     );
     let ctx = Arc::new(Ctx {

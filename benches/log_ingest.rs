@@ -88,6 +88,7 @@ fn main() {
             flush_interval: Duration::from_millis(200),
             log_queue_rows: 100_000,
             retention_days: None,
+            inactive_tenant_days: None,
         },
     );
     let tx = writer.sender();

@@ -144,6 +144,8 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
             log_queue_rows: cfg.store.log_queue_rows,
             retention_days: (cfg.privacy.log_retention_days > 0)
                 .then_some(cfg.privacy.log_retention_days),
+            inactive_tenant_days: (cfg.privacy.inactive_tenant_days > 0)
+                .then_some(cfg.privacy.inactive_tenant_days),
         },
     );
     let sync = Sync::spawn(

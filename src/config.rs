@@ -103,6 +103,9 @@ pub struct PrivacyCfg {
     /// Key file for encryption at rest of personal fields (one `<id> <base64 32 bytes>` per
     /// line; the first encrypts, all decrypt). Unset: stored in clear.
     pub encryption_key_file: Option<PathBuf>,
+    /// A tenant with no request for this many days loses its request log and its
+    /// activations' client IPs (checked hourly); 0 turns the rule off.
+    pub inactive_tenant_days: u64,
 }
 
 impl Default for PrivacyCfg {
@@ -112,6 +115,7 @@ impl Default for PrivacyCfg {
             log_ipv6_prefix: 48,
             log_retention_days: 730,
             encryption_key_file: None,
+            inactive_tenant_days: 0,
         }
     }
 }

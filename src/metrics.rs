@@ -17,6 +17,8 @@ pub const TLS_RELOADS_TOTAL: &str = "keygate_tls_reloads_total";
 pub const RESPONSE_CACHE_TOTAL: &str = "keygate_response_cache_total";
 pub const RESPONSE_CACHE_EVICTIONS_TOTAL: &str = "keygate_response_cache_evictions_total";
 pub const RETENTION_ANONYMISED_TOTAL: &str = "keygate_retention_rows_anonymised_total";
+pub const INACTIVE_TENANTS_CLEANED_TOTAL: &str = "keygate_inactive_tenants_cleaned_total";
+pub const INACTIVE_TENANT_ROWS_TOTAL: &str = "keygate_inactive_tenant_rows_cleaned_total";
 pub const RATE_LIMITED_TOTAL: &str = "keygate_rate_limited_total";
 pub const SYNC_CHANGES_APPLIED_TOTAL: &str = "keygate_sync_changes_applied_total";
 pub const SYNC_FAILURES_TOTAL: &str = "keygate_sync_failures_total";
@@ -156,6 +158,12 @@ pub fn control_propagation(d: Duration) {
 
 pub fn redis_up(up: bool) {
     metrics::gauge!(REDIS_UP).set(if up { 1.0 } else { 0.0 });
+}
+
+/// The inactive-tenant rule: tenants cleaned, and log rows deleted plus IPs blanked.
+pub fn inactive_tenants_cleaned(tenants: usize, rows: usize) {
+    metrics::counter!(INACTIVE_TENANTS_CLEANED_TOTAL).increment(tenants as u64);
+    metrics::counter!(INACTIVE_TENANT_ROWS_TOTAL).increment(rows as u64);
 }
 
 pub fn licenses_loaded(n: usize) {

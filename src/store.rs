@@ -1042,6 +1042,51 @@ impl Store {
         })
     }
 
+    /// The inactive-tenant rule: a tenant older than `days` with no request in the last `days`
+    /// loses its whole request log and the client IPs of its activations (the licenses and
+    /// their machines stay, so its customers keep working). Nodes blank those IPs in memory
+    /// through the change feed. Returns (tenants cleaned, log rows deleted, IPs blanked); a
+    /// second run finds nothing.
+    pub fn clean_inactive_tenants(&mut self, days: u64, now: i64) -> Result<(usize, usize, usize)> {
+        let cutoff = now - days as i64 * 86_400;
+        let actor = &self.actor;
+        self.db.transaction(|db| {
+            let idle = ids(db.query(
+                "SELECT t.id FROM tenants t WHERE t.created < ?1 AND NOT EXISTS
+                   (SELECT 1 FROM request_log r WHERE r.tenant_id = t.id AND r.time >= ?1)",
+                vals![cutoff],
+            )?)?;
+            let mut totals = (0, 0, 0);
+            for tenant in idle {
+                const KEYS: &str = "SELECT k.global_id FROM license_keys k
+                     JOIN products p ON p.id = k.product_id WHERE p.tenant_id = ?1";
+                let rows = db.exec("DELETE FROM request_log WHERE tenant_id = ?1", vals![tenant])?;
+                let gids = ids(db.query(
+                    &format!(
+                        "SELECT DISTINCT key_global_id FROM activations
+                         WHERE ip != '' AND key_global_id IN ({KEYS})"
+                    ),
+                    vals![tenant],
+                )?)?;
+                let ips = db.exec(
+                    &format!(
+                        "UPDATE activations SET ip = '' WHERE ip != '' AND key_global_id IN ({KEYS})"
+                    ),
+                    vals![tenant],
+                )?;
+                if rows + ips == 0 {
+                    continue;
+                }
+                for gid in &gids {
+                    Self::note_change(db, "ip_erased", *gid, None)?;
+                }
+                Self::audit(db, actor, "tenant.inactive_cleanup", "tenant", tenant)?;
+                totals = (totals.0 + 1, totals.1 + rows, totals.2 + ips);
+            }
+            Ok(totals)
+        })
+    }
+
     /// Sets a tenant's own request-log retention (`None`: follow the node's default).
     pub fn set_tenant_retention(&mut self, tenant: i64, days: Option<u64>) -> Result<()> {
         let actor = &self.actor;
@@ -2150,6 +2195,85 @@ mod tests {
             assert_eq!(machines.len(), 1, "{machines:?}");
             assert_eq!(machines[0].ip, "192.0.2.3");
             assert_eq!(store.erase_machine("mc").unwrap().activations, 1);
+        });
+    }
+
+    #[test]
+    fn inactive_tenants_lose_their_log_and_activation_ips_once() {
+        on_both_engines("inactive", |store| {
+            const DAY: i64 = 86_400;
+            let now = 1000 * DAY;
+            let tenant = |store: &mut Store, name: &str, created: i64| {
+                let t = store.create_tenant(name, b"k", "<x/>", created).unwrap();
+                let p = store.create_product(t, "p", None, None, created).unwrap();
+                let (_, gid) = store
+                    .create_key(&NewKey {
+                        product_id: p,
+                        key: format!("K-{name}"),
+                        max_no_of_machines: 5,
+                        ..Default::default()
+                    })
+                    .unwrap();
+                (t, p, gid)
+            };
+            let (active, ap, ag) = tenant(store, "active", now - 500 * DAY);
+            let (idle, ip, ig) = tenant(store, "idle", now - 500 * DAY);
+            // Created yesterday, no requests yet: not inactive.
+            tenant(store, "fresh", now - DAY);
+            let row = |t: i64, p: i64, age: i64| LogRow {
+                tenant_id: Some(t),
+                product_id: Some(p),
+                key_id: Some(1),
+                client_ip: "203.0.113.0".into(),
+                proxy_ip: "10.0.0.1".into(),
+                time: now - age * DAY,
+                machine_code: "m".into(),
+                friendly_name: String::new(),
+                state: 2010,
+                floating_expires: 0,
+            };
+            let machine = |gid: i64| StoreEvent::MachineUpsert {
+                key_global_id: gid,
+                machine: Machine {
+                    machine_code: "m".into(),
+                    kind: MachineKind::NodeLocked,
+                    ip: "203.0.113.7".into(),
+                    proxy_ip: "10.0.0.1".into(),
+                    time: 1,
+                    friendly_name: String::new(),
+                    floating_expires: 0,
+                },
+            };
+            store
+                .write_batch(
+                    &[machine(ag), machine(ig)],
+                    &[row(active, ap, 1), row(active, ap, 100), row(idle, ip, 100)],
+                )
+                .unwrap();
+            assert_eq!(store.clean_inactive_tenants(30, now).unwrap(), (1, 1, 1));
+            assert_eq!(
+                store.clean_inactive_tenants(30, now).unwrap(),
+                (0, 0, 0),
+                "once"
+            );
+            let left: Vec<Option<i64>> = store
+                .log_rows(None, 10)
+                .unwrap()
+                .into_iter()
+                .map(|(_, r)| r.tenant_id)
+                .collect();
+            assert_eq!(left, [Some(active), Some(active)]);
+            assert_eq!(
+                store.key(ig).unwrap().license.machines[0].ip,
+                "",
+                "idle: IP blanked"
+            );
+            assert_eq!(store.key(ag).unwrap().license.machines[0].ip, "203.0.113.7");
+            assert!(store
+                .audit_rows(5)
+                .unwrap()
+                .iter()
+                .any(|a| a.action == "tenant.inactive_cleanup" && a.entity_id == idle));
         });
     }
 }

@@ -31,6 +31,8 @@ pub struct BatchPolicy {
     /// Days after which request-log rows lose their personal fields (checked hourly), unless
     /// their tenant sets its own; `None` keeps them.
     pub retention_days: Option<u64>,
+    /// The inactive-tenant rule (`Store::clean_inactive_tenants`); `None`: off.
+    pub inactive_tenant_days: Option<u64>,
 }
 
 /// How often the writer applies the retention rule.
@@ -469,7 +471,11 @@ fn run(
     loop {
         if Instant::now() >= retention_due {
             retention_due = Instant::now() + RETENTION_EVERY;
-            retention(&mut sink.store, policy.retention_days);
+            retention(
+                &mut sink.store,
+                policy.retention_days,
+                policy.inactive_tenant_days,
+            );
         }
         // Behind (a full batch already waiting): no pause, so the writer keeps up with
         // whatever rate the store can take.
@@ -538,8 +544,18 @@ fn run(
     }
 }
 
-fn retention(store: &mut Store, days: Option<u64>) {
+fn retention(store: &mut Store, days: Option<u64>, inactive_days: Option<u64>) {
     let now = crate::http::unix_now();
+    if let Some(d) = inactive_days {
+        match store.clean_inactive_tenants(d, now) {
+            Ok((0, _, _)) => {}
+            Ok((tenants, rows, ips)) => {
+                crate::metrics::inactive_tenants_cleaned(tenants, rows + ips);
+                tracing::info!(tenants, rows, ips, "inactive tenants cleaned up");
+            }
+            Err(e) => tracing::error!(error = %e, "the inactive-tenant rule failed"),
+        }
+    }
     match store.apply_retention(days, now) {
         Ok(n) => {
             crate::metrics::retention_anonymised(n);
