@@ -355,7 +355,7 @@ pub fn privacy_erase(store: &mut Store, machine_code: &str) -> Result<Value> {
     let e = store.erase_machine(machine_code)?;
     Ok(
         json!({"erased": {"activations": e.activations, "request_log_rows": e.log_rows,
-                         "trial_keys": e.trial_keys}}),
+                         "trial_keys": e.trial_keys, "keys": e.keys}}),
     )
 }
 
@@ -400,8 +400,8 @@ pub fn privacy_export_ip(store: &mut Store, ip: &str) -> Result<Value> {
 }
 
 pub fn privacy_erase_ip(store: &mut Store, ip: &str) -> Result<Value> {
-    let (activations, log_rows) = store.erase_ip(ip)?;
-    Ok(json!({"erased": {"activations": activations, "request_log_rows": log_rows}}))
+    let (activations, log_rows, keys) = store.erase_ip(ip)?;
+    Ok(json!({"erased": {"activations": activations, "request_log_rows": log_rows, "keys": keys}}))
 }
 
 pub fn set_tenant_retention(store: &mut Store, tenant: i64, days: Option<u64>) -> Result<Value> {

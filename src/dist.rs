@@ -488,6 +488,36 @@ impl Dist {
         Ok(written)
     }
 
+    /// Changes a license's snapshot in Redis with `edit` (which says whether it changed
+    /// anything), by compare-and-set, retrying on conflict: how the control plane's erasures
+    /// reach Redis. The nodes install the result like any other change. Returns whether
+    /// something changed.
+    pub async fn edit(
+        &self,
+        gid: i64,
+        edit: impl Fn(&mut Vec<Machine>) -> bool,
+    ) -> Result<bool, DistError> {
+        for _ in 0..64 {
+            let Some(Some(snap)) = self.fetch(&[gid]).await?.pop() else {
+                return Ok(false);
+            };
+            let mut machines = snap.machines.clone();
+            if !edit(&mut machines) {
+                return Ok(false);
+            }
+            let next = Snapshot {
+                machines,
+                ..snap.clone()
+            };
+            if let Cas::Done(_) = self.cas(gid, snap.version, &next).await? {
+                return Ok(true);
+            }
+        }
+        Err(DistError::Reply(format!(
+            "license {gid} kept changing; not edited"
+        )))
+    }
+
     /// A cheap liveness probe (readiness, metrics).
     pub async fn ping(&self) -> bool {
         let mut conn = self.conn.clone();

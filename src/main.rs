@@ -351,23 +351,89 @@ fn main() -> ExitCode {
             println!("{}", toml::to_string(&cfg).unwrap_or_default());
             ExitCode::SUCCESS
         }
-        cmd => match control_command(&cfg, cmd) {
-            Ok(v) => {
-                // Distributed mode: nodes apply the change now, not at their next poll.
-                if let Some(url) = &cfg.redis.url {
-                    if let Err(e) = keygate::dist::announce_control_change(url) {
-                        tracing::warn!(error = %e, "could not announce the change through redis; nodes pick it up at their next poll");
-                    }
+        cmd => {
+            let erasure = match &cmd {
+                Cmd::Privacy(PrivacyCmd::Erase(Subject {
+                    machine_code: Some(mc),
+                    ..
+                })) => Some(Erasure::Machine(mc.clone())),
+                Cmd::Privacy(PrivacyCmd::Erase(Subject { ip: Some(ip), .. })) => {
+                    Some(Erasure::Ip(ip.clone()))
                 }
-                print_value(&v, cli.json);
-                ExitCode::SUCCESS
+                _ => None,
+            };
+            match control_command(&cfg, cmd) {
+                Ok(v) => {
+                    // Distributed mode: an erasure also leaves Redis (and so every node's memory
+                    // and, through the streams, the store stay without it).
+                    if let (Some(url), Some(what)) = (&cfg.redis.url, &erasure) {
+                        if let Err(e) = erase_in_redis(&cfg, url, what, &v) {
+                            eprintln!(
+                                "keygate: erased in the main store, but not yet in redis: {e}"
+                            );
+                            return ExitCode::FAILURE;
+                        }
+                    }
+                    // Distributed mode: nodes apply the change now, not at their next poll.
+                    if let Some(url) = &cfg.redis.url {
+                        if let Err(e) = keygate::dist::announce_control_change(url) {
+                            tracing::warn!(error = %e, "could not announce the change through redis; nodes pick it up at their next poll");
+                        }
+                    }
+                    print_value(&v, cli.json);
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("keygate: {e}");
+                    ExitCode::FAILURE
+                }
             }
-            Err(e) => {
-                eprintln!("keygate: {e}");
-                ExitCode::FAILURE
-            }
-        },
+        }
     }
+}
+
+/// What a privacy erasure removes from activations, for the Redis copy.
+enum Erasure {
+    Machine(String),
+    Ip(String),
+}
+
+fn erase_in_redis(cfg: &Config, url: &str, what: &Erasure, out: &Value) -> Result<(), String> {
+    let keys: Vec<i64> = out["erased"]["keys"]
+        .as_array()
+        .map(|k| k.iter().filter_map(Value::as_i64).collect())
+        .unwrap_or_default();
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(async {
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        let d = keygate::dist::Dist::connect(url, cfg.redis.cluster, cfg.redis.shards, tx).await?;
+        for gid in keys {
+            d.edit(gid, |machines| match what {
+                Erasure::Machine(code) => {
+                    let before = machines.len();
+                    machines.retain(|m| &m.machine_code != code);
+                    machines.len() != before
+                }
+                Erasure::Ip(ip) => {
+                    let mut changed = false;
+                    for m in machines.iter_mut().filter(|m| &m.ip == ip) {
+                        m.ip.clear();
+                        changed = true;
+                    }
+                    changed
+                }
+            })
+            .await?;
+        }
+        Ok::<_, keygate::dist::DistError>(())
+    })
+    .map_err(|e| e.to_string())
 }
 
 /// `keygate sync`: the main store's activations into Redis.

@@ -344,11 +344,13 @@ impl Lockable {
 pub type KeyRef = (i64, String);
 
 /// What `erase_machine` removed or anonymised.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Erased {
     pub activations: usize,
     pub log_rows: usize,
     pub trial_keys: usize,
+    /// Global ids of the keys whose activations (or trial) named the machine.
+    pub keys: Vec<i64>,
 }
 
 /// The SHA-256 of a machine code, hex: how the change feed names an erased machine (machine
@@ -1244,7 +1246,7 @@ impl Store {
 
     /// Blanks `ip` in activations and in the request log (the activations stay), tells
     /// running nodes by digest, and audits it. Returns (activations, log rows) changed.
-    pub fn erase_ip(&mut self, ip: &str) -> Result<(usize, usize)> {
+    pub fn erase_ip(&mut self, ip: &str) -> Result<(usize, usize, Vec<i64>)> {
         let actor = &self.actor;
         let forms = self.seal.forms(ip);
         let n = forms.len();
@@ -1282,7 +1284,7 @@ impl Store {
                 "ip",
                 (activations + log_rows) as i64,
             )?;
-            Ok((activations, log_rows))
+            Ok((activations, log_rows, gids))
         })
     }
 
@@ -1322,6 +1324,7 @@ impl Store {
                     ),
                     &forms,
                 )?,
+                keys: gids.clone(),
             };
             let digest = personal_digest(machine_code);
             for gid in &gids {

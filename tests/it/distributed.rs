@@ -591,3 +591,93 @@ async fn keygate_sync_rebuilds_a_lost_redis_from_the_main_store() {
     let (s, body) = activate_status(&node, &seed, &key, "d").await;
     assert_eq!(s, 400, "{body}");
 }
+
+/// The IPs a node lists for the key's machines.
+async fn listed_ips(server: &Server, seed: &Seed, key: &str) -> BTreeSet<String> {
+    let mut c = server.connect(Protocol::Http1).await;
+    let r = c
+        .post("/api/key/GetKey", &activate(seed, key, ""))
+        .await
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&license_text(&r.text())).unwrap();
+    v["ActivatedMachines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["IP"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_erasure_leaves_redis_every_node_and_the_store_for_good() {
+    let pg = TempPostgres::start();
+    let redis = TempRedis::start();
+    let dirs = [TempDir::new("dist-erase-a"), TempDir::new("dist-erase-b")];
+    for d in &dirs {
+        use_postgres(&d.0, &pg.url());
+        add_config(&d.0, &format!("\n[redis]\nurl = \"{}\"\n", redis.url()));
+    }
+    let seed = Seed::new(&dirs[0].0);
+    let key = seed.key(&dirs[0].0, &["--max-machines", "5"]);
+    let gid = cli(
+        &dirs[0].0,
+        &[
+            "key",
+            "show",
+            "--product",
+            &seed.product.to_string(),
+            "--key",
+            &key,
+        ],
+    )["global_id"]
+        .as_i64()
+        .unwrap();
+    let mut nodes: Vec<Server> = dirs.iter().map(|d| Server::start(&d.0, &[])).collect();
+    assert_eq!(
+        activate_status(&nodes[0], &seed, &key, "victim").await.0,
+        200
+    );
+    assert_eq!(
+        activate_status(&nodes[1], &seed, &key, "keeper").await.0,
+        200
+    );
+
+    let out = cli(
+        &dirs[0].0,
+        &["privacy", "erase", "--machine-code", "victim"],
+    );
+    assert_eq!(out["erased"]["keys"], serde_json::json!([gid]), "{out}");
+    let keeper: BTreeSet<String> = ["keeper".to_owned()].into();
+    assert_eq!(
+        redis_machines(&redis.url(), gid),
+        keeper,
+        "gone from redis at once"
+    );
+    for node in &nodes {
+        let want = keeper.clone();
+        wait_until("gone from every node", || async {
+            listed(node, &seed, &key).await == want
+        })
+        .await;
+    }
+    let pg_url = pg.url();
+    wait_until("gone from the store", || async {
+        store_machines(&pg_url, gid) == keeper
+    })
+    .await;
+    // A node that starts afresh (state from the store, then Redis) does not bring it back.
+    nodes[0].stop();
+    nodes[0] = Server::start(&dirs[0].0, &[]);
+    assert_eq!(listed(&nodes[0], &seed, &key).await, keeper);
+
+    // An IP erasure blanks the address in Redis and on every node.
+    cli(&dirs[0].0, &["privacy", "erase", "--ip", "127.0.0.1"]);
+    let blank: BTreeSet<String> = [String::new()].into();
+    for node in &nodes {
+        let want = blank.clone();
+        wait_until("the IP is blank on every node", || async {
+            listed_ips(node, &seed, &key).await == want
+        })
+        .await;
+    }
+}
