@@ -18,7 +18,13 @@ out=$PWD/loadtest/results/$(date -u +%Y%m%dT%H%M%SZ)
 mkdir -p "$out"
 work=$(mktemp -d)
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
+# `start` runs in a command substitution (a subshell), so `pids` may not hold the servers it
+# started: every process still naming the work directory goes too.
+cleanup() {
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    pkill -f -- "$work" 2>/dev/null || true
+    rm -rf "$work"
+}
 trap cleanup EXIT
 
 # Starts a process in the background and waits for the line with its address ($2 = pattern).

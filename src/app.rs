@@ -86,9 +86,15 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         None => None,
         Some(url) => {
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-            let d = crate::dist::Dist::connect(url, cfg.redis.cluster, cfg.redis.shards, tx)
-                .await
-                .map_err(|e| anyhow::anyhow!("cannot connect to redis: {e}"))?;
+            let d = crate::dist::Dist::connect(
+                url,
+                cfg.redis.cluster,
+                cfg.redis_ca()?,
+                cfg.redis.shards,
+                tx,
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot connect to redis: {e}"))?;
             d.ensure_groups().await?;
             let d = Arc::new(d);
             let newer = crate::dist::sync_all(&d, &state).await?;

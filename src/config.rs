@@ -29,6 +29,8 @@ pub struct RedisCfg {
     pub url: Option<String>,
     /// `url` names one node of a Redis Cluster (the others are discovered).
     pub cluster: bool,
+    /// For a `rediss://` URL: the CA certificate (PEM) to trust instead of the system's roots.
+    pub ca_file: Option<PathBuf>,
     /// Streams the changes are spread over (and hash tags): more lets more nodes share the
     /// work of writing them to the main store. Every node must use the same number.
     pub shards: u64,
@@ -39,6 +41,7 @@ impl Default for RedisCfg {
         RedisCfg {
             url: None,
             cluster: false,
+            ca_file: None,
             shards: 16,
         }
     }
@@ -397,6 +400,9 @@ impl Config {
                 p.push("set store.postgres_url or store.sqlite_path, not both".into());
             }
         }
+        if let Err(e) = self.redis_ca() {
+            p.push(format!("redis.ca_file cannot be read: {e}"));
+        }
         if !(1..=1024).contains(&self.redis.shards) {
             p.push("redis.shards must be between 1 and 1024".into());
         }
@@ -427,6 +433,11 @@ impl Config {
             Some(url) => crate::store::Location::Postgres(url.clone()),
             None => crate::store::Location::Sqlite(self.sqlite_path()),
         }
+    }
+
+    /// The Redis CA certificate (PEM), when `redis.ca_file` is set.
+    pub fn redis_ca(&self) -> std::io::Result<Option<Vec<u8>>> {
+        self.redis.ca_file.as_deref().map(std::fs::read).transpose()
     }
 
     /// The encryption keys, when `privacy.encryption_key_file` is set.

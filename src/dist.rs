@@ -205,23 +205,30 @@ fn text(v: &Value) -> Option<String> {
 impl Dist {
     /// Connects (RESP3, so pub/sub pushes arrive on the same connection) and subscribes to the
     /// license channel; pushes go to `pushes`. The connection reconnects by itself.
-    /// With `cluster`, `url` is any node of a Redis Cluster (the others are discovered).
+    /// With `cluster`, `url` is any node of a Redis Cluster (the others are discovered). A
+    /// `rediss://` URL is TLS (rustls); `ca_pem` then replaces the system's roots.
     pub async fn connect(
         url: &str,
         cluster: bool,
+        ca_pem: Option<Vec<u8>>,
         shards: u64,
         pushes: tokio::sync::mpsc::UnboundedSender<redis::PushInfo>,
     ) -> Result<Dist, DistError> {
+        let certs = || redis::TlsCertificates {
+            client_tls: None,
+            root_cert: ca_pem.clone(),
+        };
         let conn = if cluster {
-            let mut c = redis::cluster::ClusterClient::builder(vec![url.to_owned()])
+            let mut builder = redis::cluster::ClusterClient::builder(vec![url.to_owned()])
                 .use_protocol(redis::ProtocolVersion::RESP3)
                 .push_sender(pushes)
                 .connection_timeout(Duration::from_secs(2))
                 .response_timeout(Duration::from_secs(2))
-                .retries(2)
-                .build()?
-                .get_async_connection()
-                .await?;
+                .retries(2);
+            if ca_pem.is_some() {
+                builder = builder.certs(certs());
+            }
+            let mut c = builder.build()?.get_async_connection().await?;
             c.subscribe(&[CHANNEL, CONTROL]).await?;
             Conn::Cluster(c)
         } else {
@@ -232,7 +239,10 @@ impl Dist {
             } else {
                 format!("{url}/?protocol=resp3")
             };
-            let client = redis::Client::open(url)?;
+            let client = match &ca_pem {
+                Some(_) => redis::Client::build_with_tls(url, certs())?,
+                None => redis::Client::open(url)?,
+            };
             let config = redis::aio::ConnectionManagerConfig::new()
                 .set_push_sender(pushes)
                 .set_connection_timeout(Some(Duration::from_secs(2)))
@@ -713,8 +723,17 @@ pub fn parse_control(p: &redis::PushInfo) -> Option<i64> {
 
 /// The control plane (the CLI) announces a committed change. Best effort: nodes that miss it
 /// still read the change feed within `store.sync_interval_ms`.
-pub fn announce_control_change(url: &str) -> Result<(), DistError> {
-    let client = redis::Client::open(url)?;
+pub fn announce_control_change(url: &str, ca_pem: Option<Vec<u8>>) -> Result<(), DistError> {
+    let client = match ca_pem {
+        Some(pem) => redis::Client::build_with_tls(
+            url,
+            redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(pem),
+            },
+        )?,
+        None => redis::Client::open(url)?,
+    };
     let mut conn = client.get_connection_with_timeout(Duration::from_secs(2))?;
     redis::cmd("PUBLISH")
         .arg(CONTROL)

@@ -376,7 +376,8 @@ fn main() -> ExitCode {
                     }
                     // Distributed mode: nodes apply the change now, not at their next poll.
                     if let Some(url) = &cfg.redis.url {
-                        if let Err(e) = keygate::dist::announce_control_change(url) {
+                        let ca = cfg.redis_ca().ok().flatten();
+                        if let Err(e) = keygate::dist::announce_control_change(url, ca) {
                             tracing::warn!(error = %e, "could not announce the change through redis; nodes pick it up at their next poll");
                         }
                     }
@@ -412,7 +413,15 @@ fn erase_in_redis(cfg: &Config, url: &str, what: &Erasure, out: &Value) -> Resul
         .map_err(|e| e.to_string())?;
     rt.block_on(async {
         let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
-        let d = keygate::dist::Dist::connect(url, cfg.redis.cluster, cfg.redis.shards, tx).await?;
+        let d = keygate::dist::Dist::connect(
+            url,
+            cfg.redis.cluster,
+            cfg.redis_ca()
+                .map_err(|e| keygate::dist::DistError::Reply(e.to_string()))?,
+            cfg.redis.shards,
+            tx,
+        )
+        .await?;
         for gid in keys {
             d.edit(gid, |machines| match what {
                 Erasure::Machine(code) => {
@@ -463,8 +472,11 @@ fn sync_redis(cfg: &Config, store: &mut Store) -> Result<Value, control::Control
     let written = rt
         .block_on(async {
             let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
-            let d =
-                keygate::dist::Dist::connect(&url, cfg.redis.cluster, cfg.redis.shards, tx).await?;
+            let ca = cfg
+                .redis_ca()
+                .map_err(|e| keygate::dist::DistError::Reply(e.to_string()))?;
+            let d = keygate::dist::Dist::connect(&url, cfg.redis.cluster, ca, cfg.redis.shards, tx)
+                .await?;
             d.restore(&snaps).await
         })
         .map_err(|e| invalid(e.to_string()))?;

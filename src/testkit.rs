@@ -208,6 +208,7 @@ pub struct TempRedis {
     port: u16,
     child: Option<std::process::Child>,
     args: Vec<String>,
+    tls: bool,
 }
 
 impl TempRedis {
@@ -217,6 +218,10 @@ impl TempRedis {
 
     /// With extra `redis-server` arguments (`--aclfile <path>`, ...).
     pub fn start_with(args: &[&str]) -> TempRedis {
+        Self::launch(args, false)
+    }
+
+    fn launch(args: &[&str], tls: bool) -> TempRedis {
         static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("keygate-redis-{}-{n}", std::process::id()));
@@ -227,15 +232,41 @@ impl TempRedis {
             port: free_port(),
             child: None,
             args: args.iter().map(|a| a.to_string()).collect(),
+            tls,
         };
         r.start_server();
         r
     }
 
+    /// TLS only (`rediss://` on `port()`): the server's certificate and key, and the CA it
+    /// names for clients (which need no certificate of their own).
+    pub fn start_tls(cert: &str, key: &str, ca: &str) -> TempRedis {
+        Self::launch(
+            &[
+                "--tls-cert-file",
+                cert,
+                "--tls-key-file",
+                key,
+                "--tls-ca-cert-file",
+                ca,
+                "--tls-auth-clients",
+                "no",
+            ],
+            true,
+        )
+    }
+
     /// Starts the server (again), with an append-only file so a restart keeps the data.
     pub fn start_server(&mut self) {
+        let port = self.port.to_string();
+        let ports: [&str; 4] = if self.tls {
+            ["--port", "0", "--tls-port", &port]
+        } else {
+            ["--port", &port, "--tls-port", "0"]
+        };
         let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(ports)
+            .args(["--bind", "127.0.0.1"])
             .args([
                 "--save",
                 "",
@@ -317,6 +348,7 @@ impl TempRedisCluster {
                 args: ["--cluster-enabled", "yes", "--cluster-node-timeout", "5000"]
                     .map(String::from)
                     .to_vec(),
+                tls: false,
             };
             r.start_server();
             nodes.push(r);

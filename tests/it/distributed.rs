@@ -681,3 +681,63 @@ async fn an_erasure_leaves_redis_every_node_and_the_store_for_good() {
         .await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_reach_redis_over_tls_with_a_private_ca() {
+    // A CA, and a certificate for 127.0.0.1 that it signed.
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::from_params(&ca_params, &ca_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    let files = TempDir::new("redis-tls");
+    let path = |n: &str| files.0.join(n).to_string_lossy().into_owned();
+    std::fs::write(path("ca.pem"), ca.pem()).unwrap();
+    std::fs::write(path("cert.pem"), cert.pem()).unwrap();
+    std::fs::write(path("key.pem"), key.serialize_pem()).unwrap();
+    // TLS only: the plain port is off, the TLS one takes the test port.
+    let redis = TempRedis::start_tls(&path("cert.pem"), &path("key.pem"), &path("ca.pem"));
+    let url = format!("rediss://127.0.0.1:{}/", redis.port());
+
+    let pg = TempPostgres::start();
+    let dir = TempDir::new("dist-tls");
+    use_postgres(&dir.0, &pg.url());
+    add_config(
+        &dir.0,
+        &format!(
+            "\n[redis]\nurl = \"{url}\"\nca_file = \"{}\"\n",
+            path("ca.pem")
+        ),
+    );
+    let seed = Seed::new(&dir.0);
+    let key_string = seed.key(&dir.0, &["--max-machines", "1"]);
+    let node = Server::start(&dir.0, &[]);
+    assert_eq!(
+        activate_status(&node, &seed, &key_string, "tls-1").await.0,
+        200
+    );
+    let (s, body) = activate_status(&node, &seed, &key_string, "tls-2").await;
+    assert_eq!(s, 400, "{body}");
+    // Trusting another CA, a node does not connect (and so does not start).
+    let other_key = rcgen::KeyPair::generate().unwrap();
+    let other = ca_params.self_signed(&other_key).unwrap();
+    std::fs::write(path("other-ca.pem"), other.pem()).unwrap();
+    let out = super::helpers::keygate(&dir.0)
+        .arg("serve")
+        .env("KEYGATE_REDIS__CA_FILE", path("other-ca.pem"))
+        .env("KEYGATE_SERVER__LISTEN", "127.0.0.1:0")
+        .env("KEYGATE_ADMIN__LISTEN", "127.0.0.1:0")
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "a node trusting another CA connected"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot connect to redis"), "{err}");
+}
