@@ -279,7 +279,8 @@ impl Dist {
     /// Commits `next` as the license's new snapshot if Redis still holds `expected`.
     pub async fn cas(&self, gid: i64, expected: u64, next: &Snapshot) -> Result<Cas, DistError> {
         let mut conn = self.conn.clone();
-        let reply: Value = self
+        let started = std::time::Instant::now();
+        let reply: Result<Value, _> = self
             .cas
             .key(self.state_key(gid))
             .key(self.stream_key(self.shard(gid)))
@@ -288,7 +289,9 @@ impl Dist {
             .arg(gid)
             .arg(CHANNEL)
             .invoke_async(&mut conn)
-            .await?;
+            .await;
+        crate::metrics::redis_round_trip(started.elapsed(), reply.is_ok());
+        let reply = reply?;
         let Value::Array(parts) = &reply else {
             return Err(DistError::Reply(format!("{reply:?}")));
         };

@@ -42,6 +42,7 @@ pub const SHARED_APPLIED_TOTAL: &str = "keygate_redis_snapshots_applied_total";
 pub const SHARED_STORED_TOTAL: &str = "keygate_redis_stream_entries_stored_total";
 pub const REDIS_UP: &str = "keygate_redis_up";
 pub const CONTROL_PROPAGATION_SECONDS: &str = "keygate_control_propagation_seconds";
+pub const REDIS_CAS_DURATION_SECONDS: &str = "keygate_redis_cas_duration_seconds";
 
 /// Histogram buckets in seconds: 50 µs (a cached answer) up to 10 s (a stalled store).
 const BUCKETS: [f64; 16] = [
@@ -154,6 +155,12 @@ pub fn shared_stored(n: usize) {
 /// this node having applied it.
 pub fn control_propagation(d: Duration) {
     metrics::histogram!(CONTROL_PROPAGATION_SECONDS).record(d.as_secs_f64());
+}
+
+/// Distributed mode: one compare-and-set round trip to Redis (`result`: ok, error).
+pub fn redis_round_trip(d: Duration, ok: bool) {
+    metrics::histogram!(REDIS_CAS_DURATION_SECONDS, "result" => if ok { "ok" } else { "error" })
+        .record(d.as_secs_f64());
 }
 
 pub fn redis_up(up: bool) {
