@@ -94,7 +94,8 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
                 tx,
             )
             .await
-            .map_err(|e| anyhow::anyhow!("cannot connect to redis: {e}"))?;
+            .map_err(|e| anyhow::anyhow!("cannot connect to redis: {e}"))?
+            .with_keyring(cfg.keyring()?);
             d.ensure_groups().await?;
             let d = Arc::new(d);
             let newer = crate::dist::sync_all(&d, &state).await?;

@@ -154,6 +154,9 @@ pub struct Dist {
     conn: Conn,
     shards: u64,
     cas: redis::Script,
+    /// With encryption at rest on, snapshots (machine codes, IPs, friendly names) are sealed
+    /// in Redis too, with the same keys as the main store.
+    ring: Option<Arc<crate::store::cipher::Keyring>>,
 }
 
 /// One Redis server (reconnecting manager) or a Redis Cluster (slot-routing connection). Both
@@ -257,7 +260,32 @@ impl Dist {
             conn,
             shards: shards.max(1),
             cas: redis::Script::new(CAS_LUA),
+            ring: None,
         })
+    }
+
+    /// Seals snapshots in Redis with these keys (encryption at rest).
+    pub fn with_keyring(mut self, ring: Option<Arc<crate::store::cipher::Keyring>>) -> Dist {
+        self.ring = ring;
+        self
+    }
+
+    fn seal(&self, snap: &Snapshot) -> String {
+        let text = snap.encode();
+        match &self.ring {
+            Some(r) => r.seal_text(&text),
+            None => text,
+        }
+    }
+
+    fn open(&self, version: u64, stored: &str) -> Option<Snapshot> {
+        match crate::store::cipher::open_text(self.ring.as_deref(), stored.to_owned()) {
+            Ok(text) => Snapshot::decode(version, &text),
+            Err(e) => {
+                tracing::error!(error = %e, "a snapshot in redis cannot be opened");
+                None
+            }
+        }
     }
 
     pub fn shards(&self) -> u64 {
@@ -285,7 +313,7 @@ impl Dist {
             .key(self.state_key(gid))
             .key(self.stream_key(self.shard(gid)))
             .arg(expected)
-            .arg(next.encode())
+            .arg(self.seal(next))
             .arg(gid)
             .arg(CHANNEL)
             .invoke_async(&mut conn)
@@ -303,7 +331,7 @@ impl Dist {
             Some("1") => Ok(Cas::Done(version)),
             Some("0") => {
                 let snap = match field(2) {
-                    Some(s) if !s.is_empty() => Snapshot::decode(version, &s).ok_or_else(|| {
+                    Some(s) if !s.is_empty() => self.open(version, &s).ok_or_else(|| {
                         DistError::Reply("a snapshot that does not decode".into())
                     })?,
                     // Nothing stored: version 0, no machines.
@@ -341,7 +369,7 @@ impl Dist {
                 out[i] = (|| {
                     let Value::Array(p) = r else { return None };
                     let version: u64 = text(p.first()?)?.parse().ok()?;
-                    Snapshot::decode(version, &text(p.get(1)?)?)
+                    self.open(version, &text(p.get(1)?)?)
                 })();
             }
         }
@@ -434,7 +462,7 @@ impl Dist {
                     }
                 }
                 let decoded = match (g, v, s) {
-                    (Some(g), Some(v), Some(s)) => Snapshot::decode(v, &s).map(|snap| (g, snap)),
+                    (Some(g), Some(v), Some(s)) => self.open(v, &s).map(|snap| (g, snap)),
                     _ => None,
                 };
                 if decoded.is_none() {
@@ -493,7 +521,7 @@ impl Dist {
             let n: i64 = script
                 .key(self.state_key(*gid))
                 .arg(snap.version.max(1))
-                .arg(snap.encode())
+                .arg(self.seal(snap))
                 .invoke_async(&mut conn)
                 .await?;
             written += n as usize;

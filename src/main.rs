@@ -421,7 +421,11 @@ fn erase_in_redis(cfg: &Config, url: &str, what: &Erasure, out: &Value) -> Resul
             cfg.redis.shards,
             tx,
         )
-        .await?;
+        .await?
+        .with_keyring(
+            cfg.keyring()
+                .map_err(|e| keygate::dist::DistError::Reply(e.to_string()))?,
+        );
         for gid in keys {
             d.edit(gid, |machines| match what {
                 Erasure::Machine(code) => {
@@ -475,8 +479,12 @@ fn sync_redis(cfg: &Config, store: &mut Store) -> Result<Value, control::Control
             let ca = cfg
                 .redis_ca()
                 .map_err(|e| keygate::dist::DistError::Reply(e.to_string()))?;
+            let ring = cfg
+                .keyring()
+                .map_err(|e| keygate::dist::DistError::Reply(e.to_string()))?;
             let d = keygate::dist::Dist::connect(&url, cfg.redis.cluster, ca, cfg.redis.shards, tx)
-                .await?;
+                .await?
+                .with_keyring(ring);
             d.restore(&snaps).await
         })
         .map_err(|e| invalid(e.to_string()))?;

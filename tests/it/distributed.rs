@@ -741,3 +741,76 @@ async fn nodes_reach_redis_over_tls_with_a_private_ca() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("cannot connect to redis"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_encryption_at_rest_redis_holds_no_machine_code_in_clear() {
+    let pg = TempPostgres::start();
+    let redis = TempRedis::start();
+    let dir = TempDir::new("dist-sealed");
+    use_postgres(&dir.0, &pg.url());
+    let line = cli(&dir.0, &["privacy", "new-key", "--id", "k1"])["key_line"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let keys = dir.0.join("keys");
+    std::fs::write(&keys, format!("{line}\n")).unwrap();
+    add_config(
+        &dir.0,
+        &format!(
+            "\n[redis]\nurl = \"{}\"\n\n[privacy]\nencryption_key_file = \"{}\"\n",
+            redis.url(),
+            keys.display()
+        ),
+    );
+    let seed = Seed::new(&dir.0);
+    let key = seed.key(&dir.0, &["--max-machines", "3"]);
+    let gid = cli(
+        &dir.0,
+        &[
+            "key",
+            "show",
+            "--product",
+            &seed.product.to_string(),
+            "--key",
+            &key,
+        ],
+    )["global_id"]
+        .as_i64()
+        .unwrap();
+    let mut node = Server::start(&dir.0, &[]);
+    assert_eq!(
+        activate_status(&node, &seed, &key, "mc-secret-4f2a")
+            .await
+            .0,
+        200
+    );
+
+    let url = redis.url();
+    let raw = std::thread::spawn(move || {
+        let mut c = redis::Client::open(url).unwrap().get_connection().unwrap();
+        let state: String = redis::cmd("HGET")
+            .arg(format!("kg:{{s{}}}:lic:{gid}", gid % 16))
+            .arg("s")
+            .query(&mut c)
+            .unwrap();
+        let stream: redis::Value = redis::cmd("XRANGE")
+            .arg(format!("kg:{{s{}}}:changes", gid % 16))
+            .arg("-")
+            .arg("+")
+            .query(&mut c)
+            .unwrap();
+        format!("{state} {stream:?}")
+    })
+    .join()
+    .unwrap();
+    assert!(raw.contains("enc1:k1:"), "{raw}");
+    assert!(
+        !raw.contains("mc-secret-4f2a") && !raw.contains("127.0.0.1"),
+        "{raw}"
+    );
+    // The node (and a restarted one, which reads Redis back) still knows the machine.
+    node.stop();
+    let node = Server::start(&dir.0, &[]);
+    let want: BTreeSet<String> = ["mc-secret-4f2a".to_owned()].into();
+    assert_eq!(listed(&node, &seed, &key).await, want);
+}
