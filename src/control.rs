@@ -2,6 +2,7 @@
 //! license keys and access tokens, written straight to the main store. Running nodes pick the
 //! changes up from the store's change feed.
 
+use crate::config::Config;
 use crate::domain::{Features, Machine, Method, Scope, DAY_SECONDS};
 use crate::signing::{self, Signer};
 use crate::store::{KeyRow, NewKey, Store, StoreError};
@@ -431,4 +432,110 @@ pub fn list_log(store: &mut Store, product: Option<i64>, limit: i64) -> Result<V
         })
         .collect();
     Ok(json!({"logs": rows}))
+}
+
+/// Distributed mode: what a privacy erasure removes from the activations held in Redis.
+pub enum Erasure {
+    Machine(String),
+    Ip(String),
+}
+
+/// After the store's erasure (`out`, which names the keys it touched), edits those keys'
+/// snapshots in Redis by compare-and-set; nodes install the result like any change.
+pub fn erase_in_redis(
+    cfg: &Config,
+    url: &str,
+    what: &Erasure,
+    out: &Value,
+) -> std::result::Result<(), String> {
+    let keys: Vec<i64> = out["erased"]["keys"]
+        .as_array()
+        .map(|k| k.iter().filter_map(Value::as_i64).collect())
+        .unwrap_or_default();
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(async {
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        let d = crate::dist::Dist::connect(
+            url,
+            cfg.redis.cluster,
+            cfg.redis_ca()
+                .map_err(|e| crate::dist::DistError::Reply(e.to_string()))?,
+            cfg.redis.shards,
+            tx,
+        )
+        .await?
+        .with_keyring(
+            cfg.keyring()
+                .map_err(|e| crate::dist::DistError::Reply(e.to_string()))?,
+        );
+        for gid in keys {
+            d.edit(gid, |machines| match what {
+                Erasure::Machine(code) => {
+                    let before = machines.len();
+                    machines.retain(|m| &m.machine_code != code);
+                    machines.len() != before
+                }
+                Erasure::Ip(ip) => {
+                    let mut changed = false;
+                    for m in machines.iter_mut().filter(|m| &m.ip == ip) {
+                        m.ip.clear();
+                        changed = true;
+                    }
+                    changed
+                }
+            })
+            .await?;
+        }
+        Ok::<_, crate::dist::DistError>(())
+    })
+    .map_err(|e| e.to_string())
+}
+
+/// `keygate sync` (distributed mode): the main store's activations into Redis, for every
+/// license Redis does not hold at that version or newer.
+pub fn sync_redis(cfg: &Config, store: &mut Store) -> Result<Value> {
+    let invalid = |e: String| ControlError::Invalid(e);
+    let url = cfg
+        .redis
+        .url
+        .clone()
+        .ok_or_else(|| invalid("keygate sync needs redis.url".into()))?;
+    let versions = store.shared_versions()?;
+    let snaps: Vec<(i64, crate::dist::Snapshot)> = store
+        .keys(None)?
+        .into_iter()
+        .map(|k| {
+            let v = versions.get(&k.license.global_id).copied().unwrap_or(0);
+            (
+                k.license.global_id,
+                crate::dist::Snapshot::of(&k.license, v),
+            )
+        })
+        .collect();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| invalid(e.to_string()))?;
+    let written = rt
+        .block_on(async {
+            let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+            let ca = cfg
+                .redis_ca()
+                .map_err(|e| crate::dist::DistError::Reply(e.to_string()))?;
+            let ring = cfg
+                .keyring()
+                .map_err(|e| crate::dist::DistError::Reply(e.to_string()))?;
+            let d = crate::dist::Dist::connect(&url, cfg.redis.cluster, ca, cfg.redis.shards, tx)
+                .await?
+                .with_keyring(ring);
+            d.restore(&snaps).await
+        })
+        .map_err(|e| invalid(e.to_string()))?;
+    Ok(serde_json::json!({"licenses": snaps.len(), "written": written}))
 }

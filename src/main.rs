@@ -356,9 +356,9 @@ fn main() -> ExitCode {
                 Cmd::Privacy(PrivacyCmd::Erase(Subject {
                     machine_code: Some(mc),
                     ..
-                })) => Some(Erasure::Machine(mc.clone())),
+                })) => Some(control::Erasure::Machine(mc.clone())),
                 Cmd::Privacy(PrivacyCmd::Erase(Subject { ip: Some(ip), .. })) => {
-                    Some(Erasure::Ip(ip.clone()))
+                    Some(control::Erasure::Ip(ip.clone()))
                 }
                 _ => None,
             };
@@ -367,7 +367,7 @@ fn main() -> ExitCode {
                     // Distributed mode: an erasure also leaves Redis (and so every node's memory
                     // and, through the streams, the store stay without it).
                     if let (Some(url), Some(what)) = (&cfg.redis.url, &erasure) {
-                        if let Err(e) = erase_in_redis(&cfg, url, what, &v) {
+                        if let Err(e) = control::erase_in_redis(&cfg, url, what, &v) {
                             eprintln!(
                                 "keygate: erased in the main store, but not yet in redis: {e}"
                             );
@@ -393,104 +393,6 @@ fn main() -> ExitCode {
     }
 }
 
-/// What a privacy erasure removes from activations, for the Redis copy.
-enum Erasure {
-    Machine(String),
-    Ip(String),
-}
-
-fn erase_in_redis(cfg: &Config, url: &str, what: &Erasure, out: &Value) -> Result<(), String> {
-    let keys: Vec<i64> = out["erased"]["keys"]
-        .as_array()
-        .map(|k| k.iter().filter_map(Value::as_i64).collect())
-        .unwrap_or_default();
-    if keys.is_empty() {
-        return Ok(());
-    }
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
-    rt.block_on(async {
-        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
-        let d = keygate::dist::Dist::connect(
-            url,
-            cfg.redis.cluster,
-            cfg.redis_ca()
-                .map_err(|e| keygate::dist::DistError::Reply(e.to_string()))?,
-            cfg.redis.shards,
-            tx,
-        )
-        .await?
-        .with_keyring(
-            cfg.keyring()
-                .map_err(|e| keygate::dist::DistError::Reply(e.to_string()))?,
-        );
-        for gid in keys {
-            d.edit(gid, |machines| match what {
-                Erasure::Machine(code) => {
-                    let before = machines.len();
-                    machines.retain(|m| &m.machine_code != code);
-                    machines.len() != before
-                }
-                Erasure::Ip(ip) => {
-                    let mut changed = false;
-                    for m in machines.iter_mut().filter(|m| &m.ip == ip) {
-                        m.ip.clear();
-                        changed = true;
-                    }
-                    changed
-                }
-            })
-            .await?;
-        }
-        Ok::<_, keygate::dist::DistError>(())
-    })
-    .map_err(|e| e.to_string())
-}
-
-/// `keygate sync`: the main store's activations into Redis.
-fn sync_redis(cfg: &Config, store: &mut Store) -> Result<Value, control::ControlError> {
-    let invalid = |e: String| control::ControlError::Invalid(e);
-    let url = cfg
-        .redis
-        .url
-        .clone()
-        .ok_or_else(|| invalid("keygate sync needs redis.url".into()))?;
-    let versions = store.shared_versions()?;
-    let snaps: Vec<(i64, keygate::dist::Snapshot)> = store
-        .keys(None)?
-        .into_iter()
-        .map(|k| {
-            let v = versions.get(&k.license.global_id).copied().unwrap_or(0);
-            (
-                k.license.global_id,
-                keygate::dist::Snapshot::of(&k.license, v),
-            )
-        })
-        .collect();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| invalid(e.to_string()))?;
-    let written = rt
-        .block_on(async {
-            let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
-            let ca = cfg
-                .redis_ca()
-                .map_err(|e| keygate::dist::DistError::Reply(e.to_string()))?;
-            let ring = cfg
-                .keyring()
-                .map_err(|e| keygate::dist::DistError::Reply(e.to_string()))?;
-            let d = keygate::dist::Dist::connect(&url, cfg.redis.cluster, ca, cfg.redis.shards, tx)
-                .await?
-                .with_keyring(ring);
-            d.restore(&snaps).await
-        })
-        .map_err(|e| invalid(e.to_string()))?;
-    Ok(serde_json::json!({"licenses": snaps.len(), "written": written}))
-}
-
 fn control_command(cfg: &Config, cmd: Cmd) -> Result<Value, control::ControlError> {
     let mut store = Store::connect(&cfg.store_location())?;
     store.set_keyring(
@@ -505,7 +407,7 @@ fn control_command(cfg: &Config, cmd: Cmd) -> Result<Value, control::ControlErro
     let s = &mut store;
     match cmd {
         Cmd::Serve { .. } | Cmd::CheckConfig => unreachable!("handled in main"),
-        Cmd::Sync => sync_redis(cfg, s),
+        Cmd::Sync => control::sync_redis(cfg, s),
         Cmd::Migrate => Ok(serde_json::json!({
             "store": cfg.store_location().describe(),
             "schema_version": s.schema_version()?,

@@ -685,19 +685,23 @@ impl Store {
         })
     }
 
+    /// A key's global id from its product and key string.
+    fn global_id_of(db: &mut Db, product_id: i64, key: &str) -> Result<i64> {
+        db.query_opt(
+            "SELECT global_id FROM license_keys WHERE product_id = ?1 AND key = ?2",
+            vals![product_id, key],
+        )?
+        .ok_or_else(|| {
+            StoreError::NotFound(format!("key {key} not found in product {product_id}"))
+        })?
+        .i64(0)
+    }
+
     /// Sets `Block`; returns the key's global id.
     pub fn set_block(&mut self, product_id: i64, key: &str, block: bool) -> Result<i64> {
         let actor = &self.actor;
         self.db.transaction(|db| {
-            let gid = db
-                .query_opt(
-                    "SELECT global_id FROM license_keys WHERE product_id = ?1 AND key = ?2",
-                    vals![product_id, key],
-                )?
-                .ok_or_else(|| {
-                    StoreError::NotFound(format!("key {key} not found in product {product_id}"))
-                })?
-                .i64(0)?;
+            let gid = Self::global_id_of(db, product_id, key)?;
             db.exec(
                 "UPDATE license_keys SET block = ?1 WHERE global_id = ?2",
                 vals![block, gid],
@@ -878,16 +882,7 @@ impl Store {
     }
 
     pub fn key_by_string(&mut self, product_id: i64, key: &str) -> Result<KeyRow> {
-        let gid = self
-            .db
-            .query_opt(
-                "SELECT global_id FROM license_keys WHERE product_id = ?1 AND key = ?2",
-                vals![product_id, key],
-            )?
-            .ok_or_else(|| {
-                StoreError::NotFound(format!("key {key} not found in product {product_id}"))
-            })?
-            .i64(0)?;
+        let gid = Self::global_id_of(&mut self.db, product_id, key)?;
         self.key(gid)
     }
 

@@ -118,18 +118,7 @@ async fn exact_limit_over_three_nodes(url: &str, cluster: bool) {
     }
     let seed = Seed::new(&dirs[0].0);
     let key = seed.key(&dirs[0].0, &["--max-machines", "5"]);
-    let shown = cli(
-        &dirs[0].0,
-        &[
-            "key",
-            "show",
-            "--product",
-            &seed.product.to_string(),
-            "--key",
-            &key,
-        ],
-    );
-    let gid = shown["global_id"].as_i64().unwrap();
+    let gid = seed.global_id(&dirs[0].0, &key);
     let url = url.to_owned();
     let env = [
         ("KEYGATE_REDIS__URL", url.as_str()),
@@ -363,12 +352,7 @@ async fn a_block_reaches_every_node_at_once_and_losing_redis_degrades_then_recov
     // are 200 or 503, never anything else, and every accepted activation survives, in Redis
     // and in the main store.
     let big = seed.key(&dirs[0].0, &["--max-machines", "1000000"]);
-    let gid = cli(
-        &dirs[0].0,
-        &["key", "show", "--product", &product, "--key", &big],
-    )["global_id"]
-        .as_i64()
-        .unwrap();
+    let gid = seed.global_id(&dirs[0].0, &big);
     for node in &nodes {
         wait_until("every node knows the new key", || async {
             let mut c = node.connect(Protocol::Http1).await;
@@ -549,19 +533,7 @@ async fn keygate_sync_rebuilds_a_lost_redis_from_the_main_store() {
     use_postgres(&dir.0, &pg.url());
     let seed = Seed::new(&dir.0);
     let key = seed.key(&dir.0, &["--max-machines", "3"]);
-    let gid = cli(
-        &dir.0,
-        &[
-            "key",
-            "show",
-            "--product",
-            &seed.product.to_string(),
-            "--key",
-            &key,
-        ],
-    )["global_id"]
-        .as_i64()
-        .unwrap();
+    let gid = seed.global_id(&dir.0, &key);
     let mut node = Server::start(&dir.0, &[("KEYGATE_REDIS__URL", first.url().as_str())]);
     for m in ["a", "b"] {
         assert_eq!(activate_status(&node, &seed, &key, m).await.0, 200);
@@ -619,19 +591,7 @@ async fn an_erasure_leaves_redis_every_node_and_the_store_for_good() {
     }
     let seed = Seed::new(&dirs[0].0);
     let key = seed.key(&dirs[0].0, &["--max-machines", "5"]);
-    let gid = cli(
-        &dirs[0].0,
-        &[
-            "key",
-            "show",
-            "--product",
-            &seed.product.to_string(),
-            "--key",
-            &key,
-        ],
-    )["global_id"]
-        .as_i64()
-        .unwrap();
+    let gid = seed.global_id(&dirs[0].0, &key);
     let mut nodes: Vec<Server> = dirs.iter().map(|d| Server::start(&d.0, &[])).collect();
     assert_eq!(
         activate_status(&nodes[0], &seed, &key, "victim").await.0,
@@ -764,19 +724,7 @@ async fn with_encryption_at_rest_redis_holds_no_machine_code_in_clear() {
     );
     let seed = Seed::new(&dir.0);
     let key = seed.key(&dir.0, &["--max-machines", "3"]);
-    let gid = cli(
-        &dir.0,
-        &[
-            "key",
-            "show",
-            "--product",
-            &seed.product.to_string(),
-            "--key",
-            &key,
-        ],
-    )["global_id"]
-        .as_i64()
-        .unwrap();
+    let gid = seed.global_id(&dir.0, &key);
     let mut node = Server::start(&dir.0, &[]);
     assert_eq!(
         activate_status(&node, &seed, &key, "mc-secret-4f2a")

@@ -129,6 +129,14 @@ impl Seed {
         cli(dir, &args)["key"].as_str().unwrap().to_owned()
     }
 
+    /// The key's global id (`key show`).
+    pub fn global_id(&self, dir: &Path, key: &str) -> i64 {
+        let pid = self.product.to_string();
+        cli(dir, &["key", "show", "--product", &pid, "--key", key])["global_id"]
+            .as_i64()
+            .expect("key show gives the global id")
+    }
+
     /// The key's activations as the store holds them (`key show`), in list order.
     pub fn activations(&self, dir: &Path, key: &str) -> Vec<Value> {
         let pid = self.product.to_string();
