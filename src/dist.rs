@@ -659,56 +659,7 @@ pub async fn store_changes(
     let mut pending = true;
     let mut claimed_at = std::time::Instant::now();
     while !stop.is_cancelled() {
-        let mut any = false;
-        let mut reachable = true;
-        for shard in 0..dist.shards() {
-            let entries = match dist.read(shard, &consumer, pending, 256).await {
-                Ok(e) => e,
-                Err(e) => {
-                    tracing::debug!(error = %e, "reading a change stream failed");
-                    reachable = false;
-                    tokio::time::sleep(Duration::from_millis(250)).await;
-                    continue;
-                }
-            };
-            if entries.is_empty() {
-                continue;
-            }
-            any = true;
-            let ids: Vec<String> = entries.iter().map(|(id, _)| id.clone()).collect();
-            let store = store.clone();
-            let written = tokio::task::spawn_blocking(move || {
-                let mut s = store.lock();
-                s.reconnect_if_broken()?;
-                let mut n = 0;
-                for (_, change) in &entries {
-                    if let Some((gid, snap)) = change {
-                        n += usize::from(s.apply_shared_snapshot(
-                            *gid,
-                            snap.version,
-                            snap.expires,
-                            &snap.machines,
-                        )?);
-                    }
-                }
-                Ok::<_, crate::store::StoreError>(n)
-            })
-            .await;
-            match written {
-                Ok(Ok(n)) => {
-                    crate::metrics::shared_stored(n);
-                    if let Err(e) = dist.ack(shard, &ids).await {
-                        // Unacknowledged entries come back; writing them again is harmless.
-                        tracing::warn!(error = %e, "acknowledging stream entries failed");
-                    }
-                }
-                Ok(Err(e)) => {
-                    tracing::warn!(error = %e, "writing stream entries to the main store failed");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
-                Err(e) => tracing::error!(error = %e, "the store task failed"),
-            }
-        }
+        let (any, reachable) = store_pass(&dist, &store, &consumer, pending).await;
         crate::metrics::redis_up(reachable);
         if pending && !any {
             pending = false;
@@ -732,6 +683,74 @@ pub async fn store_changes(
             }
         }
     }
+    // Shutting down: carry what the streams hold now into the store before leaving (bounded,
+    // and only while Redis answers), so a stopped node leaves the store up to date.
+    for _ in 0..64 {
+        let (any, reachable) = store_pass(&dist, &store, &consumer, false).await;
+        if !any || !reachable {
+            break;
+        }
+    }
+}
+
+/// One read of every shard stream into the store. Returns (entries found, Redis answered).
+async fn store_pass(
+    dist: &Dist,
+    store: &Arc<parking_lot::Mutex<crate::store::Store>>,
+    consumer: &str,
+    pending: bool,
+) -> (bool, bool) {
+    let mut any = false;
+    let mut reachable = true;
+    for shard in 0..dist.shards() {
+        let entries = match dist.read(shard, consumer, pending, 256).await {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::debug!(error = %e, "reading a change stream failed");
+                reachable = false;
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                continue;
+            }
+        };
+        if entries.is_empty() {
+            continue;
+        }
+        any = true;
+        let ids: Vec<String> = entries.iter().map(|(id, _)| id.clone()).collect();
+        let store = store.clone();
+        let written = tokio::task::spawn_blocking(move || {
+            let mut s = store.lock();
+            s.reconnect_if_broken()?;
+            let mut n = 0;
+            for (_, change) in &entries {
+                if let Some((gid, snap)) = change {
+                    n += usize::from(s.apply_shared_snapshot(
+                        *gid,
+                        snap.version,
+                        snap.expires,
+                        &snap.machines,
+                    )?);
+                }
+            }
+            Ok::<_, crate::store::StoreError>(n)
+        })
+        .await;
+        match written {
+            Ok(Ok(n)) => {
+                crate::metrics::shared_stored(n);
+                if let Err(e) = dist.ack(shard, &ids).await {
+                    // Unacknowledged entries come back; writing them again is harmless.
+                    tracing::warn!(error = %e, "acknowledging stream entries failed");
+                }
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "writing stream entries to the main store failed");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => tracing::error!(error = %e, "the store task failed"),
+        }
+    }
+    (any, reachable)
 }
 
 /// Parses a channel message `<global id> <version>`.

@@ -762,3 +762,55 @@ async fn with_encryption_at_rest_redis_holds_no_machine_code_in_clear() {
     let want: BTreeSet<String> = ["mc-secret-4f2a".to_owned()].into();
     assert_eq!(listed(&node, &seed, &key).await, want);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn floating_seats_are_shared_and_stopped_nodes_leave_the_store_current() {
+    let pg = TempPostgres::start();
+    let redis = TempRedis::start();
+    let dirs = [TempDir::new("dist-float-a"), TempDir::new("dist-float-b")];
+    for d in &dirs {
+        use_postgres(&d.0, &pg.url());
+        add_config(&d.0, &format!("\n[redis]\nurl = \"{}\"\n", redis.url()));
+    }
+    let seed = Seed::new(&dirs[0].0);
+    let key = seed.key(&dirs[0].0, &["--max-machines", "1"]);
+    let gid = seed.global_id(&dirs[0].0, &key);
+    let mut nodes: Vec<Server> = dirs.iter().map(|d| Server::start(&d.0, &[])).collect();
+    let float = |machine: &str| {
+        form(&[
+            ("token", &seed.token),
+            ("ProductId", &seed.product.to_string()),
+            ("Key", &key),
+            ("MachineCode", machine),
+            ("FloatingTimeInterval", "2"),
+        ])
+    };
+    let post = |node: usize, body: String| {
+        let server = &nodes[node];
+        async move {
+            let mut c = server.connect(Protocol::Http1).await;
+            let r = c.post("/api/key/Activate", &body).await.unwrap();
+            (r.status, r.text())
+        }
+    };
+    assert_eq!(post(0, float("f1")).await.0, 200);
+    let (s, body) = post(1, float("f2")).await;
+    assert_eq!(s, 400, "one floating seat, held on the other node: {body}");
+    // The lease runs out; the seat is free on the other node.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let (s, body) = post(1, float("f2")).await;
+    assert_eq!(s, 200, "{body}");
+    let (s, _) = post(0, float("f3")).await;
+    assert_eq!(s, 400, "f2 holds the seat now");
+
+    // Stopped nodes carry the change streams into the store before they exit.
+    for n in &mut nodes {
+        n.stop();
+    }
+    let want: BTreeSet<String> = ["f2".to_owned()].into();
+    assert_eq!(
+        store_machines(&pg.url(), gid),
+        want,
+        "expired f1 gone, f2 stored"
+    );
+}
