@@ -440,6 +440,38 @@ pub enum Erasure {
     Ip(String),
 }
 
+/// The CLI's connection to Redis (distributed mode), with the runtime it runs on.
+fn connect_redis(
+    cfg: &Config,
+    url: &str,
+) -> std::result::Result<(tokio::runtime::Runtime, crate::dist::Dist), String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let ca = cfg.redis_ca().map_err(|e| e.to_string())?;
+    let ring = cfg.keyring().map_err(|e| e.to_string())?;
+    let d = rt
+        .block_on(async {
+            // Pub/sub pushes are not read here.
+            let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+            crate::dist::Dist::connect(url, cfg.redis.cluster, ca, cfg.redis.shards, tx).await
+        })
+        .map_err(|e| e.to_string())?
+        .with_keyring(ring);
+    Ok((rt, d))
+}
+
+/// Distributed mode, before an erasure: waits (up to 10 s) until the nodes have carried every
+/// change stream into the main store, so the store knows every key that holds the machine or
+/// address. False if they did not (no node running): the erasure then covers what the store
+/// holds, and the caller says so.
+pub fn wait_for_streams(cfg: &Config, url: &str) -> std::result::Result<bool, String> {
+    let (rt, d) = connect_redis(cfg, url)?;
+    rt.block_on(d.wait_drained(std::time::Duration::from_secs(10)))
+        .map_err(|e| e.to_string())
+}
+
 /// After the store's erasure (`out`, which names the keys it touched), edits those keys'
 /// snapshots in Redis by compare-and-set; nodes install the result like any change.
 pub fn erase_in_redis(
@@ -455,25 +487,8 @@ pub fn erase_in_redis(
     if keys.is_empty() {
         return Ok(());
     }
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
+    let (rt, d) = connect_redis(cfg, url)?;
     rt.block_on(async {
-        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
-        let d = crate::dist::Dist::connect(
-            url,
-            cfg.redis.cluster,
-            cfg.redis_ca()
-                .map_err(|e| crate::dist::DistError::Reply(e.to_string()))?,
-            cfg.redis.shards,
-            tx,
-        )
-        .await?
-        .with_keyring(
-            cfg.keyring()
-                .map_err(|e| crate::dist::DistError::Reply(e.to_string()))?,
-        );
         for gid in keys {
             d.edit(gid, |machines| match what {
                 Erasure::Machine(code) => {
@@ -500,12 +515,11 @@ pub fn erase_in_redis(
 /// `keygate sync` (distributed mode): the main store's activations into Redis, for every
 /// license Redis does not hold at that version or newer.
 pub fn sync_redis(cfg: &Config, store: &mut Store) -> Result<Value> {
-    let invalid = |e: String| ControlError::Invalid(e);
     let url = cfg
         .redis
         .url
         .clone()
-        .ok_or_else(|| invalid("keygate sync needs redis.url".into()))?;
+        .ok_or_else(|| ControlError::Invalid("keygate sync needs redis.url".into()))?;
     let versions = store.shared_versions()?;
     let snaps: Vec<(i64, crate::dist::Snapshot)> = store
         .keys(None)?
@@ -518,24 +532,9 @@ pub fn sync_redis(cfg: &Config, store: &mut Store) -> Result<Value> {
             )
         })
         .collect();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| invalid(e.to_string()))?;
+    let (rt, d) = connect_redis(cfg, &url).map_err(ControlError::Invalid)?;
     let written = rt
-        .block_on(async {
-            let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
-            let ca = cfg
-                .redis_ca()
-                .map_err(|e| crate::dist::DistError::Reply(e.to_string()))?;
-            let ring = cfg
-                .keyring()
-                .map_err(|e| crate::dist::DistError::Reply(e.to_string()))?;
-            let d = crate::dist::Dist::connect(&url, cfg.redis.cluster, ca, cfg.redis.shards, tx)
-                .await?
-                .with_keyring(ring);
-            d.restore(&snaps).await
-        })
-        .map_err(|e| invalid(e.to_string()))?;
-    Ok(serde_json::json!({"licenses": snaps.len(), "written": written}))
+        .block_on(d.restore(&snaps))
+        .map_err(|e| ControlError::Invalid(e.to_string()))?;
+    Ok(json!({"licenses": snaps.len(), "written": written}))
 }

@@ -488,6 +488,101 @@ impl Dist {
         Ok(())
     }
 
+    /// The consumer group's state on a shard stream: (pending, lag, last delivered id).
+    async fn group_state(&self, shard: u64) -> Result<(u64, u64, String), DistError> {
+        let mut conn = self.conn.clone();
+        let reply: Value = redis::cmd("XINFO")
+            .arg("GROUPS")
+            .arg(self.stream_key(shard))
+            .query_async(&mut conn)
+            .await?;
+        let Value::Array(groups) = reply else {
+            return Err(DistError::Reply(format!("{reply:?}")));
+        };
+        for g in groups {
+            // RESP3: a map; RESP2: a flat field/value list.
+            let pairs: Vec<(Value, Value)> = match g {
+                Value::Map(m) => m,
+                Value::Array(a) => a
+                    .chunks(2)
+                    .filter_map(|c| Some((c.first()?.clone(), c.get(1)?.clone())))
+                    .collect(),
+                _ => continue,
+            };
+            let field = |name: &str| {
+                pairs
+                    .iter()
+                    .find(|(k, _)| text(k).as_deref() == Some(name))
+                    .and_then(|(_, v)| text(v))
+            };
+            if field("name").as_deref() != Some(GROUP) {
+                continue;
+            }
+            let num = |name: &str| field(name).and_then(|v| v.parse().ok()).unwrap_or(0);
+            return Ok((
+                num("pending"),
+                num("lag"),
+                field("last-delivered-id").unwrap_or_else(|| "0-0".into()),
+            ));
+        }
+        Err(DistError::Reply(
+            "no consumer group on a change stream".into(),
+        ))
+    }
+
+    /// Drops the entries of a shard stream that the store already has (delivered and
+    /// acknowledged): the stream keeps only what is on its way, so personal data does not
+    /// linger in Redis (nor survive an erasure there).
+    pub async fn trim(&self, shard: u64) -> Result<(), DistError> {
+        let (pending, _, last) = self.group_state(shard).await?;
+        let mut conn = self.conn.clone();
+        let min = if pending > 0 {
+            // The oldest entry still unacknowledged stays, with everything after it.
+            let reply: Value = redis::cmd("XPENDING")
+                .arg(self.stream_key(shard))
+                .arg(GROUP)
+                .query_async(&mut conn)
+                .await?;
+            match reply {
+                Value::Array(p) => p.get(1).and_then(text),
+                _ => None,
+            }
+        } else {
+            // Everything up to the last delivered entry is acknowledged: keep what follows.
+            last.split_once('-')
+                .and_then(|(ms, seq)| Some(format!("{ms}-{}", seq.parse::<u64>().ok()? + 1)))
+        };
+        if let Some(min) = min {
+            let _: Value = redis::cmd("XTRIM")
+                .arg(self.stream_key(shard))
+                .arg("MINID")
+                .arg(min)
+                .query_async(&mut conn)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Waits until the nodes have carried every shard stream into the main store (nothing
+    /// pending or unread), at most `within`. False if they did not (no node running, say).
+    pub async fn wait_drained(&self, within: Duration) -> Result<bool, DistError> {
+        let end = std::time::Instant::now() + within;
+        loop {
+            let mut busy = false;
+            for shard in 0..self.shards {
+                let (pending, lag, _) = self.group_state(shard).await?;
+                busy |= pending > 0 || lag > 0;
+            }
+            if !busy {
+                return Ok(true);
+            }
+            if std::time::Instant::now() >= end {
+                return Ok(false);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Takes over entries another consumer read but did not acknowledge for `idle`.
     pub async fn claim_stale(
         &self,
@@ -741,6 +836,8 @@ async fn store_pass(
                 if let Err(e) = dist.ack(shard, &ids).await {
                     // Unacknowledged entries come back; writing them again is harmless.
                     tracing::warn!(error = %e, "acknowledging stream entries failed");
+                } else if let Err(e) = dist.trim(shard).await {
+                    tracing::debug!(error = %e, "trimming a change stream failed");
                 }
             }
             Ok(Err(e)) => {

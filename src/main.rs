@@ -362,6 +362,15 @@ fn main() -> ExitCode {
                 }
                 _ => None,
             };
+            if let (Some(url), Some(_)) = (&cfg.redis.url, &erasure) {
+                match control::wait_for_streams(&cfg, url) {
+                    Ok(true) => {}
+                    Ok(false) => eprintln!(
+                        "keygate: warning: the nodes have not carried every change into the main store (is one running?); erasing what it holds"
+                    ),
+                    Err(e) => eprintln!("keygate: warning: redis: {e}"),
+                }
+            }
             match control_command(&cfg, cmd) {
                 Ok(v) => {
                     // Distributed mode: an erasure also leaves Redis (and so every node's memory

@@ -319,6 +319,8 @@ pub async fn activate(
     let mask = scope.mask(r.options.fields_to_return);
     let mut attempt = 0u32;
     let mut writer: Option<tokio::sync::MutexGuard<'_, ()>> = None;
+    // The new-machine rate limit is charged once per request, however often it decides.
+    let mut charged = false;
     let (prepared, code, durable) = loop {
         attempt += 1;
         // Decide under the lock. On one node the change is applied at once; in distributed
@@ -330,16 +332,16 @@ pub async fn activate(
                 ActivateOutcome::Rejected(rj) => return Err(Failure::new(rj.into(), rj.code())),
                 ActivateOutcome::Accepted { code, change } => (code, change),
             };
-            if attempt == 1 {
-                if let Change::Upsert(m) | Change::UpsertWithExpiry(m, _) = &change {
-                    let known = lic.machines.iter().any(|x| {
-                        x.machine_code == m.machine_code && x.is_floating() == m.is_floating()
-                    });
-                    if !known {
-                        ctx.rate_limits.new_machine(lic.global_id).map_err(|_| {
-                            Failure::new(ApiError::RateLimited, StateCode::ACTIVATE_FAILED)
-                        })?;
-                    }
+            if let (false, Change::Upsert(m) | Change::UpsertWithExpiry(m, _)) = (charged, &change)
+            {
+                let known = lic.machines.iter().any(|x| {
+                    x.machine_code == m.machine_code && x.is_floating() == m.is_floating()
+                });
+                if !known {
+                    charged = true;
+                    ctx.rate_limits.new_machine(lic.global_id).map_err(|_| {
+                        Failure::new(ApiError::RateLimited, StateCode::ACTIVATE_FAILED)
+                    })?;
                 }
             }
             let writes = matches!(change, Change::Upsert(_) | Change::UpsertWithExpiry(..));

@@ -625,6 +625,26 @@ async fn an_erasure_leaves_redis_every_node_and_the_store_for_good() {
         store_machines(&pg_url, gid) == keeper
     })
     .await;
+    // Nor does any change stream still hold it: consumed entries are trimmed.
+    let url = redis.url();
+    wait_until("no stream entry names the erased machine", || {
+        let url = url.clone();
+        async move {
+            std::thread::spawn(move || {
+                let mut c = redis::Client::open(url).unwrap().get_connection().unwrap();
+                let entries: redis::Value = redis::cmd("XRANGE")
+                    .arg(format!("kg:{{s{}}}:changes", gid % 16))
+                    .arg("-")
+                    .arg("+")
+                    .query(&mut c)
+                    .unwrap();
+                !format!("{entries:?}").contains("victim")
+            })
+            .join()
+            .unwrap()
+        }
+    })
+    .await;
     // A node that starts afresh (state from the store, then Redis) does not bring it back.
     nodes[0].stop();
     nodes[0] = Server::start(&dirs[0].0, &[]);

@@ -155,10 +155,13 @@ async fn a_database_dump_reveals_no_personal_data_and_every_answer_still_does() 
     let n = cli(d, &["privacy", "rotate-key"])["rows_reencrypted"]
         .as_i64()
         .unwrap();
-    assert!(
-        n >= 4,
-        "tenant key, customer, activation and log rows in clear: {n}"
-    );
+    // Tenant key, customer, activation and log rows were in clear; in distributed mode the
+    // node's first sealed snapshot already rewrote the key's activations, sealed.
+    let distributed = std::fs::read_to_string(d.join("keygate.toml"))
+        .unwrap_or_default()
+        .contains("[redis]");
+    let in_clear = if distributed { 3 } else { 4 };
+    assert!(n >= in_clear, "rows in clear: {n}");
     assert_eq!(cli(d, &["privacy", "rotate-key"])["rows_reencrypted"], 0);
 
     let secrets = [

@@ -13,14 +13,21 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_keygate");
 
 /// A directory removed when dropped. With `KEYGATE_TEST_STORE=postgres` it also owns a private
 /// PostgreSQL cluster and a `keygate.toml` pointing at it, so every CLI call and server on
-/// this directory runs on PostgreSQL: the same system tests, on the other engine.
+/// this directory runs on PostgreSQL: the same system tests, on the other engine. With
+/// `KEYGATE_TEST_STORE=redis` it owns a private redis-server instead, and every server on it
+/// runs in distributed mode (SQLite store).
 pub struct TempDir(
     pub PathBuf,
     #[expect(
         dead_code,
-        reason = "held for its Drop: the cluster lives as long as the directory"
+        reason = "held for its Drop: lives as long as the directory"
     )]
     Option<keygate::testkit::TempPostgres>,
+    #[expect(
+        dead_code,
+        reason = "held for its Drop: lives as long as the directory"
+    )]
+    Option<keygate::testkit::TempRedis>,
 );
 
 impl TempDir {
@@ -33,16 +40,26 @@ impl TempDir {
         ));
         let _ = std::fs::remove_dir_all(&p);
         std::fs::create_dir_all(&p).unwrap();
-        let pg = match std::env::var("KEYGATE_TEST_STORE").as_deref() {
+        let (mut pg, mut redis) = (None, None);
+        match std::env::var("KEYGATE_TEST_STORE").as_deref() {
             Ok("postgres") => {
-                let pg = keygate::testkit::TempPostgres::start();
-                use_postgres(&p, &pg.url());
-                Some(pg)
+                let cluster = keygate::testkit::TempPostgres::start();
+                use_postgres(&p, &cluster.url());
+                pg = Some(cluster);
             }
-            Ok("sqlite") | Err(_) => None,
-            Ok(other) => panic!("KEYGATE_TEST_STORE={other}: expected sqlite or postgres"),
-        };
-        TempDir(p, pg)
+            Ok("redis") => {
+                let server = keygate::testkit::TempRedis::start();
+                std::fs::write(
+                    p.join("keygate.toml"),
+                    format!("[redis]\nurl = \"{}\"\n", server.url()),
+                )
+                .unwrap();
+                redis = Some(server);
+            }
+            Ok("sqlite") | Err(_) => {}
+            Ok(other) => panic!("KEYGATE_TEST_STORE={other}: expected sqlite, postgres or redis"),
+        }
+        TempDir(p, pg, redis)
     }
 }
 
