@@ -317,10 +317,24 @@ pub async fn activate(
         now,
     };
     let mask = scope.mask(r.options.fields_to_return);
+    /// What one decision under the lock leads to.
+    enum Step {
+        /// Answered (single node, or nothing to commit).
+        Done(Prepared, StateCode, Durable),
+        /// Refused; in distributed mode for a limit, checked against Redis first.
+        Refused(domain::decide::Reject),
+        /// Distributed mode: become this license's writer on this node, then decide again.
+        NeedWriter,
+        /// Distributed mode: commit this snapshot, decided from version `expected`.
+        Commit(StateCode, Change, Snapshot, u64),
+    }
     let mut attempt = 0u32;
     let mut writer: Option<tokio::sync::MutexGuard<'_, ()>> = None;
     // The new-machine rate limit is charged once per request, however often it decides.
     let mut charged = false;
+    // Distributed mode: a limit refusal is checked once against Redis, since a seat freed on
+    // another node may not have reached this node's memory yet.
+    let mut refreshed = false;
     let (prepared, code, durable) = loop {
         attempt += 1;
         // Decide under the lock. On one node the change is applied at once; in distributed
@@ -328,60 +342,89 @@ pub async fn activate(
         // by the one writer of this license on this node.
         let step = {
             let mut lic = entry.license.lock();
-            let (code, change) = match domain::activate(&lic, &input) {
-                ActivateOutcome::Rejected(rj) => return Err(Failure::new(rj.into(), rj.code())),
-                ActivateOutcome::Accepted { code, change } => (code, change),
-            };
-            if let (false, Change::Upsert(m) | Change::UpsertWithExpiry(m, _)) = (charged, &change)
-            {
-                let known = lic.machines.iter().any(|x| {
-                    x.machine_code == m.machine_code && x.is_floating() == m.is_floating()
-                });
-                if !known {
-                    charged = true;
-                    ctx.rate_limits.new_machine(lic.global_id).map_err(|_| {
-                        Failure::new(ApiError::RateLimited, StateCode::ACTIVATE_FAILED)
-                    })?;
+            match domain::activate(&lic, &input) {
+                ActivateOutcome::Rejected(rj) => Step::Refused(rj),
+                ActivateOutcome::Accepted { code, change } => {
+                    if let (false, Change::Upsert(m) | Change::UpsertWithExpiry(m, _)) =
+                        (charged, &change)
+                    {
+                        let known = lic.machines.iter().any(|x| {
+                            x.machine_code == m.machine_code && x.is_floating() == m.is_floating()
+                        });
+                        if !known {
+                            charged = true;
+                            ctx.rate_limits.new_machine(lic.global_id).map_err(|_| {
+                                Failure::new(ApiError::RateLimited, StateCode::ACTIVATE_FAILED)
+                            })?;
+                        }
+                    }
+                    let writes = matches!(change, Change::Upsert(_) | Change::UpsertWithExpiry(..));
+                    if ctx.dist.is_some() && writes {
+                        if writer.is_none() {
+                            Step::NeedWriter
+                        } else {
+                            let mut next = lic.clone();
+                            next.apply(&change, now);
+                            Step::Commit(code, change, Snapshot::of(&next, 0), lic.shared_version)
+                        }
+                    } else {
+                        lic.apply(&change, now);
+                        // Forwarded under the lock, so the store sees one license's changes in
+                        // order. (Distributed mode: nothing to store for a non-writing answer.)
+                        let durable = match ctx.dist {
+                            Some(_) => Durable::ready(),
+                            None => ctx
+                                .writer
+                                .changes(store_events(&change, lic.global_id, now)),
+                        };
+                        let prepared =
+                            answer(ctx, &lic, &change, &r, &product, &signer, mask, now, log);
+                        Step::Done(prepared, code, durable)
+                    }
                 }
             }
-            let writes = matches!(change, Change::Upsert(_) | Change::UpsertWithExpiry(..));
-            if ctx.dist.is_some() && writes {
-                if writer.is_none() {
-                    None
-                } else {
-                    let mut next = lic.clone();
-                    next.apply(&change, now);
-                    Some((code, change, Snapshot::of(&next, 0), lic.shared_version))
+        };
+        match step {
+            Step::Done(prepared, code, durable) => break (prepared, code, durable),
+            Step::Refused(rj) => {
+                let limit = !matches!(rj, domain::decide::Reject::Blocked);
+                match &ctx.dist {
+                    Some(dist) if limit && !refreshed => {
+                        refreshed = true;
+                        let gid = next_gid(&entry);
+                        match dist.fetch(&[gid]).await {
+                            Ok(mut snaps) => {
+                                if let Some(Some(snap)) = snaps.pop() {
+                                    snap.install(&mut entry.license.lock());
+                                }
+                                continue;
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, "redis unreachable: refusal not rechecked");
+                            }
+                        }
+                        return Err(Failure::new(rj.into(), rj.code()));
+                    }
+                    _ => return Err(Failure::new(rj.into(), rj.code())),
                 }
-            } else {
-                lic.apply(&change, now);
-                // Forwarded under the lock, so the store sees one license's changes in order.
-                // (Distributed mode: writes went the other branch; nothing to store here.)
-                let durable = match ctx.dist {
-                    Some(_) => Durable::ready(),
-                    None => ctx
-                        .writer
-                        .changes(store_events(&change, lic.global_id, now)),
-                };
-                let prepared = answer(ctx, &lic, &change, &r, &product, &signer, mask, now, log);
-                break (prepared, code, durable);
             }
-        };
-        let Some((code, change, next, expected)) = step else {
-            // Become this license's writer on this node, then decide again.
-            writer = Some(entry.writer.lock().await);
-            attempt = 0;
-            continue;
-        };
-        let gid = next_gid(&entry);
-        match commit_shared(ctx, &entry, gid, expected, next, attempt).await {
-            Ok(Some(())) => {
-                let lic = entry.license.lock();
-                let prepared = answer(ctx, &lic, &change, &r, &product, &signer, mask, now, log);
-                break (prepared, code, Durable::ready());
+            Step::NeedWriter => {
+                writer = Some(entry.writer.lock().await);
+                attempt = 0;
             }
-            Ok(None) => continue,
-            Err(e) => return Err(fail(e)),
+            Step::Commit(code, change, next, expected) => {
+                let gid = next_gid(&entry);
+                match commit_shared(ctx, &entry, gid, expected, next, attempt).await {
+                    Ok(Some(())) => {
+                        let lic = entry.license.lock();
+                        let prepared =
+                            answer(ctx, &lic, &change, &r, &product, &signer, mask, now, log);
+                        break (prepared, code, Durable::ready());
+                    }
+                    Ok(None) => {}
+                    Err(e) => return Err(fail(e)),
+                }
+            }
         }
     };
     drop(writer);
@@ -554,38 +597,54 @@ pub async fn deactivate(ctx: &Ctx, r: DeactivateRequest, log: &mut LogCtx) -> Ou
         Some(_) => Some(entry.writer.lock().await),
         None => None,
     };
+    // Distributed mode: "never activated" is checked once against Redis, since an activation
+    // on another node may not have reached this node's memory yet.
+    let mut refreshed = ctx.dist.is_none();
     let (code, durable) = loop {
         attempt += 1;
-        let (code, next, expected) = {
+        let decided = {
             let mut lic = entry.license.lock();
             let outcome = domain::deactivate(&lic, &r.machine_code, r.floating);
             let code = outcome.code();
             match outcome {
                 DeactivateOutcome::Blocked => return Err(Failure::new(ApiError::Blocked, code)),
-                DeactivateOutcome::NotActivated => {
+                DeactivateOutcome::NotActivated if refreshed => {
                     return Err(Failure::new(ApiError::NotActivated, code))
                 }
+                DeactivateOutcome::NotActivated => None,
                 DeactivateOutcome::FloatingReleased { removed: false } => {
                     break (code, Durable::ready())
                 }
                 DeactivateOutcome::Removed
-                | DeactivateOutcome::FloatingReleased { removed: true } => {}
-            }
-            if ctx.dist.is_some() {
-                let mut next = lic.clone();
-                next.remove_machine(&r.machine_code, r.floating);
-                (code, Snapshot::of(&next, 0), lic.shared_version)
-            } else {
-                lic.remove_machine(&r.machine_code, r.floating);
-                let durable = ctx.writer.changes(vec![StoreEvent::MachineRemove {
-                    key_global_id: lic.global_id,
-                    machine_code: r.machine_code.clone(),
-                    floating: r.floating,
-                }]);
-                break (code, durable);
+                | DeactivateOutcome::FloatingReleased { removed: true } => {
+                    if ctx.dist.is_some() {
+                        let mut next = lic.clone();
+                        next.remove_machine(&r.machine_code, r.floating);
+                        Some((code, Snapshot::of(&next, 0), lic.shared_version))
+                    } else {
+                        lic.remove_machine(&r.machine_code, r.floating);
+                        let durable = ctx.writer.changes(vec![StoreEvent::MachineRemove {
+                            key_global_id: lic.global_id,
+                            machine_code: r.machine_code.clone(),
+                            floating: r.floating,
+                        }]);
+                        break (code, durable);
+                    }
+                }
             }
         };
         let gid = next_gid(&entry);
+        let Some((code, next, expected)) = decided else {
+            refreshed = true;
+            if let Some(dist) = &ctx.dist {
+                if let Ok(mut snaps) = dist.fetch(&[gid]).await {
+                    if let Some(Some(snap)) = snaps.pop() {
+                        snap.install(&mut entry.license.lock());
+                    }
+                }
+            }
+            continue;
+        };
         match commit_shared(ctx, &entry, gid, expected, next, attempt).await {
             Ok(Some(())) => break (code, Durable::ready()),
             Ok(None) => continue,
