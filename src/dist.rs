@@ -653,15 +653,6 @@ impl Dist {
             "license {gid} kept changing; not edited"
         )))
     }
-
-    /// A cheap liveness probe (readiness, metrics).
-    pub async fn ping(&self) -> bool {
-        let mut conn = self.conn.clone();
-        redis::cmd("PING")
-            .query_async::<Value>(&mut conn)
-            .await
-            .is_ok()
-    }
 }
 
 /// One stream entry: its id, and the license change it carries if it could be read.

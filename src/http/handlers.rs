@@ -328,6 +328,8 @@ pub async fn activate(
         /// Distributed mode: commit this snapshot, decided from version `expected`.
         Commit(StateCode, Change, Snapshot, u64),
     }
+    // A license's global id never changes: read once, not under the lock on every attempt.
+    let gid = entry.license.lock().global_id;
     let mut attempt = 0u32;
     let mut writer: Option<tokio::sync::MutexGuard<'_, ()>> = None;
     // The new-machine rate limit is charged once per request, however often it decides.
@@ -391,7 +393,6 @@ pub async fn activate(
                 match &ctx.dist {
                     Some(dist) if limit && !refreshed => {
                         refreshed = true;
-                        let gid = next_gid(&entry);
                         match dist.fetch(&[gid]).await {
                             Ok(mut snaps) => {
                                 if let Some(Some(snap)) = snaps.pop() {
@@ -413,7 +414,6 @@ pub async fn activate(
                 attempt = 0;
             }
             Step::Commit(code, change, next, expected) => {
-                let gid = next_gid(&entry);
                 match commit_shared(ctx, &entry, gid, expected, next, attempt).await {
                     Ok(Some(())) => {
                         let lic = entry.license.lock();
@@ -436,10 +436,6 @@ pub async fn activate(
 /// How often a change is decided again after losing a compare-and-set race in Redis (to
 /// other nodes: on one node, one writer per license at a time).
 const MAX_SHARED_ATTEMPTS: u32 = 64;
-
-fn next_gid(entry: &LicenseEntry) -> i64 {
-    entry.license.lock().global_id
-}
 
 /// Distributed mode: commits a decided snapshot in Redis. `Some(())`: committed and installed
 /// here; `None`: another node (or request) changed the license first, its state is now
@@ -591,6 +587,7 @@ pub async fn deactivate(ctx: &Ctx, r: DeactivateRequest, log: &mut LogCtx) -> Ou
     let (scope, _) =
         authorize(ctx, &r.token, Method::Deactivate, r.product_id, log).map_err(fail)?;
     let entry = authorize_key(ctx, &scope, r.product_id, &r.key, log).map_err(fail)?;
+    let gid = entry.license.lock().global_id;
     let mut attempt = 0u32;
     // Distributed mode: one writer of this license per node (see `LicenseEntry::writer`).
     let _writer = match ctx.dist {
@@ -633,7 +630,6 @@ pub async fn deactivate(ctx: &Ctx, r: DeactivateRequest, log: &mut LogCtx) -> Ou
                 }
             }
         };
-        let gid = next_gid(&entry);
         let Some((code, next, expected)) = decided else {
             refreshed = true;
             if let Some(dist) = &ctx.dist {
