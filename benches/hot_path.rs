@@ -101,6 +101,7 @@ fn fixture(cached: bool) -> Fixture {
         } else {
             keygate::http::response_cache::ResponseCache::off()
         },
+        request_metrics: Default::default(),
     });
     Fixture {
         ctx,

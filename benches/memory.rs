@@ -8,6 +8,10 @@ use keygate::state::State;
 use keygate::store::KeyRow;
 use std::time::Instant;
 
+/// The allocator the `keygate` binary uses, so the figure is the server's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn rss_bytes() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     status

@@ -193,6 +193,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
             Duration::from_millis(cfg.cache.response_ttl_ms),
             cfg.cache.response_max_bytes,
         ),
+        request_metrics: crate::metrics::RequestMetrics::new(),
     });
     let housekeeping_ctx = ctx.clone();
     tokio::spawn(async move {

@@ -25,6 +25,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
@@ -65,6 +66,7 @@ pub struct Ctx {
     /// Interned node addresses (`proxy_ip` of recorded machines); see `Ctx::node_address`.
     pub node_addresses: parking_lot::Mutex<std::collections::HashMap<String, Arc<str>>>,
     pub responses: response_cache::ResponseCache,
+    pub request_metrics: crate::metrics::RequestMetrics,
     /// Bits of a client IPv4 / IPv6 address the request log keeps.
     pub log_ip_prefixes: (u8, u8),
 }
@@ -110,9 +112,35 @@ struct Conn {
     /// The peer is a trusted proxy: each request's `X-Forwarded-For` names its client.
     behind_proxy: bool,
     proxy_ip: Arc<str>,
+    /// The peer's address as text, and as the request log keeps it: the same for every
+    /// request not forwarded by a proxy, so formatted once.
+    peer_text: String,
+    peer_log_text: String,
 }
 
 impl Conn {
+    fn new(ctx: &Ctx, peer: std::net::IpAddr, proxy_ip: Arc<str>) -> Conn {
+        Conn {
+            peer,
+            behind_proxy: ctx.trusted_proxies.contains(peer),
+            proxy_ip,
+            peer_text: peer.to_string(),
+            peer_log_text: ctx.log_ip(peer),
+        }
+    }
+
+    /// `ip` as text, and as the request log keeps it.
+    fn texts(&self, ctx: &Ctx, ip: std::net::IpAddr) -> (Cow<'_, str>, Cow<'_, str>) {
+        if ip == self.peer {
+            (
+                self.peer_text.as_str().into(),
+                self.peer_log_text.as_str().into(),
+            )
+        } else {
+            (ip.to_string().into(), ctx.log_ip(ip).into())
+        }
+    }
+
     fn client_ip(&self, ctx: &Ctx, headers: &http::HeaderMap) -> std::net::IpAddr {
         if !self.behind_proxy {
             return self.peer;
@@ -141,8 +169,8 @@ impl Drop for OpenConnection {
     }
 }
 
-fn json_response(status: StatusCode, body: Vec<u8>) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(Bytes::from(body)));
+fn json_response(status: StatusCode, body: Bytes) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body));
     *r.status_mut() = status;
     r.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -151,14 +179,15 @@ fn json_response(status: StatusCode, body: Vec<u8>) -> Response<Full<Bytes>> {
     r
 }
 
-fn route_name(r: Option<Route>) -> &'static str {
+/// The route's index in `metrics::ROUTES`.
+fn route_index(r: Option<Route>) -> usize {
     match r {
-        Some(Route::Activate) => "activate",
-        Some(Route::GetKey) => "getkey",
-        Some(Route::Deactivate) => "deactivate",
-        Some(Route::CreateTrialKey) => "createtrialkey",
-        Some(Route::GetWebApiLog) => "getwebapilog",
-        None => "other",
+        Some(Route::Activate) => 0,
+        Some(Route::GetKey) => 1,
+        Some(Route::Deactivate) => 2,
+        Some(Route::CreateTrialKey) => 3,
+        Some(Route::GetWebApiLog) => 4,
+        None => 5,
     }
 }
 
@@ -171,25 +200,28 @@ async fn handle(
     let mut log = LogCtx::default();
     let route = request::route(req.uri().path()).ok();
     let client_ip = conn.client_ip(&ctx, req.headers());
-    let outcome = serve(&ctx, client_ip, &conn.proxy_ip, req, &mut log).await;
+    let (ip_text, ip_log_text) = conn.texts(&ctx, client_ip);
+    let outcome = serve(&ctx, client_ip, &ip_text, &conn.proxy_ip, req, &mut log).await;
     let (status, body, code, label) = match outcome {
         Ok((body, code)) => (StatusCode::OK, body, code, "ok"),
         Err(f) => (
             f.error.status(),
-            crate::wire::error_response(f.error.message()),
+            Bytes::from(crate::wire::error_response(f.error.message())),
             f.code,
             f.error.label(),
         ),
     };
     ctx.writer
-        .log(log.row(&ctx.log_ip(client_ip), &conn.proxy_ip, ctx.now(), code));
-    crate::metrics::request(route_name(route), label, started.elapsed());
+        .log(log.row(&ip_log_text, &conn.proxy_ip, ctx.now(), code));
+    ctx.request_metrics
+        .record(route_index(route), label, started.elapsed());
     Ok(json_response(status, body))
 }
 
 async fn serve(
     ctx: &Arc<Ctx>,
     client_ip: std::net::IpAddr,
+    client_ip_text: &str,
     proxy_ip: &Arc<str>,
     req: hyper::Request<Incoming>,
     log: &mut LogCtx,
@@ -240,7 +272,7 @@ async fn serve(
     let decoded = Request::decode(route, &params);
     let request =
         decoded.map_err(|e| Failure::new(request::DecodeOutcome::Params(e).into(), fail_code))?;
-    let client_ip = &client_ip.to_string();
+    let client_ip = client_ip_text;
     match request {
         Request::Activate(r) => handlers::activate(ctx, r, client_ip, proxy_ip, log).await,
         Request::GetKey(r) => handlers::get_key(ctx, r, log).await,
@@ -339,11 +371,7 @@ pub async fn serve_listener(listener: Listener, ctx: Arc<Ctx>, shutdown: Cancell
                     }
                 }
             }
-            let conn = Arc::new(Conn {
-                peer,
-                behind_proxy: ctx.trusted_proxies.contains(peer),
-                proxy_ip,
-            });
+            let conn = Arc::new(Conn::new(&ctx, peer, proxy_ip));
             let svc = service_fn(move |req| handle(ctx.clone(), conn.clone(), req));
             let Some(acceptor) = acceptor else {
                 let c = builder.serve_connection(TokioIo::new(tcp), svc);

@@ -9,6 +9,11 @@ use serde_json::Value;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+/// mimalloc instead of the C library's allocator: about a fifth more re-activations per second
+/// on one core (loadtest/README.md), as every request allocates and frees its small buffers.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "keygate",

@@ -2,6 +2,7 @@
 //! are low-cardinality by construction: fixed route names, result classes and outcomes, never
 //! keys, tokens, machine codes or IPs. Without an installed recorder these calls are no-ops.
 
+use metrics::{Counter, Histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use std::time::Duration;
 
@@ -62,14 +63,52 @@ pub fn install() -> Result<PrometheusHandle, String> {
     Ok(handle)
 }
 
-/// One answered request: `method` is a fixed route name, `result` "ok" or an error class.
-pub fn request(method: &'static str, result: &'static str, elapsed: Duration) {
-    metrics::counter!(REQUESTS_TOTAL, "method" => method, "result" => result).increment(1);
-    metrics::histogram!(REQUEST_DURATION_SECONDS, "method" => method).record(elapsed.as_secs_f64());
+/// The route names of `keygate_requests_total` and `keygate_request_duration_seconds`.
+pub const ROUTES: [&str; 6] = [
+    "activate",
+    "getkey",
+    "deactivate",
+    "createtrialkey",
+    "getwebapilog",
+    "other",
+];
+
+/// The per-request metrics, registered once per route: a registry lookup hashes the name and
+/// labels, which on the re-activation path cost as much as the cache lookup.
+pub struct RequestMetrics {
+    ok: [Counter; ROUTES.len()],
+    duration: [Histogram; ROUTES.len()],
+    /// `keygate_signing_duration_seconds`, recorded on the signing threads.
+    pub signing: Histogram,
 }
 
-pub fn signing(elapsed: Duration) {
-    metrics::histogram!(SIGNING_DURATION_SECONDS).record(elapsed.as_secs_f64());
+impl RequestMetrics {
+    /// Registers with the recorder installed now (a no-op set when there is none).
+    pub fn new() -> RequestMetrics {
+        RequestMetrics {
+            ok: ROUTES.map(|m| metrics::counter!(REQUESTS_TOTAL, "method" => m, "result" => "ok")),
+            duration: ROUTES.map(|m| metrics::histogram!(REQUEST_DURATION_SECONDS, "method" => m)),
+            signing: metrics::histogram!(SIGNING_DURATION_SECONDS),
+        }
+    }
+
+    /// One answered request: `route` indexes `ROUTES`, `result` is "ok" or an error class.
+    pub fn record(&self, route: usize, result: &'static str, elapsed: Duration) {
+        let route = route.min(ROUTES.len() - 1);
+        if result == "ok" {
+            self.ok[route].increment(1);
+        } else {
+            metrics::counter!(REQUESTS_TOTAL, "method" => ROUTES[route], "result" => result)
+                .increment(1);
+        }
+        self.duration[route].record(elapsed.as_secs_f64());
+    }
+}
+
+impl Default for RequestMetrics {
+    fn default() -> Self {
+        RequestMetrics::new()
+    }
 }
 
 /// A connection opened (+1) or closed (-1).
@@ -96,15 +135,14 @@ pub fn tls_reload(result: &'static str) {
     metrics::counter!(TLS_RELOADS_TOTAL, "result" => result).increment(1);
 }
 
-/// A lookup in the signed-response cache.
-pub fn response_cache(hit: bool) {
-    let result = if hit { "hit" } else { "miss" };
-    metrics::counter!(RESPONSE_CACHE_TOTAL, "result" => result).increment(1);
-}
-
-/// An entry pushed out by the size bound (not by its TTL).
-pub fn response_cache_evicted() {
-    metrics::counter!(RESPONSE_CACHE_EVICTIONS_TOTAL).increment(1);
+/// The signed-response cache's counters, registered once (it counts on every request): hits,
+/// misses, and entries pushed out by the size bound before their TTL.
+pub fn response_cache_handles() -> (Counter, Counter, Counter) {
+    (
+        metrics::counter!(RESPONSE_CACHE_TOTAL, "result" => "hit"),
+        metrics::counter!(RESPONSE_CACHE_TOTAL, "result" => "miss"),
+        metrics::counter!(RESPONSE_CACHE_EVICTIONS_TOTAL),
+    )
 }
 
 pub fn retention_anonymised(rows: usize) {

@@ -101,41 +101,45 @@ struct Worker {
     schedule: Option<tokio::sync::mpsc::UnboundedReceiver<Instant>>,
 }
 
-/// The open-loop clock: an OS thread that releases request `k` to worker `k % workers` at
-/// `start + k / rate`. It sleeps precisely (not on tokio's millisecond timer), so generator
-/// timer lateness is not counted as server latency; a worker still busy with its previous
-/// request finds the due time waiting, and that wait is counted, as it should be.
-fn pacer(
+/// The open-loop clock: a task that releases request `k` to worker `k % workers` at
+/// `start + k / rate`. Latency counts from that due time, so the clock's own lateness would
+/// count as server latency: it sleeps on tokio's (millisecond) timer only until a millisecond
+/// before the next release and yields in a loop for the rest, so releases are late by about
+/// one pass over the ready connections. It runs beside the connections on the generator's
+/// runtime (an OS thread sleeping per request cost two context switches per request, and
+/// made the generator, not the server, the limit of open-loop runs on one core).
+async fn pacer(
     start: Instant,
     end: Instant,
     rate: f64,
     workers: Vec<tokio::sync::mpsc::UnboundedSender<Instant>>,
 ) {
-    let (start_std, end_std) = (start.into_std(), end.into_std());
-    std::thread::spawn(move || {
-        let step = Duration::from_secs_f64(1.0 / rate);
-        let mut k = 0u64;
-        loop {
-            // Release everything due by now, then sleep until the next one (no spinning: the
-            // generator's core is needed for the connections; a wake-up is ~0.1 ms late at most).
-            let now = std::time::Instant::now();
-            loop {
-                let due = start_std + step.mul_f64(k as f64);
-                if due >= end_std {
-                    return;
-                }
-                if due > now {
-                    std::thread::sleep(due - now);
-                    break;
-                }
-                let w = &workers[(k % workers.len() as u64) as usize];
-                if w.send(Instant::from_std(due)).is_err() {
-                    return;
-                }
-                k += 1;
+    let step = Duration::from_secs_f64(1.0 / rate);
+    let coarse = Duration::from_millis(1);
+    let mut k = 0u64;
+    loop {
+        let now = Instant::now();
+        let mut due = start + step.mul_f64(k as f64);
+        while due <= now {
+            if due >= end {
+                return;
             }
+            let w = &workers[(k % workers.len() as u64) as usize];
+            if w.send(due).is_err() {
+                return;
+            }
+            k += 1;
+            due = start + step.mul_f64(k as f64);
         }
-    });
+        if due >= end {
+            return;
+        }
+        if due - now > coarse + coarse / 2 {
+            tokio::time::sleep_until(due - coarse).await;
+        } else {
+            tokio::task::yield_now().await;
+        }
+    }
 }
 
 /// Runs `scenario` against `o.addr` and returns what was measured after the warm-up.
@@ -182,7 +186,7 @@ pub async fn run(o: &Options, scenario: &Scenario, vars: &Vars) -> anyhow::Resul
                 tx
             })
             .collect();
-        pacer(start, end, rate, senders);
+        tokio::spawn(pacer(start, end, rate, senders));
     }
     let scenario = Arc::new(scenario.clone());
     let vars = Arc::new(vars.clone());

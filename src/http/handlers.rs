@@ -4,7 +4,7 @@
 //! (CreateTrialKey, which creates a key, is the one documented exception).
 
 use super::error::{ApiError, Failure};
-use super::response_cache::{Probe, Shape};
+use super::response_cache::{Probe, ProbeKey, Shape};
 use super::Ctx;
 use crate::dist::{Cas, Snapshot};
 use crate::domain::{
@@ -20,6 +20,7 @@ use crate::state::LicenseEntry;
 use crate::store::writer::Durable;
 use crate::store::{LogQuery, LogRow, NewKey, ProductRow, StoreEvent};
 use crate::wire::{self, LicenseStatus, LicenseView, Metadata};
+use bytes::Bytes;
 use std::sync::Arc;
 
 /// What the request log records about a call; filled in as the call learns it.
@@ -50,7 +51,7 @@ impl LogCtx {
     }
 }
 
-pub type Outcome = Result<(Vec<u8>, StateCode), Failure>;
+pub type Outcome = Result<(Bytes, StateCode), Failure>;
 
 /// Token, method and product checks, in the order Cryptolens reports them.
 fn authorize(
@@ -204,8 +205,8 @@ fn encode(
 
 /// What a handler takes out of the license lock: a cached answer, or what to sign.
 enum Prepared {
-    Cached(Vec<u8>),
-    Sign(Encoded, Option<Probe>),
+    Cached(Bytes),
+    Sign(Encoded, Option<ProbeKey>),
 }
 
 /// Encodes under the license lock. A `cacheable` answer (one that changed nothing) is first
@@ -230,7 +231,7 @@ fn prepare(
         Shape {
             license_global_id: lic.global_id,
             license_version: lic.version,
-            caller: caller.map(|m| (m.machine_code.clone(), m.is_floating())),
+            caller: caller.map(|m| (m.machine_code.as_str(), m.is_floating())),
             model_version: opts.model_version,
             mask: mask.0,
             metadata: opts.metadata.then(|| metadata(lic, product, now)),
@@ -239,7 +240,10 @@ fn prepare(
     );
     match ctx.responses.get(&probe) {
         Some(body) => Prepared::Cached(body),
-        None => Prepared::Sign(encode(lic, product, opts, mask, caller, now), Some(probe)),
+        None => Prepared::Sign(
+            encode(lic, product, opts, mask, caller, now),
+            Some(probe.to_key()),
+        ),
     }
 }
 
@@ -251,12 +255,13 @@ async fn respond(
     prepared: Prepared,
     mask: Mask,
     now: i64,
-) -> Result<Vec<u8>, ApiError> {
+) -> Result<Bytes, ApiError> {
     let (enc, probe) = match prepared {
         Prepared::Cached(body) => return Ok(body),
         Prepared::Sign(enc, probe) => (enc, probe),
     };
     let hide_metadata = mask.hides(Mask::METADATA);
+    let signing = ctx.request_metrics.signing.clone();
     let body = ctx
         .sign_pool
         .run(move || -> Result<Vec<u8>, ApiError> {
@@ -264,7 +269,7 @@ async fn respond(
             let sig = signer
                 .sign_sha256(&enc.license_json)
                 .map_err(|_| ApiError::Internal)?;
-            crate::metrics::signing(started.elapsed());
+            signing.record(started.elapsed().as_secs_f64());
             let md = match enc.metadata {
                 Some(_) if hide_metadata => Some(b"null".to_vec()),
                 Some(md) => {
@@ -282,6 +287,7 @@ async fn respond(
         })
         .await
         .map_err(|_| ApiError::Internal)??;
+    let body = Bytes::from(body);
     if let Some(probe) = probe {
         ctx.responses.insert(probe, body.clone());
     }
@@ -535,25 +541,16 @@ fn answer(
 ) -> Prepared {
     let floating = r.floating_interval > 0;
     let caller = match change {
-        Change::Transient(m) => Some(m.clone()),
+        Change::Transient(m) => Some(m),
         _ => lic
             .machines
             .iter()
-            .find(|m| m.is_floating() == floating && m.machine_code == r.machine_code)
-            .cloned(),
+            .find(|m| m.is_floating() == floating && m.machine_code == r.machine_code),
     };
     log.floating_expires = caller.as_ref().map_or(0, |m| m.floating_expires);
     let cacheable = *change == Change::None;
     prepare(
-        ctx,
-        signer,
-        lic,
-        product,
-        &r.options,
-        mask,
-        caller.as_ref(),
-        now,
-        cacheable,
+        ctx, signer, lic, product, &r.options, mask, caller, now, cacheable,
     )
 }
 
@@ -648,7 +645,7 @@ pub async fn deactivate(ctx: &Ctx, r: DeactivateRequest, log: &mut LogCtx) -> Ou
         }
     };
     durable.wait().await;
-    Ok((wire::ok_response(), code))
+    Ok((wire::ok_response().into(), code))
 }
 
 /// GetWebAPILog: one page of the calling tenant's request log. Like CreateTrialKey it reads
@@ -734,7 +731,10 @@ pub async fn get_web_api_log(ctx: &Ctx, r: WebApiLogRequest, log: &mut LogCtx) -
             floating_expires: e.row.floating_expires,
         })
         .collect();
-    Ok((wire::web_api_log_response(&view), StateCode::LOG_READ_OK))
+    Ok((
+        wire::web_api_log_response(&view).into(),
+        StateCode::LOG_READ_OK,
+    ))
 }
 
 /// Trial length when the token's feature lock does not set one.
@@ -769,7 +769,7 @@ pub async fn create_trial_key(
         if lic.block {
             return Err(fail(ApiError::TrialAlreadyUsed));
         }
-        return Ok((wire::key_response(&lic.key), StateCode::TRIAL_REUSED));
+        return Ok((wire::key_response(&lic.key).into(), StateCode::TRIAL_REUSED));
     }
     let now = ctx.now();
     let days = if scope.feature_lock > 0 {
@@ -821,5 +821,5 @@ pub async fn create_trial_key(
     log.key_id = Some(row.license.id);
     let key = row.license.key.clone();
     ctx.state.put_key(row, true);
-    Ok((wire::key_response(&key), StateCode::TRIAL_CREATED))
+    Ok((wire::key_response(&key).into(), StateCode::TRIAL_CREATED))
 }
