@@ -15,6 +15,10 @@ use std::hint::black_box;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// The allocator the `keygate` binary uses, so the figures are the server's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 struct Fixture {
     ctx: Arc<Ctx>,
     _writer: Writer,
