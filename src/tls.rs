@@ -178,28 +178,28 @@ mod tests {
             .with_root_certificates(roots)
             .with_no_client_auth(),
         );
+        // Moves what `from` has to send into `to`.
+        fn pump(from: &mut rustls::Connection, to: &mut rustls::Connection) {
+            let mut buf = Vec::new();
+            while from.wants_write() {
+                from.write_tls(&mut buf).unwrap();
+            }
+            if !buf.is_empty() {
+                to.read_tls(&mut &buf[..]).unwrap();
+                to.process_new_packets().unwrap();
+            }
+        }
         let handshake = || {
             let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
-            let mut c = rustls::ClientConnection::new(client.clone(), name).unwrap();
-            let mut s = rustls::ServerConnection::new(server.clone()).unwrap();
-            // Shuttle records both ways until neither side has anything to send.
+            let mut c: rustls::Connection = rustls::ClientConnection::new(client.clone(), name)
+                .unwrap()
+                .into();
+            let mut s: rustls::Connection = rustls::ServerConnection::new(server.clone())
+                .unwrap()
+                .into();
             for _ in 0..10 {
-                let mut buf = Vec::new();
-                while c.wants_write() {
-                    c.write_tls(&mut buf).unwrap();
-                }
-                if !buf.is_empty() {
-                    s.read_tls(&mut &buf[..]).unwrap();
-                    s.process_new_packets().unwrap();
-                }
-                let mut buf = Vec::new();
-                while s.wants_write() {
-                    s.write_tls(&mut buf).unwrap();
-                }
-                if !buf.is_empty() {
-                    c.read_tls(&mut &buf[..]).unwrap();
-                    c.process_new_packets().unwrap();
-                }
+                pump(&mut c, &mut s);
+                pump(&mut s, &mut c);
             }
             assert!(!c.is_handshaking() && !s.is_handshaking());
             (
