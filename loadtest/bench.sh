@@ -123,10 +123,18 @@ if [ -n "$nginx_addr" ]; then
         --rounds 2 --json "$out/reactivate-vs-nginx.json"
     LT compare --a "$nginx_addr" --b "$pinned" --label-a nginx --label-b keygate --scenario reactivate "${common[@]}" \
         --new-connection --rounds 2 --json "$out/new-connections-vs-nginx.json"
+    echo "== 5c. the same with the key exchange nginx negotiates (server.tls_post_quantum = false)"
+    classic=$(start "$work/kg-classic.log" "https://" taskset -c "$server_cpu" "${keygate_env[@]}" \
+        KEYGATE_SERVER__WORKER_THREADS=1 KEYGATE_SERVER__SIGNING_THREADS=1 KEYGATE_SERVER__TLS_POST_QUANTUM=false \
+        "$kg" --data-dir "$work/data" serve)
+    LT compare --a "$nginx_addr" --b "$classic" --label-a nginx --label-b keygate-classical --scenario reactivate "${common[@]}" \
+        --new-connection --rounds 2 --json "$out/new-connections-classical-vs-nginx.json"
 fi
 
 echo "== 6. the same re-activation comparison on two unpinned cores (server and generator share them)"
-for p in "${pids[@]}"; do kill "$p"; done
+# The pinned servers were started in subshells (`start`), so `pids` may not name them.
+for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+pkill -f -- "$work" 2>/dev/null || true
 pids=()
 sleep 1
 free=$(start "$work/kg2.log" "https://" "${keygate_env[@]}" "$kg" --data-dir "$work/data" serve)
@@ -165,6 +173,7 @@ if nginx:
     s.update({
       "nginx_rps": kn["runs"][0]["throughput_rps"], "reactivate_over_nginx": kn["summary"]["throughput_ratio_b_over_a"],
       "new_connection_nginx_rps": cn["runs"][0]["throughput_rps"], "new_connection_over_nginx": cn["summary"]["throughput_ratio_b_over_a"],
+      "new_connection_classical_kx_over_nginx": j("new-connections-classical-vs-nginx.json")["summary"]["throughput_ratio_b_over_a"],
     })
 json.dump(s, open(os.path.join(out, "summary.json"), "w"), indent=2)
 for k, v in s.items():
