@@ -15,6 +15,7 @@ mod tests;
 pub use codes::StateCode;
 pub use decide::{activate, deactivate, ActivateInput, ActivateOutcome, DeactivateOutcome, Reject};
 pub use model::{
-    Customer, DataObject, Features, License, Machine, MachineKind, Mask, UnixTime, DAY_SECONDS,
+    Customer, DataObject, Features, License, LogFilter, Machine, MachineKind, Mask, UnixTime,
+    DAY_SECONDS,
 };
 pub use scope::{Method, Scope, ScopeError};

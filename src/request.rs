@@ -2,6 +2,7 @@
 //! tolerant of what real SDKs send (any casing, repeated slashes, `True`, `FriendlyName=None`,
 //! `SignMethod=StringSign`, empty strings for unset values). Pure and fuzzed (`fuzz/`).
 
+use crate::domain::LogFilter;
 use std::borrow::Cow;
 
 /// The client methods Keygate serves.
@@ -247,19 +248,9 @@ pub struct WebApiLogRequest {
     pub token: String,
     pub product_id: Option<i64>,
     pub key: Option<String>,
-    /// Exact match.
-    pub machine_code: Option<String>,
-    /// Contained, case-insensitively.
-    pub friendly_name: Option<String>,
-    /// `States`: a JSON array of state codes.
-    pub states: Vec<u16>,
-    pub limit: i64,
-    /// Rows after this id in the chosen order (the next page).
-    pub starting_after: Option<i64>,
-    /// Rows before this id in the chosen order (the previous page).
-    pub ending_before: Option<i64>,
-    /// Newest first unless `OrderBy` asks for ascending.
-    pub ascending: bool,
+    /// `MachineCode`, `FriendlyName`, `States` (a JSON array of state codes), `Limit`,
+    /// `StartingAfter`, `EndingBefore`, and `OrderBy` (ascending or not).
+    pub filter: LogFilter,
 }
 
 impl WebApiLogRequest {
@@ -299,18 +290,20 @@ impl WebApiLogRequest {
             token,
             product_id: positive("ProductId")?,
             key: text("Key")?,
-            machine_code: text("MachineCode")?,
-            friendly_name: text("FriendlyName")?,
-            states,
-            limit,
-            starting_after: positive("StartingAfter")?,
-            ending_before: positive("EndingBefore")?,
-            ascending,
+            filter: LogFilter {
+                machine_code: text("MachineCode")?,
+                friendly_name: text("FriendlyName")?,
+                states,
+                limit,
+                starting_after: positive("StartingAfter")?,
+                ending_before: positive("EndingBefore")?,
+                ascending,
+            },
         };
         if r.key.is_some() && r.product_id.is_none() {
             return Err(DecodeError::BadParameter("ProductId"));
         }
-        if r.starting_after.is_some() && r.ending_before.is_some() {
+        if r.filter.starting_after.is_some() && r.filter.ending_before.is_some() {
             return Err(DecodeError::BadParameter("EndingBefore"));
         }
         Ok(r)
@@ -677,10 +670,10 @@ mod tests {
             (
                 r.product_id,
                 r.key,
-                r.machine_code,
-                r.limit,
-                r.starting_after,
-                r.ascending
+                r.filter.machine_code,
+                r.filter.limit,
+                r.filter.starting_after,
+                r.filter.ascending
             ),
             (None, None, None, 10, None, false)
         );
@@ -689,9 +682,9 @@ mod tests {
             (
                 r.product_id,
                 r.key.as_deref(),
-                r.states,
-                r.ascending,
-                r.starting_after
+                r.filter.states,
+                r.filter.ascending,
+                r.filter.starting_after
             ),
             (Some(3), Some("K"), vec![2010, 2011], true, Some(9))
         );

@@ -11,7 +11,9 @@ pub mod journal;
 pub mod wal;
 pub mod writer;
 
-use crate::domain::{Customer, DataObject, Features, License, Machine, MachineKind, Scope};
+use crate::domain::{
+    Customer, DataObject, Features, License, LogFilter, Machine, MachineKind, Scope,
+};
 use db::{vals, Db, Engine, Row};
 use std::path::Path;
 use std::sync::Arc;
@@ -306,13 +308,7 @@ pub struct LogQuery {
     pub product_id: Option<i64>,
     /// The per-product key `ID`.
     pub key_id: Option<i64>,
-    pub machine_code: Option<String>,
-    pub friendly_name: Option<String>,
-    pub states: Vec<u16>,
-    pub limit: i64,
-    pub starting_after: Option<i64>,
-    pub ending_before: Option<i64>,
-    pub ascending: bool,
+    pub filter: LogFilter,
 }
 
 /// One request-log row with its id and its key's string (when the key still exists).
@@ -1362,18 +1358,16 @@ impl Store {
     /// to 100,000 rows scanned per call.
     pub fn web_api_log(&mut self, q: &LogQuery) -> Result<Vec<LogEntry>> {
         let seal = self.seal.clone();
-        let (Some(name), true) = (&q.friendly_name, seal.0.is_some()) else {
+        let (Some(name), true) = (&q.filter.friendly_name, seal.0.is_some()) else {
             return self.web_api_log_page(q, &seal, true);
         };
         const CHUNK: i64 = 500;
         let needle = name.to_lowercase();
-        let limit = q.limit.max(0) as usize;
-        let backwards = q.ending_before.is_some();
-        let mut chunk_query = LogQuery {
-            friendly_name: None,
-            limit: CHUNK,
-            ..q.clone()
-        };
+        let limit = q.filter.limit.max(0) as usize;
+        let backwards = q.filter.ending_before.is_some();
+        let mut chunk_query = q.clone();
+        chunk_query.filter.friendly_name = None;
+        chunk_query.filter.limit = CHUNK;
         let mut out: Vec<LogEntry> = Vec::new();
         for _ in 0..200 {
             let page = self.web_api_log_page(&chunk_query, &seal, false)?;
@@ -1381,9 +1375,9 @@ impl Store {
                 break;
             };
             if backwards {
-                chunk_query.ending_before = Some(first.id);
+                chunk_query.filter.ending_before = Some(first.id);
             } else {
-                chunk_query.starting_after = Some(last.id);
+                chunk_query.filter.starting_after = Some(last.id);
             }
             let exhausted = (page.len() as i64) < CHUNK;
             let matching = page
@@ -1417,6 +1411,7 @@ impl Store {
         seal: &Seal,
         friendly_in_sql: bool,
     ) -> Result<Vec<LogEntry>> {
+        let f = &q.filter;
         let mut args: Vec<db::Value> = vec![q.tenant_id.into()];
         let mut cond = vec!["r.tenant_id = ?1".to_owned()];
         let arg = |v: db::Value, args: &mut Vec<db::Value>| {
@@ -1429,13 +1424,13 @@ impl Store {
         if let Some(k) = q.key_id {
             cond.push(format!("r.key_id = {}", arg(k.into(), &mut args)));
         }
-        if let Some(m) = &q.machine_code {
+        if let Some(m) = &f.machine_code {
             let forms = seal.forms(m);
             cond.push(any_of("r.machine_code", forms.len(), args.len() + 1));
             args.extend(forms);
         }
-        if let (Some(f), true) = (&q.friendly_name, friendly_in_sql) {
-            let escaped = f
+        if let (Some(name), true) = (&f.friendly_name, friendly_in_sql) {
+            let escaped = name
                 .to_lowercase()
                 .replace('\\', "\\\\")
                 .replace('%', "\\%")
@@ -1443,8 +1438,8 @@ impl Store {
             let p = arg(format!("%{escaped}%").into(), &mut args);
             cond.push(format!("LOWER(r.friendly_name) LIKE {p} ESCAPE '\\'"));
         }
-        if !q.states.is_empty() {
-            let list: Vec<String> = q
+        if !f.states.is_empty() {
+            let list: Vec<String> = f
                 .states
                 .iter()
                 .map(|s| arg((*s).into(), &mut args))
@@ -1453,20 +1448,20 @@ impl Store {
         }
         // Pages run in the asked order; an `ending_before` page is read backwards from its
         // cursor and turned around.
-        let backwards = q.ending_before.is_some();
-        let (after, before) = if q.ascending { (">", "<") } else { ("<", ">") };
-        if let Some(c) = q.starting_after {
+        let backwards = f.ending_before.is_some();
+        let (after, before) = if f.ascending { (">", "<") } else { ("<", ">") };
+        if let Some(c) = f.starting_after {
             cond.push(format!("r.id {after} {}", arg(c.into(), &mut args)));
         }
-        if let Some(c) = q.ending_before {
+        if let Some(c) = f.ending_before {
             cond.push(format!("r.id {before} {}", arg(c.into(), &mut args)));
         }
-        let dir = if q.ascending != backwards {
+        let dir = if f.ascending != backwards {
             "ASC"
         } else {
             "DESC"
         };
-        let limit = arg(q.limit.into(), &mut args);
+        let limit = arg(f.limit.into(), &mut args);
         let columns = format!("r.{}", LOG_COLUMNS_SQL.replace(", ", ", r."));
         let mut rows = self
             .db

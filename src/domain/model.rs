@@ -178,3 +178,22 @@ impl Mask {
         self.0 & bit != 0
     }
 }
+
+/// What a read of the request log (GetWebAPILog) asks for beyond whose log it is: filters,
+/// page size, cursor and order. The same from the decoded request to the store's query.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LogFilter {
+    /// Exact match.
+    pub machine_code: Option<String>,
+    /// Contained, case-insensitively.
+    pub friendly_name: Option<String>,
+    /// State codes; empty = all.
+    pub states: Vec<u16>,
+    pub limit: i64,
+    /// Rows after this id in the chosen order (the next page).
+    pub starting_after: Option<i64>,
+    /// Rows before this id in the chosen order (the previous page).
+    pub ending_before: Option<i64>,
+    /// Newest first unless ascending.
+    pub ascending: bool,
+}

@@ -697,13 +697,7 @@ pub async fn get_web_api_log(ctx: &Ctx, r: WebApiLogRequest, log: &mut LogCtx) -
         tenant_id: scope.tenant_id,
         product_id,
         key_id,
-        machine_code: r.machine_code,
-        friendly_name: r.friendly_name,
-        states: r.states,
-        limit: r.limit,
-        starting_after: r.starting_after,
-        ending_before: r.ending_before,
-        ascending: r.ascending,
+        filter: r.filter,
     };
     let store = ctx.log_store.clone();
     let entries = tokio::task::spawn_blocking(move || {
