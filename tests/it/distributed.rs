@@ -1,21 +1,11 @@
 //! Distributed mode over real processes: three `keygate serve` nodes sharing one redis-server
 //! and one PostgreSQL main store.
 
-use super::helpers::{cli, license_text, use_postgres, Seed, Server, TempDir};
+use super::helpers::{activate, cli, license_text, use_postgres, Seed, Server, TempDir};
 use keygate::testkit::{TempPostgres, TempRedis};
 use keygate_loadtest::{form, Protocol};
 use std::collections::BTreeSet;
 use std::time::Duration;
-
-fn activate(seed: &Seed, key: &str, machine: &str) -> String {
-    form(&[
-        ("token", &seed.token),
-        ("ProductId", &seed.product.to_string()),
-        ("Key", key),
-        ("MachineCode", machine),
-        ("SignMethod", "1"),
-    ])
-}
 
 /// The machine codes a node lists for the key (GetKey).
 async fn listed(server: &Server, seed: &Seed, key: &str) -> BTreeSet<String> {

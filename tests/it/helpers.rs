@@ -105,6 +105,17 @@ pub fn cli(data_dir: &Path, args: &[&str]) -> Value {
     serde_json::from_slice(&out.stdout).expect("JSON output")
 }
 
+/// The form of an Activate for `machine` on `key` with the seed's token and product.
+pub fn activate(seed: &Seed, key: &str, machine: &str) -> String {
+    keygate_loadtest::form(&[
+        ("token", &seed.token),
+        ("ProductId", &seed.product.to_string()),
+        ("Key", key),
+        ("MachineCode", machine),
+        ("SignMethod", "1"),
+    ])
+}
+
 /// A tenant with one product, one token for all methods and its public key.
 pub struct Seed {
     pub tenant: i64,

@@ -2,19 +2,9 @@
 //! `/readyz`, SIGTERM during load (readiness off, drain, nothing accepted is lost), SIGHUP
 //! certificate reload, and `X-Forwarded-For` believed only from trusted proxies.
 
-use super::helpers::{cli, eventually, license_text, Seed, Server, TempDir};
+use super::helpers::{activate, cli, eventually, license_text, Seed, Server, TempDir};
 use keygate_loadtest::{form, tls_config, Connection, Protocol};
 use std::time::Duration;
-
-fn activate(seed: &Seed, key: &str, machine: &str) -> String {
-    form(&[
-        ("token", &seed.token),
-        ("ProductId", &seed.product.to_string()),
-        ("Key", key),
-        ("MachineCode", machine),
-        ("SignMethod", "1"),
-    ])
-}
 
 /// The value of one exposition line `name{labels} value`, `name` including its labels.
 fn sample(metrics: &str, series: &str) -> Option<f64> {

@@ -4,22 +4,12 @@
 //! acknowledged activation survives; log loss within one flush interval); and the least-
 //! privilege edge role of deploy/postgres/roles.sql serving real traffic.
 
-use super::helpers::{cli, eventually, use_postgres, Seed, Server, TempDir};
+use super::helpers::{activate, cli, eventually, use_postgres, Seed, Server, TempDir};
 use keygate::testkit::TempPostgres;
 use keygate_loadtest::{form, Protocol};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-
-fn activate(seed: &Seed, key: &str, machine: &str) -> String {
-    form(&[
-        ("token", &seed.token),
-        ("ProductId", &seed.product.to_string()),
-        ("Key", key),
-        ("MachineCode", machine),
-        ("SignMethod", "1"),
-    ])
-}
 
 fn metric(server: &Server, name: &str) -> f64 {
     let (_, m) = server.admin_get("/metrics");
