@@ -157,6 +157,15 @@ impl Seed {
         cli(dir, &args)["key"].as_str().unwrap().to_owned()
     }
 
+    /// Creates another token for the seed's tenant with extra `token create` flags; returns
+    /// the token.
+    pub fn token(&self, dir: &Path, extra: &[&str]) -> String {
+        let tid = self.tenant.to_string();
+        let mut args = vec!["token", "create", "--tenant", &tid];
+        args.extend_from_slice(extra);
+        cli(dir, &args)["token"].as_str().unwrap().to_owned()
+    }
+
     /// The key's global id (`key show`).
     pub fn global_id(&self, dir: &Path, key: &str) -> i64 {
         let pid = self.product.to_string();

@@ -331,20 +331,7 @@ async fn the_edge_role_serves_everything_and_is_refused_the_rest() {
     use_postgres(&dir.0, &pg.url());
     let seed = Seed::new(&dir.0);
     let key = seed.key(&dir.0, &["--max-machines", "5"]);
-    let reader = cli(
-        &dir.0,
-        &[
-            "token",
-            "create",
-            "--tenant",
-            &seed.tenant.to_string(),
-            "--methods",
-            "GetWebAPILog",
-        ],
-    )["token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let reader = seed.token(&dir.0, &["--methods", "GetWebAPILog"]);
     let roles = std::fs::read_to_string(
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/postgres/roles.sql"),
     )

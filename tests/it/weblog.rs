@@ -1,7 +1,7 @@
 //! `ai/GetWebAPILog` over real sockets, on SQLite and on PostgreSQL: the calling tenant's rows
 //! only, filters, cursors both ways, token scopes, and the Python SDK's own call.
 
-use super::helpers::{cli, use_postgres, Seed, Server, TempDir};
+use super::helpers::{use_postgres, Seed, Server, TempDir};
 use keygate::testkit::TempPostgres;
 use keygate_loadtest::{form, Connection, Protocol};
 use serde_json::Value;
@@ -28,47 +28,16 @@ async fn exercise(dir: &TempDir) {
     let seed = Seed::new(&dir.0);
     let key = seed.key(&dir.0, &["--max-machines", "100"]);
     let other_key = seed.key(&dir.0, &["--max-machines", "100"]);
-    let tenant = seed.tenant.to_string();
     let product = seed.product.to_string();
-    let reader = cli(
-        &dir.0,
-        &[
-            "token",
-            "create",
-            "--tenant",
-            &tenant,
-            "--methods",
-            "GetWebAPILog",
-        ],
-    )["token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let reader = seed.token(&dir.0, &["--methods", "GetWebAPILog"]);
     // Another tenant with its own traffic: never visible to the first.
     let other = Seed::new(&dir.0);
     let other_tenant_key = other.key(&dir.0, &[]);
-    let other_reader = cli(
-        &dir.0,
-        &[
-            "token",
-            "create",
-            "--tenant",
-            &other.tenant.to_string(),
-            "--methods",
-            "GetWebAPILog",
-        ],
-    )["token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let other_reader = other.token(&dir.0, &["--methods", "GetWebAPILog"]);
 
-    let locked = cli(
+    let locked = seed.token(
         &dir.0,
         &[
-            "token",
-            "create",
-            "--tenant",
-            &tenant,
             "--methods",
             "GetWebAPILog",
             "--product",
@@ -76,10 +45,7 @@ async fn exercise(dir: &TempDir) {
             "--key-lock",
             "-1",
         ],
-    )["token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    );
 
     let server = Server::start(&dir.0, &[("KEYGATE_STORE__FLUSH_INTERVAL_MS", "20")]);
     let mut conn = server.connect(Protocol::Http1).await;
