@@ -1,7 +1,9 @@
 //! Distributed mode over real processes: three `keygate serve` nodes sharing one redis-server
 //! and one PostgreSQL main store.
 
-use super::helpers::{activate, cli, license_text, use_postgres, Seed, Server, TempDir};
+use super::helpers::{
+    activate, activate_each, cli, license_text, use_postgres, Seed, Server, TempDir,
+};
 use keygate::testkit::{TempPostgres, TempRedis};
 use keygate_loadtest::{form, Protocol};
 use std::collections::BTreeSet;
@@ -124,25 +126,14 @@ async fn exact_limit_over_three_nodes(url: &str, cluster: bool) {
     let mut tasks = Vec::new();
     for (n, node) in nodes.iter().enumerate() {
         for c in 0..4 {
-            let mut conn = node.connect(Protocol::Http1).await;
+            let conn = node.connect(Protocol::Http1).await;
             let bodies: Vec<(String, String)> = (0..100)
                 .map(|i| {
                     let m = format!("n{n}-c{c}-{i}");
                     (m.clone(), activate(&seed, &key, &m))
                 })
                 .collect();
-            tasks.push(tokio::spawn(async move {
-                let mut accepted = Vec::new();
-                for (m, body) in bodies {
-                    let r = conn.post("/api/key/Activate", &body).await.unwrap();
-                    match r.status {
-                        200 => accepted.push(m),
-                        400 => assert!(r.text().contains("limit has been reached"), "{}", r.text()),
-                        s => panic!("{s}: {}", r.text()),
-                    }
-                }
-                accepted
-            }));
+            tasks.push(tokio::spawn(activate_each(conn, bodies)));
         }
     }
     let mut accepted = BTreeSet::new();

@@ -116,6 +116,21 @@ pub fn activate(seed: &Seed, key: &str, machine: &str) -> String {
     ])
 }
 
+/// Sends each (machine code, Activate form) in turn on `conn`; returns the machine codes
+/// accepted. Every refusal must be the machine-limit one.
+pub async fn activate_each(mut conn: Connection, bodies: Vec<(String, String)>) -> Vec<String> {
+    let mut accepted = Vec::new();
+    for (m, body) in bodies {
+        let r = conn.post("/api/key/Activate", &body).await.unwrap();
+        match r.status {
+            200 => accepted.push(m),
+            400 => assert!(r.text().contains("limit has been reached"), "{}", r.text()),
+            s => panic!("{s}: {}", r.text()),
+        }
+    }
+    accepted
+}
+
 /// A tenant with one product, one token for all methods and its public key.
 pub struct Seed {
     pub tenant: i64,

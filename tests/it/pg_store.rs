@@ -4,7 +4,9 @@
 //! acknowledged activation survives; log loss within one flush interval); and the least-
 //! privilege edge role of deploy/postgres/roles.sql serving real traffic.
 
-use super::helpers::{activate, cli, eventually, use_postgres, Seed, Server, TempDir};
+use super::helpers::{
+    activate, activate_each, cli, eventually, use_postgres, Seed, Server, TempDir,
+};
 use keygate::testkit::TempPostgres;
 use keygate_loadtest::{form, Protocol};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -43,25 +45,14 @@ async fn postgres_store_keeps_limits_exact_and_survives_a_restart() {
     // 4 connections race 60 new machines onto a limit of 5.
     let mut tasks = Vec::new();
     for c in 0..4 {
-        let mut conn = server.connect(Protocol::Http2).await;
+        let conn = server.connect(Protocol::Http2).await;
         let bodies: Vec<(String, String)> = (0..15)
             .map(|i| {
                 let m = format!("c{c}-{i}");
                 (m.clone(), activate(&seed, &key, &m))
             })
             .collect();
-        tasks.push(tokio::spawn(async move {
-            let mut accepted = Vec::new();
-            for (m, body) in bodies {
-                let r = conn.post("/api/key/Activate", &body).await.unwrap();
-                if r.status == 200 {
-                    accepted.push(m);
-                } else {
-                    assert!(r.text().contains("limit has been reached"), "{}", r.text());
-                }
-            }
-            accepted
-        }));
+        tasks.push(tokio::spawn(activate_each(conn, bodies)));
     }
     let mut accepted = Vec::new();
     for t in tasks {
