@@ -25,8 +25,17 @@ pub enum Protocol {
     Http2,
 }
 
-/// TLS settings trusting exactly the given PEM certificate(s).
+/// TLS settings trusting exactly the given PEM certificate(s), offering TLS 1.3 and 1.2.
 pub fn tls_config(ca_pem: &Path, protocol: Protocol) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    tls_config_versions(ca_pem, protocol, rustls::DEFAULT_VERSIONS)
+}
+
+/// The same, offering only `versions` (`&[&rustls::version::TLS12]`: a TLS 1.2 client).
+pub fn tls_config_versions(
+    ca_pem: &Path,
+    protocol: Protocol,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> anyhow::Result<Arc<rustls::ClientConfig>> {
     let mut roots = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_file_iter(ca_pem)? {
         roots.add(c?)?;
@@ -34,7 +43,7 @@ pub fn tls_config(ca_pem: &Path, protocol: Protocol) -> anyhow::Result<Arc<rustl
     let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::aws_lc_rs::default_provider(),
     ))
-    .with_safe_default_protocol_versions()?
+    .with_protocol_versions(versions)?
     .with_root_certificates(roots)
     .with_no_client_auth();
     cfg.alpn_protocols = match protocol {

@@ -5,7 +5,7 @@
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use keygate_loadtest::run::{self, Mode, Options, Outcome};
 use keygate_loadtest::scenario::{self, Scenario, Vars};
-use keygate_loadtest::{report, seed, static_server, tls_config, Protocol};
+use keygate_loadtest::{report, seed, static_server, tls_config, tls_config_versions, Protocol};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -119,6 +119,9 @@ struct Load {
     /// A new TLS connection per request.
     #[arg(long)]
     new_connection: bool,
+    /// Offer only TLS 1.2 (default: TLS 1.3 and 1.2, and servers that speak 1.3 choose it).
+    #[arg(long)]
+    tls12: bool,
     /// Seed through the CLI (`--keygate`, `--data-dir`) ...
     #[arg(long, requires = "data_dir")]
     keygate: Option<PathBuf>,
@@ -185,7 +188,10 @@ fn options(load: &Load, addr: SocketAddr) -> anyhow::Result<Options> {
         tls: load
             .ca
             .as_deref()
-            .map(|ca| tls_config(ca, protocol))
+            .map(|ca| match load.tls12 {
+                true => tls_config_versions(ca, protocol, &[&rustls::version::TLS12]),
+                false => tls_config(ca, protocol),
+            })
             .transpose()?,
         protocol,
         connections: load.connections,
@@ -227,6 +233,11 @@ fn describe(load: &Load, s: &Scenario) -> String {
         "new connection per request"
     } else {
         "keep-alive"
+    };
+    let conn = if load.tls12 {
+        format!("TLS 1.2 only, {conn}")
+    } else {
+        conn.to_owned()
     };
     format!(
         "{} ({}): {proto}, {} connections, {conn}, {mode}, {}s",
@@ -295,8 +306,16 @@ async fn main_async(cli: Cli) -> anyhow::Result<()> {
             println!(
                 "{label_b}/{label_a}: throughput ratio {ratio:.3}, p99 latency ratio {p99:.3}"
             );
+            let busiest = ta.generator_load().max(tb.generator_load());
+            if busiest > 0.9 {
+                println!(
+                    "note: the generator used {:.0} % of a core: it may be what limits these figures",
+                    busiest * 100.0
+                );
+            }
             let summary = serde_json::json!({
                 "a": label_a, "b": label_b, "throughput_ratio_b_over_a": ratio, "p99_ratio_b_over_a": p99,
+                "generator_cpu_cores_a": ta.generator_load(), "generator_cpu_cores_b": tb.generator_load(),
             });
             write_outputs(
                 &load,

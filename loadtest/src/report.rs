@@ -29,7 +29,7 @@ pub fn table(rows: &[(String, &Outcome)]) -> String {
     for (_, q) in QUANTILES {
         s.push_str(&format!(" {:>9}", format!("{q} ms")));
     }
-    s.push_str("  statuses\n");
+    s.push_str(&format!(" {:>8}  statuses\n", "gen cpu"));
     for (label, o) in rows {
         s.push_str(&format!(
             "{label:<24} {:>10.0} {:>9}",
@@ -39,7 +39,11 @@ pub fn table(rows: &[(String, &Outcome)]) -> String {
         for (q, _) in QUANTILES {
             s.push_str(&format!(" {:>9.3}", o.percentile_ms(q)));
         }
-        s.push_str(&format!("  {}\n", statuses(o)));
+        s.push_str(&format!(
+            " {:>7.0}%  {}\n",
+            o.generator_load() * 100.0,
+            statuses(o)
+        ));
     }
     s
 }
@@ -57,6 +61,7 @@ pub fn to_json(label: &str, o: &Outcome) -> serde_json::Value {
         "latency": pct,
         "statuses": o.by_status.iter().map(|(s, n)| (s.to_string(), json!(n))).collect::<serde_json::Map<_, _>>(),
         "transport_errors": o.transport_errors,
+        "generator_cpu_cores": o.generator_load(),
     })
 }
 

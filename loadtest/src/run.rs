@@ -45,11 +45,19 @@ pub struct Outcome {
     pub elapsed: Duration,
     /// Latency in microseconds.
     pub latency: Histogram<u64>,
+    /// CPU seconds this process (the generator) used during the measured time. Near
+    /// `elapsed` on one core, the generator, not the target, set the pace.
+    pub generator_cpu: Duration,
 }
 
 impl Outcome {
     pub fn throughput(&self) -> f64 {
         self.requests as f64 / self.elapsed.as_secs_f64()
+    }
+
+    /// The generator's CPU use as a share of one core (1.0: a core fully busy).
+    pub fn generator_load(&self) -> f64 {
+        self.generator_cpu.as_secs_f64() / self.elapsed.as_secs_f64().max(f64::MIN_POSITIVE)
     }
 
     pub fn percentile_ms(&self, q: f64) -> f64 {
@@ -72,6 +80,7 @@ impl Outcome {
             transport_errors: 0,
             elapsed: Duration::ZERO,
             latency: Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds"),
+            generator_cpu: Duration::ZERO,
         }
     }
 
@@ -81,6 +90,7 @@ impl Outcome {
         for r in runs {
             total.merge(r);
             total.elapsed += r.elapsed;
+            total.generator_cpu += r.generator_cpu;
         }
         total
     }
@@ -188,6 +198,13 @@ pub async fn run(o: &Options, scenario: &Scenario, vars: &Vars) -> anyhow::Resul
             .collect();
         tokio::spawn(pacer(start, end, rate, senders));
     }
+    // The generator's own CPU over the measured window, to tell its limit from the target's.
+    let cpu = tokio::spawn(async move {
+        tokio::time::sleep_until(measure_from).await;
+        let before = process_cpu();
+        tokio::time::sleep_until(end).await;
+        process_cpu().saturating_sub(before)
+    });
     let scenario = Arc::new(scenario.clone());
     let vars = Arc::new(vars.clone());
     let opts = Arc::new(o.clone());
@@ -205,7 +222,19 @@ pub async fn run(o: &Options, scenario: &Scenario, vars: &Vars) -> anyhow::Resul
         total_outcome.merge(&t.await??);
     }
     total_outcome.elapsed = o.duration;
+    total_outcome.generator_cpu = cpu.await?;
     Ok(total_outcome)
+}
+
+/// User plus system CPU time of this process so far.
+fn process_cpu() -> Duration {
+    // SAFETY: getrusage only writes the struct it is given.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) } != 0 {
+        return Duration::ZERO;
+    }
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(u.ru_utime) + tv(u.ru_stime)
 }
 
 async fn work(
