@@ -379,11 +379,18 @@ pub async fn activate(
                         lic.apply(&change, now);
                         // Forwarded under the lock, so the store sees one license's changes in
                         // order. (Distributed mode: nothing to store for a non-writing answer.)
+                        // With signatures queued, this answer's own signature is a while
+                        // off: its sync may wait for it, shared with the answers behind it.
                         let durable = match ctx.dist {
                             Some(_) => Durable::ready(),
-                            None => ctx
-                                .writer
-                                .changes(store_events(&change, lic.global_id, now)),
+                            None => {
+                                let events = store_events(&change, lic.global_id, now);
+                                if ctx.sign_pool.queued() > 0 {
+                                    ctx.writer.changes_deferred(events)
+                                } else {
+                                    ctx.writer.changes(events)
+                                }
+                            }
                         };
                         let prepared =
                             answer(ctx, &lic, &change, &r, &product, &signer, mask, now, log);
@@ -435,7 +442,11 @@ pub async fn activate(
     };
     drop(writer);
     // Signing and the activation log's sync run at the same time; the answer waits for both.
-    let (body, ()) = tokio::join!(respond(ctx, signer, prepared, mask, now), durable.wait());
+    // The sync is awaited only after the signature: a deferred group is asked for then (not
+    // before, or every group would be urgent), and an acknowledgement that arrives while the
+    // signature is still being made wakes nothing.
+    let body = respond(ctx, signer, prepared, mask, now).await;
+    durable.wait().await;
     Ok((body.map_err(fail)?, code))
 }
 

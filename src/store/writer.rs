@@ -66,6 +66,8 @@ pub struct WriterStats {
     /// Change groups the activation log could not write (disk full, I/O error): answered, but
     /// without crash durability.
     pub wal_failures: AtomicU64,
+    /// Syncs of the activation log (each covers every group waiting at the time).
+    pub wal_syncs: AtomicU64,
 }
 
 enum Msg {
@@ -78,10 +80,16 @@ enum Msg {
 
 /// What the activation-log thread is sent.
 enum WalMsg {
-    Events(Vec<StoreEvent>, tokio::sync::oneshot::Sender<()>),
+    /// A group of changes, its acknowledgement, and whether its sync may wait (`deferred`).
+    Events(Vec<StoreEvent>, tokio::sync::oneshot::Sender<()>, bool),
+    /// A handler now waits for a deferred group: sync what is pending.
+    Urgent,
     Flush(Sender<()>),
     Stop,
 }
+
+/// How long a deferred group may wait for its sync when no handler asks for it first.
+const WAL_DEFER_AT_MOST: Duration = Duration::from_millis(5);
 
 /// The request path's handle: cheap to clone, never blocks.
 #[derive(Clone)]
@@ -94,7 +102,8 @@ pub struct WriterSender {
 }
 
 /// Resolves once a group of changes is on local disk (at once without the activation log).
-pub struct Durable(Option<tokio::sync::oneshot::Receiver<()>>);
+/// A deferred group also holds the way to ask for its sync when its handler starts waiting.
+pub struct Durable(Option<(tokio::sync::oneshot::Receiver<()>, Option<Sender<WalMsg>>)>);
 
 impl Durable {
     /// Nothing to wait for.
@@ -103,10 +112,17 @@ impl Durable {
     }
 
     pub async fn wait(self) {
-        if let Some(rx) = self.0 {
-            // An error means the log thread stopped (shutdown); nothing more can be done.
-            let _ = rx.await;
+        let Some((mut rx, urge)) = self.0 else {
+            return;
+        };
+        if let Some(wal) = urge {
+            if rx.try_recv().is_ok() {
+                return;
+            }
+            let _ = wal.send(WalMsg::Urgent);
         }
+        // An error means the log thread stopped (shutdown); nothing more can be done.
+        let _ = rx.await;
     }
 }
 
@@ -114,6 +130,19 @@ impl WriterSender {
     /// Sends one request's activation changes, in order. Call under the license lock (so the
     /// store sees one license's changes in order) and await the result after releasing it.
     pub fn changes(&self, events: Vec<StoreEvent>) -> Durable {
+        self.send_changes(events, false)
+    }
+
+    /// The same, for a handler with other work to finish before it answers (a signature
+    /// waiting behind others): the activation log may hold the group back so that one sync
+    /// covers it and the groups that follow, until `Durable::wait` asks for it (or
+    /// `WAL_DEFER_AT_MOST` passes). Under load this turns a sync per answer into a sync per
+    /// few dozen; the answer still leaves only once its changes are on disk.
+    pub fn changes_deferred(&self, events: Vec<StoreEvent>) -> Durable {
+        self.send_changes(events, true)
+    }
+
+    fn send_changes(&self, events: Vec<StoreEvent>, deferred: bool) -> Durable {
         if events.is_empty() {
             return Durable(None);
         }
@@ -121,8 +150,8 @@ impl WriterSender {
             Some(wal) => {
                 let (tx, rx) = tokio::sync::oneshot::channel();
                 // Only fails after shutdown, when nothing is accepted any more.
-                let _ = wal.send(WalMsg::Events(events, tx));
-                Durable(Some(rx))
+                let _ = wal.send(WalMsg::Events(events, tx, deferred));
+                Durable(Some((rx, deferred.then(|| wal.clone()))))
             }
             None => {
                 let _ = self.events.send(Msg::Events(events, None));
@@ -239,62 +268,102 @@ impl Drop for Writer {
     }
 }
 
-/// The activation-log thread: appends each waiting group of changes with one sync, then
+/// The activation-log thread: appends the waiting groups of changes with one sync, then
 /// forwards them to the writer and answers the handlers; deletes what the writer made safe.
+/// Groups arrive as handlers decide; a sync is due at once for an ordinary group, a flush,
+/// a stop or a handler now waiting on a deferred group (`Urgent`), and otherwise when the
+/// oldest deferred group has waited `WAL_DEFER_AT_MOST`.
 fn run_wal(mut wal: Wal, rx: Receiver<WalMsg>, writer: Sender<Msg>, stats: Arc<WriterStats>) {
     let mut stopping = false;
-    while !stopping {
-        let first = match rx.recv_timeout(Duration::from_millis(100)) {
-            Ok(m) => Some(m),
-            Err(RecvTimeoutError::Timeout) => None,
-            Err(RecvTimeoutError::Disconnected) => break,
+    let mut disconnected = false;
+    // Groups not yet synced, in arrival order, with flushes kept in place among them.
+    let mut held: Vec<WalMsg> = Vec::new();
+    let mut due: Option<Instant> = None;
+    while !stopping && !disconnected {
+        let wait = due.map_or(Duration::from_millis(100), |d| {
+            d.saturating_duration_since(Instant::now())
+        });
+        let mut urgent = false;
+        let mut take = |m: WalMsg, held: &mut Vec<WalMsg>, due: &mut Option<Instant>| match m {
+            WalMsg::Events(_, _, deferred) => {
+                if deferred {
+                    due.get_or_insert_with(|| Instant::now() + WAL_DEFER_AT_MOST);
+                } else {
+                    urgent = true;
+                }
+                held.push(m);
+            }
+            WalMsg::Urgent => urgent = true,
+            WalMsg::Flush(_) | WalMsg::Stop => {
+                urgent = true;
+                held.push(m);
+            }
         };
-        let mut msgs: Vec<WalMsg> = first.into_iter().collect();
-        while msgs.len() < 4096 {
+        match rx.recv_timeout(wait) {
+            Ok(m) => take(m, &mut held, &mut due),
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => disconnected = true,
+        }
+        while held.len() < 4096 {
             match rx.try_recv() {
-                Ok(m) => msgs.push(m),
+                Ok(m) => take(m, &mut held, &mut due),
                 Err(_) => break,
             }
         }
-        let groups: Vec<&[StoreEvent]> = msgs
-            .iter()
-            .filter_map(|m| match m {
-                WalMsg::Events(e, _) => Some(e.as_slice()),
-                _ => None,
-            })
-            .collect();
-        let seqs = if groups.is_empty() {
-            Vec::new()
-        } else {
-            match wal.append(&groups) {
-                Ok(s) => s,
-                Err(e) => {
-                    stats
-                        .wal_failures
-                        .fetch_add(groups.len() as u64, Ordering::Relaxed);
-                    stats.healthy.store(false, Ordering::Relaxed);
-                    tracing::error!(error = %e, "activation log write failed; changes are not crash-safe");
-                    Vec::new()
-                }
-            }
-        };
-        let mut seqs = seqs.into_iter();
-        for m in msgs {
-            match m {
-                WalMsg::Events(events, ack) => {
-                    let _ = writer.send(Msg::Events(events, seqs.next()));
-                    let _ = ack.send(());
-                }
-                WalMsg::Flush(ack) => {
-                    let _ = writer.send(Msg::Flush(ack));
-                }
-                WalMsg::Stop => stopping = true,
-            }
+        let expired = due.is_some_and(|d| Instant::now() >= d);
+        if !(urgent || expired || disconnected || held.len() >= 4096) {
+            continue;
         }
+        due = None;
+        stopping = sync_held(&mut wal, std::mem::take(&mut held), &writer, &stats);
         if let Err(e) = wal.collect(stats.safe_wal_seq.load(Ordering::Relaxed)) {
             tracing::warn!(error = %e, "deleting old activation-log segments failed");
         }
     }
+}
+
+/// Appends `held`'s groups with one sync, forwards them (and flushes) to the writer in order,
+/// and acknowledges them. Returns whether a stop was among them.
+fn sync_held(wal: &mut Wal, held: Vec<WalMsg>, writer: &Sender<Msg>, stats: &WriterStats) -> bool {
+    let groups: Vec<&[StoreEvent]> = held
+        .iter()
+        .filter_map(|m| match m {
+            WalMsg::Events(e, _, _) => Some(e.as_slice()),
+            _ => None,
+        })
+        .collect();
+    let seqs = if groups.is_empty() {
+        Vec::new()
+    } else {
+        stats.wal_syncs.fetch_add(1, Ordering::Relaxed);
+        match wal.append(&groups) {
+            Ok(s) => s,
+            Err(e) => {
+                stats
+                    .wal_failures
+                    .fetch_add(groups.len() as u64, Ordering::Relaxed);
+                stats.healthy.store(false, Ordering::Relaxed);
+                tracing::error!(error = %e, "activation log write failed; changes are not crash-safe");
+                Vec::new()
+            }
+        }
+    };
+    let mut seqs = seqs.into_iter();
+    let mut stopping = false;
+    for m in held {
+        match m {
+            WalMsg::Events(events, ack, _) => {
+                let _ = writer.send(Msg::Events(events, seqs.next()));
+                let _ = ack.send(());
+            }
+            WalMsg::Flush(ack) => {
+                let _ = writer.send(Msg::Flush(ack));
+            }
+            WalMsg::Stop => stopping = true,
+            WalMsg::Urgent => {}
+        }
+    }
+    stopping
 }
 
 struct Pending {
@@ -714,5 +783,104 @@ fn spool_batch(sink: &mut Sink, p: &mut Pending, id: BatchId, stats: &WriterStat
             p.failed_slice = Some((id, p.logs.len()));
             std::thread::sleep(Duration::from_millis(200));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{Machine, MachineKind};
+
+    fn upsert(gid: i64, code: String) -> Vec<StoreEvent> {
+        vec![StoreEvent::MachineUpsert {
+            key_global_id: gid,
+            machine: Machine {
+                machine_code: code,
+                kind: MachineKind::NodeLocked,
+                ip: "203.0.113.1".into(),
+                proxy_ip: "10.0.0.1".into(),
+                time: 1_800_000_000,
+                friendly_name: String::new(),
+                floating_expires: 0,
+            },
+        }]
+    }
+
+    /// Deferred groups wait for the first handler that asks and then share one sync; ordinary
+    /// groups are synced at once; a deferred group nobody asks for is synced anyway; every
+    /// group reaches the store.
+    #[tokio::test(flavor = "current_thread")]
+    async fn deferred_groups_share_a_sync_and_none_is_left_behind() {
+        let dir = std::env::temp_dir().join(format!("keygate-writer-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut store = Store::open(&dir.join("k.db")).unwrap();
+        let t = store.create_tenant("t", b"k", "<x/>", 1).unwrap();
+        let p = store.create_product(t, "p", None, None, 1).unwrap();
+        let (_, gid) = store
+            .create_key(&crate::store::NewKey {
+                product_id: p,
+                key: "K".into(),
+                max_no_of_machines: 100,
+                ..Default::default()
+            })
+            .unwrap();
+        let (wal, _) = Wal::open_and_replay(&dir.join("wal"), &mut store).unwrap();
+        let journal = Journal::open(&dir.join("spool")).unwrap();
+        let policy = BatchPolicy {
+            batch_rows: 100,
+            batch_bytes: 1 << 20,
+            flush_interval: Duration::from_millis(20),
+            log_queue_rows: 100,
+            retention_days: None,
+            inactive_tenant_days: None,
+        };
+        let writer = Writer::spawn(store, journal, Some(wal), policy);
+        let tx = writer.sender();
+        let syncs = || tx.stats().wal_syncs.load(Ordering::Relaxed);
+
+        // Groups arriving one by one, as from handlers (without deferral each gets a sync).
+        let waits: Vec<Durable> = (0..20)
+            .map(|i| {
+                std::thread::sleep(Duration::from_micros(100));
+                tx.changes_deferred(upsert(gid, format!("d{i}")))
+            })
+            .collect();
+        for d in waits {
+            d.wait().await;
+        }
+        // One sync when the first waiter asked, or a few if the deadline passed while sending.
+        assert!(
+            (1..=3).contains(&syncs()),
+            "{} syncs for 20 groups",
+            syncs()
+        );
+
+        let before = syncs();
+        for i in 0..5 {
+            tx.changes(upsert(gid, format!("o{i}"))).wait().await;
+        }
+        assert_eq!(syncs() - before, 5, "ordinary groups are synced at once");
+
+        // Nobody waits for this one: the deadline syncs it.
+        let before = syncs();
+        let lonely = tx.changes_deferred(upsert(gid, "lonely".into()));
+        let started = Instant::now();
+        while syncs() == before && started.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(
+            syncs(),
+            before + 1,
+            "a deferred group is synced without a waiter"
+        );
+        drop(lonely);
+
+        tx.flush_blocking();
+        drop(tx);
+        writer.shutdown();
+        let mut store = Store::open(&dir.join("k.db")).unwrap();
+        let machines = store.key(gid).unwrap().license.machines.len();
+        assert_eq!(machines, 26);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
