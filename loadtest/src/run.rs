@@ -46,7 +46,8 @@ pub struct Outcome {
     /// Latency in microseconds.
     pub latency: Histogram<u64>,
     /// CPU seconds this process (the generator) used during the measured time. Near
-    /// `elapsed` on one core, the generator, not the target, set the pace.
+    /// `elapsed` on one core in a closed-loop run, the generator, not the target, set the
+    /// pace. (Open loop: the pacer spins between releases, so it is always near.)
     pub generator_cpu: Duration,
 }
 

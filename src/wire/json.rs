@@ -6,28 +6,43 @@
 pub fn write_newtonsoft_string(out: &mut Vec<u8>, s: &str) {
     out.push(b'"');
     let bytes = s.as_bytes();
+    // Runs of plain bytes are copied whole; only bytes that may start an escape are looked
+    // at. In UTF-8, U+0085 is C2 85 and U+2028/2029 are E2 80 A8/A9, and 0xC2 and 0xE2 only
+    // ever occur as lead bytes, so checking the bytes after them is exact.
     let mut start = 0;
-    for (i, ch) in s.char_indices() {
-        let esc: Option<&[u8]> = match ch {
-            '"' => Some(b"\\\""),
-            '\\' => Some(b"\\\\"),
-            '\n' => Some(b"\\n"),
-            '\r' => Some(b"\\r"),
-            '\t' => Some(b"\\t"),
-            '\u{8}' => Some(b"\\b"),
-            '\u{c}' => Some(b"\\f"),
-            _ => None,
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        let (esc, len): (Option<&[u8]>, usize) = match b {
+            b'"' => (Some(b"\\\""), 1),
+            b'\\' => (Some(b"\\\\"), 1),
+            b'\n' => (Some(b"\\n"), 1),
+            b'\r' => (Some(b"\\r"), 1),
+            b'\t' => (Some(b"\\t"), 1),
+            0x08 => (Some(b"\\b"), 1),
+            0x0c => (Some(b"\\f"), 1),
+            0x00..=0x1f => (None, 1),
+            0xc2 if bytes.get(i + 1) == Some(&0x85) => (None, 2),
+            0xe2 if bytes.get(i + 1) == Some(&0x80)
+                && matches!(bytes.get(i + 2), Some(0xa8 | 0xa9)) =>
+            {
+                (None, 3)
+            }
+            _ => {
+                i += 1;
+                continue;
+            }
         };
-        let needs_u = matches!(ch, '\u{0}'..='\u{1f}' | '\u{85}' | '\u{2028}' | '\u{2029}');
-        if esc.is_none() && !needs_u {
-            continue;
-        }
         out.extend_from_slice(&bytes[start..i]);
         match esc {
             Some(e) => out.extend_from_slice(e),
-            None => out.extend_from_slice(format!("\\u{:04x}", ch as u32).as_bytes()),
+            None => {
+                let ch = s[i..].chars().next().unwrap_or_default();
+                out.extend_from_slice(format!("\\u{:04x}", ch as u32).as_bytes());
+            }
         }
-        start = i + ch.len_utf8();
+        i += len;
+        start = i;
     }
     out.extend_from_slice(&bytes[start..]);
     out.push(b'"');

@@ -112,6 +112,57 @@ fn masked_fields_stay_present_with_neutral_values() {
     }
 }
 
+/// The escaping rule written the plain way, one character at a time.
+fn escape_by_chars(s: &str) -> String {
+    let mut out = String::from("\"");
+    for ch in s.chars() {
+        match ch {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            '\u{8}' => out.push_str("\\b"),
+            '\u{c}' => out.push_str("\\f"),
+            '\u{0}'..='\u{1f}' | '\u{85}' | '\u{2028}' | '\u{2029}' => {
+                out.push_str(&format!("\\u{:04x}", ch as u32))
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+#[test]
+fn newtonsoft_escaping_matches_the_rule_on_random_strings() {
+    // Characters near every boundary the byte scanner looks at (lead bytes 0xC2 and 0xE2
+    // with other continuations), mixed at random.
+    let alphabet: Vec<char> = "aZ09 \"\\\n\r\t\u{0}\u{8}\u{b}\u{c}\u{1f}\u{7f}\u{80}\u{84}\u{85}\u{86}\u{a0}éß\u{2000}\u{2027}\u{2028}\u{2029}\u{202a}\u{20ac}€😀"
+        .chars()
+        .collect();
+    let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+    let mut next = || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    for _ in 0..20_000 {
+        let len = (next() % 12) as usize;
+        let s: String = (0..len)
+            .map(|_| alphabet[(next() % alphabet.len() as u64) as usize])
+            .collect();
+        let mut out = Vec::new();
+        write_newtonsoft_string(&mut out, &s);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            escape_by_chars(&s),
+            "{s:?}"
+        );
+    }
+}
+
 #[test]
 fn newtonsoft_escaping() {
     let mut out = Vec::new();
