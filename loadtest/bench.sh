@@ -110,10 +110,16 @@ LT run --target "$pinned" --scenario unknown-key "${common[@]}" --json "$out/unk
 
 echo "== 4. new machines (a fresh RSA-2048 signature each) vs openssl speed rsa2048, same core"
 # Keys of their own, so the growing machine lists do not change the other scenarios' answers.
-"$lt" seed --keygate "$kg" --data-dir "$work/data" --keys 1000 >"$work/seed-new.json"
-sleep 1
-new_args=$(python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print("--token", d["token"], "--product", d["product"], " ".join("--key " + k for k in d["keys"]))' "$work/seed-new.json")
-LT run --target "$pinned" --scenario new-machines --ca "$cert" $new_args --duration-secs "$secs" --warmup-secs 3 --connections 16 --json "$out/new-machines.json"
+# 10,000 keys: each license ends the run with a few machines, as licenses in use do (an answer
+# lists the license's machines, so its size grows with them). 4b: the same on 1,000 keys, whose
+# licenses end the run with 20-30 machines each.
+args_of() { python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print("--token", d["token"], "--product", d["product"], " ".join("--key " + k for k in d["keys"]))' "$1"; }
+"$lt" seed --keygate "$kg" --data-dir "$work/data" --keys 10000 >"$work/seed-new.json"
+"$lt" seed --keygate "$kg" --data-dir "$work/data" --keys 1000 >"$work/seed-new-few.json"
+sleep 1.5
+LT run --target "$pinned" --scenario new-machines --ca "$cert" $(args_of "$work/seed-new.json") --duration-secs "$secs" --warmup-secs 3 --connections 16 --json "$out/new-machines.json"
+echo "== 4b. new machines on 1,000 keys (longer answers as their machine lists grow)"
+LT run --target "$pinned" --scenario new-machines --ca "$cert" $(args_of "$work/seed-new-few.json") --duration-secs "$secs" --warmup-secs 3 --connections 16 --json "$out/new-machines-few-keys.json"
 taskset -c "$server_cpu" openssl speed -seconds "$secs" rsa2048 2>/dev/null | tee "$out/openssl-speed.txt" | tail -2
 
 echo "== 5. a new TLS connection per request (with session resumption): static vs keygate"
@@ -158,6 +164,7 @@ half = j("reactivate-half-rate.json")["runs"][0]
 static_half = j("static-half-rate.json")["runs"][0]
 unknown = j("unknown-key.json")["runs"][0]["throughput_rps"]
 new = j("new-machines.json")["runs"][0]["throughput_rps"]
+new_few = j("new-machines-few-keys.json")["runs"][0]["throughput_rps"]
 speed = [l for l in open(os.path.join(out, "openssl-speed.txt")) if l.startswith("rsa 2048") or l.startswith("rsa  2048")]
 sign_s = float(speed[-1].split()[-2]) if speed else float("nan")
 conns = j("new-connections.json")
@@ -169,6 +176,7 @@ s = {
   "static_at_half_rate_p99_ms": static_half["latency"]["p99_ms"],
   "unknown_key_rps": unknown, "unknown_over_reactivate": unknown / keygate,
   "new_machine_rps": new, "openssl_rsa2048_sign_per_s": sign_s, "new_machine_over_openssl": new / sign_s,
+  "new_machine_few_keys_rps": new_few, "new_machine_few_keys_over_openssl": new_few / sign_s,
   "new_connection_keygate_rps": conns["runs"][1]["throughput_rps"], "new_connection_static_rps": conns["runs"][0]["throughput_rps"],
   "new_connection_ratio": conns["summary"]["throughput_ratio_b_over_a"],
   "two_cores_reactivate_over_static": two["summary"]["throughput_ratio_b_over_a"],
