@@ -20,6 +20,7 @@ use crossbeam_channel::{bounded, unbounded, Receiver, RecvTimeoutError, Sender, 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio::sync::oneshot::error::TryRecvError;
 
 #[derive(Clone, Copy, Debug)]
 pub struct BatchPolicy {
@@ -116,7 +117,8 @@ impl Durable {
             return;
         };
         if let Some(wal) = urge {
-            if rx.try_recv().is_ok() {
+            // Done or closed: return (a receiver that saw either must not be polled again).
+            if !matches!(rx.try_recv(), Err(TryRecvError::Empty)) {
                 return;
             }
             let _ = wal.send(WalMsg::Urgent);
@@ -876,8 +878,10 @@ mod tests {
         drop(lonely);
 
         tx.flush_blocking();
-        drop(tx);
         writer.shutdown();
+        // After shutdown a deferred change is refused, and waiting on it returns at once.
+        tx.changes_deferred(upsert(gid, "late".into())).wait().await;
+        drop(tx);
         let mut store = Store::open(&dir.join("k.db")).unwrap();
         let machines = store.key(gid).unwrap().license.machines.len();
         assert_eq!(machines, 26);
