@@ -194,11 +194,12 @@ impl Wal {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::domain::{Machine, MachineKind};
 
-    fn upsert(gid: i64, code: &str) -> StoreEvent {
+    /// A new machine on license `gid`, as the activation log and the writer carry it.
+    pub(crate) fn upsert(gid: i64, code: &str) -> StoreEvent {
         StoreEvent::MachineUpsert {
             key_global_id: gid,
             machine: Machine {
@@ -213,9 +214,10 @@ mod tests {
         }
     }
 
-    #[test]
-    fn changes_past_the_stores_mark_are_replayed_once_and_torn_lines_ignored() {
-        let dir = std::env::temp_dir().join(format!("keygate-wal-{}", std::process::id()));
+    /// A fresh directory `keygate-<name>-<pid>` holding a SQLite store with one key (room for
+    /// 100 machines); returns the directory, the store and the key's global id.
+    pub(crate) fn store_with_a_key(name: &str) -> (PathBuf, Store, i64) {
+        let dir = std::env::temp_dir().join(format!("keygate-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let mut store = Store::open(&dir.join("k.db")).unwrap();
         let t = store.create_tenant("t", b"k", "<x/>", 1).unwrap();
@@ -224,10 +226,16 @@ mod tests {
             .create_key(&crate::store::NewKey {
                 product_id: p,
                 key: "K".into(),
-                max_no_of_machines: 10,
+                max_no_of_machines: 100,
                 ..Default::default()
             })
             .unwrap();
+        (dir, store, gid)
+    }
+
+    #[test]
+    fn changes_past_the_stores_mark_are_replayed_once_and_torn_lines_ignored() {
+        let (dir, mut store, gid) = store_with_a_key("wal");
         let wal_dir = dir.join("wal");
         let (mut wal, n) = Wal::open_and_replay(&wal_dir, &mut store).unwrap();
         assert_eq!(n, 0);

@@ -791,41 +791,14 @@ fn spool_batch(sink: &mut Sink, p: &mut Pending, id: BatchId, stats: &WriterStat
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::{Machine, MachineKind};
-
-    fn upsert(gid: i64, code: String) -> Vec<StoreEvent> {
-        vec![StoreEvent::MachineUpsert {
-            key_global_id: gid,
-            machine: Machine {
-                machine_code: code,
-                kind: MachineKind::NodeLocked,
-                ip: "203.0.113.1".into(),
-                proxy_ip: "10.0.0.1".into(),
-                time: 1_800_000_000,
-                friendly_name: String::new(),
-                floating_expires: 0,
-            },
-        }]
-    }
+    use crate::store::wal::tests::{store_with_a_key, upsert};
 
     /// Deferred groups wait for the first handler that asks and then share one sync; ordinary
     /// groups are synced at once; a deferred group nobody asks for is synced anyway; every
     /// group reaches the store.
     #[tokio::test(flavor = "current_thread")]
     async fn deferred_groups_share_a_sync_and_none_is_left_behind() {
-        let dir = std::env::temp_dir().join(format!("keygate-writer-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let mut store = Store::open(&dir.join("k.db")).unwrap();
-        let t = store.create_tenant("t", b"k", "<x/>", 1).unwrap();
-        let p = store.create_product(t, "p", None, None, 1).unwrap();
-        let (_, gid) = store
-            .create_key(&crate::store::NewKey {
-                product_id: p,
-                key: "K".into(),
-                max_no_of_machines: 100,
-                ..Default::default()
-            })
-            .unwrap();
+        let (dir, mut store, gid) = store_with_a_key("writer");
         let (wal, _) = Wal::open_and_replay(&dir.join("wal"), &mut store).unwrap();
         let journal = Journal::open(&dir.join("spool")).unwrap();
         let policy = BatchPolicy {
@@ -844,7 +817,7 @@ mod tests {
         let waits: Vec<Durable> = (0..20)
             .map(|i| {
                 std::thread::sleep(Duration::from_micros(100));
-                tx.changes_deferred(upsert(gid, format!("d{i}")))
+                tx.changes_deferred(vec![upsert(gid, &format!("d{i}"))])
             })
             .collect();
         for d in waits {
@@ -859,13 +832,13 @@ mod tests {
 
         let before = syncs();
         for i in 0..5 {
-            tx.changes(upsert(gid, format!("o{i}"))).wait().await;
+            tx.changes(vec![upsert(gid, &format!("o{i}"))]).wait().await;
         }
         assert_eq!(syncs() - before, 5, "ordinary groups are synced at once");
 
         // Nobody waits for this one: the deadline syncs it.
         let before = syncs();
-        let lonely = tx.changes_deferred(upsert(gid, "lonely".into()));
+        let lonely = tx.changes_deferred(vec![upsert(gid, "lonely")]);
         let started = Instant::now();
         while syncs() == before && started.elapsed() < Duration::from_secs(5) {
             std::thread::sleep(Duration::from_millis(1));
@@ -880,7 +853,7 @@ mod tests {
         tx.flush_blocking();
         writer.shutdown();
         // After shutdown a deferred change is refused, and waiting on it returns at once.
-        tx.changes_deferred(upsert(gid, "late".into())).wait().await;
+        tx.changes_deferred(vec![upsert(gid, "late")]).wait().await;
         drop(tx);
         let mut store = Store::open(&dir.join("k.db")).unwrap();
         let machines = store.key(gid).unwrap().license.machines.len();
