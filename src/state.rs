@@ -8,6 +8,7 @@
 
 use crate::domain::{License, Scope};
 use crate::signing::Signer;
+use crate::store::writer::Durable;
 use crate::store::{ChangeRow, KeyRow, ProductRow, Store, StoreError};
 use dashmap::DashMap;
 use parking_lot::Mutex;
@@ -21,6 +22,38 @@ pub struct LicenseEntry {
     /// Distributed mode: one compare-and-set in flight per license on this node, so the
     /// node's own requests do not race each other in Redis (only other nodes do).
     pub writer: tokio::sync::Mutex<()>,
+    /// The latest group of this license's changes sent to the activation log (see `fence`).
+    unsynced: Mutex<Durable>,
+}
+
+impl LicenseEntry {
+    pub fn new(tenant_id: i64, license: License) -> LicenseEntry {
+        LicenseEntry {
+            tenant_id,
+            license: Mutex::new(license),
+            writer: tokio::sync::Mutex::new(()),
+            unsynced: Mutex::new(Durable::ready()),
+        }
+    }
+
+    /// Call under the license lock with what this answer sent to the activation log (or
+    /// `Durable::ready()`): returns what the answer must wait for before it is sent. A new group
+    /// becomes the license's latest; an answer that sent nothing waits for the latest group if
+    /// it is not synced yet, since the state it shows includes that change (one license's
+    /// groups are sent in order under its lock and synced in order, so the latest covers the
+    /// earlier ones).
+    pub fn fence(&self, sent: Durable) -> Durable {
+        let mut latest = self.unsynced.lock();
+        if sent.is_group() {
+            *latest = sent.clone();
+            sent
+        } else if latest.is_done() {
+            *latest = Durable::ready();
+            sent
+        } else {
+            latest.clone()
+        }
+    }
 }
 
 #[derive(Default)]
@@ -117,11 +150,7 @@ impl State {
                 }
             }
             dashmap::Entry::Vacant(v) => {
-                let entry = Arc::new(LicenseEntry {
-                    tenant_id,
-                    license: Mutex::new(license),
-                    writer: tokio::sync::Mutex::new(()),
-                });
+                let entry = Arc::new(LicenseEntry::new(tenant_id, license));
                 self.keys_by_global.insert(gid, entry.clone());
                 v.insert(entry);
             }

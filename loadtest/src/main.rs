@@ -307,11 +307,12 @@ async fn main_async(cli: Cli) -> anyhow::Result<()> {
                 "{label_b}/{label_a}: throughput ratio {ratio:.3}, p99 latency ratio {p99:.3}"
             );
             // (An open-loop run's pacer spins between releases: its CPU says nothing there.)
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
             let busiest = ta.generator_load().max(tb.generator_load());
-            if load.rate.is_none() && busiest > 0.9 {
+            if load.rate.is_none() && busiest > 0.9 * cores {
                 println!(
-                    "note: the generator used {:.0} % of a core: it may be what limits these figures",
-                    busiest * 100.0
+                    "note: the generator used {:.0} % of its {cores} core(s): it may be what limits these figures",
+                    busiest / cores * 100.0
                 );
             }
             let summary = serde_json::json!({

@@ -381,7 +381,7 @@ pub async fn activate(
                         // order. (Distributed mode: nothing to store for a non-writing answer.)
                         // With signatures queued, this answer's own signature is a while
                         // off: its sync may wait for it, shared with the answers behind it.
-                        let durable = match ctx.dist {
+                        let sent = match ctx.dist {
                             Some(_) => Durable::ready(),
                             None => {
                                 let events = store_events(&change, lic.global_id, now);
@@ -392,6 +392,9 @@ pub async fn activate(
                                 }
                             }
                         };
+                        // Also an answer that changed nothing waits for this license's
+                        // latest change to be synced: it shows that change.
+                        let durable = entry.fence(sent);
                         let prepared =
                             answer(ctx, &lic, &change, &r, &product, &signer, mask, now, log);
                         Step::Done(prepared, code, durable)
@@ -576,15 +579,17 @@ pub async fn get_key(ctx: &Ctx, r: GetKeyRequest, log: &mut LogCtx) -> Outcome {
     } = authorize_answer(ctx, &r.token, Method::GetKey, r.product_id, &r.key, log).map_err(fail)?;
     let now = ctx.now();
     let mask = scope.mask(r.options.fields_to_return);
-    let prepared = {
+    let (prepared, durable) = {
         let lic = entry.license.lock();
-        prepare(
+        let prepared = prepare(
             ctx, &signer, &lic, &product, &r.options, mask, None, now, true,
-        )
+        );
+        (prepared, entry.fence(Durable::ready()))
     };
     let body = respond(ctx, signer, prepared, mask, now)
         .await
         .map_err(fail)?;
+    durable.wait().await;
     Ok((body, StateCode::GETKEY_OK))
 }
 
@@ -618,7 +623,7 @@ pub async fn deactivate(ctx: &Ctx, r: DeactivateRequest, log: &mut LogCtx) -> Ou
                 }
                 DeactivateOutcome::NotActivated => None,
                 DeactivateOutcome::FloatingReleased { removed: false } => {
-                    break (code, Durable::ready())
+                    break (code, entry.fence(Durable::ready()))
                 }
                 DeactivateOutcome::Removed
                 | DeactivateOutcome::FloatingReleased { removed: true } => {
@@ -628,12 +633,12 @@ pub async fn deactivate(ctx: &Ctx, r: DeactivateRequest, log: &mut LogCtx) -> Ou
                         Some((code, Snapshot::of(&next, 0), lic.shared_version))
                     } else {
                         lic.remove_machine(&r.machine_code, r.floating);
-                        let durable = ctx.writer.changes(vec![StoreEvent::MachineRemove {
+                        let sent = ctx.writer.changes(vec![StoreEvent::MachineRemove {
                             key_global_id: lic.global_id,
                             machine_code: r.machine_code.clone(),
                             floating: r.floating,
                         }]);
-                        break (code, durable);
+                        break (code, entry.fence(sent));
                     }
                 }
             }

@@ -20,7 +20,6 @@ use crossbeam_channel::{bounded, unbounded, Receiver, RecvTimeoutError, Sender, 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::oneshot::error::TryRecvError;
 
 #[derive(Clone, Copy, Debug)]
 pub struct BatchPolicy {
@@ -34,6 +33,9 @@ pub struct BatchPolicy {
     pub retention_days: Option<u64>,
     /// The inactive-tenant rule (`Store::clean_inactive_tenants`); `None`: off.
     pub inactive_tenant_days: Option<u64>,
+    /// How long the activation log may hold a deferred group nobody has asked for yet
+    /// (`WAL_DEFER_AT_MOST`; tests lengthen it to take timing out of their results).
+    pub wal_defer_at_most: Duration,
 }
 
 /// How often the writer applies the retention rule.
@@ -82,15 +84,33 @@ enum Msg {
 /// What the activation-log thread is sent.
 enum WalMsg {
     /// A group of changes, its acknowledgement, and whether its sync may wait (`deferred`).
-    Events(Vec<StoreEvent>, tokio::sync::oneshot::Sender<()>, bool),
+    Events(Vec<StoreEvent>, Ack, bool),
     /// A handler now waits for a deferred group: sync what is pending.
     Urgent,
     Flush(Sender<()>),
     Stop,
 }
 
+/// A group's acknowledgement, shared by every answer that has to wait for it.
+#[derive(Default)]
+struct Synced {
+    done: AtomicBool,
+    notify: tokio::sync::Notify,
+}
+
+/// The activation log's end of a `Synced`: set when dropped, so a group that can no longer be
+/// written (the log stopped) releases its waiters, as a closed channel would.
+struct Ack(Arc<Synced>);
+
+impl Drop for Ack {
+    fn drop(&mut self) {
+        self.0.done.store(true, Ordering::Release);
+        self.0.notify.notify_waiters();
+    }
+}
+
 /// How long a deferred group may wait for its sync when no handler asks for it first.
-const WAL_DEFER_AT_MOST: Duration = Duration::from_millis(5);
+pub const WAL_DEFER_AT_MOST: Duration = Duration::from_millis(5);
 
 /// The request path's handle: cheap to clone, never blocks.
 #[derive(Clone)]
@@ -103,8 +123,10 @@ pub struct WriterSender {
 }
 
 /// Resolves once a group of changes is on local disk (at once without the activation log).
-/// A deferred group also holds the way to ask for its sync when its handler starts waiting.
-pub struct Durable(Option<(tokio::sync::oneshot::Receiver<()>, Option<Sender<WalMsg>>)>);
+/// Clones wait for the same group: every answer that shows the change waits for it
+/// (`LicenseEntry::fence`). A deferred group also holds the way to ask for its sync.
+#[derive(Clone, Default)]
+pub struct Durable(Option<(Arc<Synced>, Option<Sender<WalMsg>>)>);
 
 impl Durable {
     /// Nothing to wait for.
@@ -112,19 +134,38 @@ impl Durable {
         Durable(None)
     }
 
-    pub async fn wait(self) {
-        let Some((mut rx, urge)) = self.0 else {
+    /// Whether this stands for a group of changes (synced or not).
+    pub fn is_group(&self) -> bool {
+        self.0.is_some()
+    }
+
+    /// Whether there is nothing (more) to wait for.
+    pub fn is_done(&self) -> bool {
+        self.0
+            .as_ref()
+            .is_none_or(|(s, _)| s.done.load(Ordering::Acquire))
+    }
+
+    pub async fn wait(&self) {
+        let Some((synced, urge)) = &self.0 else {
             return;
         };
+        if synced.done.load(Ordering::Acquire) {
+            return;
+        }
         if let Some(wal) = urge {
-            // Done or closed: return (a receiver that saw either must not be polled again).
-            if !matches!(rx.try_recv(), Err(TryRecvError::Empty)) {
-                return;
-            }
             let _ = wal.send(WalMsg::Urgent);
         }
-        // An error means the log thread stopped (shutdown); nothing more can be done.
-        let _ = rx.await;
+        loop {
+            let notified = synced.notify.notified();
+            tokio::pin!(notified);
+            // Registered before the check, so a sync between the two is not missed.
+            notified.as_mut().enable();
+            if synced.done.load(Ordering::Acquire) {
+                return;
+            }
+            notified.await;
+        }
     }
 }
 
@@ -150,10 +191,11 @@ impl WriterSender {
         }
         match &self.wal {
             Some(wal) => {
-                let (tx, rx) = tokio::sync::oneshot::channel();
-                // Only fails after shutdown, when nothing is accepted any more.
-                let _ = wal.send(WalMsg::Events(events, tx, deferred));
-                Durable(Some((rx, deferred.then(|| wal.clone()))))
+                let synced = Arc::new(Synced::default());
+                // Only fails after shutdown, when nothing is accepted any more; the message
+                // and its `Ack` are dropped then, which releases the waiters.
+                let _ = wal.send(WalMsg::Events(events, Ack(synced.clone()), deferred));
+                Durable(Some((synced, deferred.then(|| wal.clone()))))
             }
             None => {
                 let _ = self.events.send(Msg::Events(events, None));
@@ -222,7 +264,7 @@ impl Writer {
                 let (etx, st) = (etx.clone(), stats.clone());
                 let t = std::thread::Builder::new()
                     .name("keygate-wal".into())
-                    .spawn(move || run_wal(wal, rx, etx, st))
+                    .spawn(move || run_wal(wal, rx, etx, st, policy.wal_defer_at_most))
                     .expect("spawning the activation-log thread");
                 (Some(tx), Some(t))
             }
@@ -274,8 +316,14 @@ impl Drop for Writer {
 /// forwards them to the writer and answers the handlers; deletes what the writer made safe.
 /// Groups arrive as handlers decide; a sync is due at once for an ordinary group, a flush,
 /// a stop or a handler now waiting on a deferred group (`Urgent`), and otherwise when the
-/// oldest deferred group has waited `WAL_DEFER_AT_MOST`.
-fn run_wal(mut wal: Wal, rx: Receiver<WalMsg>, writer: Sender<Msg>, stats: Arc<WriterStats>) {
+/// oldest deferred group has waited `defer_at_most` (`WAL_DEFER_AT_MOST`).
+fn run_wal(
+    mut wal: Wal,
+    rx: Receiver<WalMsg>,
+    writer: Sender<Msg>,
+    stats: Arc<WriterStats>,
+    defer_at_most: Duration,
+) {
     let mut stopping = false;
     let mut disconnected = false;
     // Groups not yet synced, in arrival order, with flushes kept in place among them.
@@ -289,7 +337,7 @@ fn run_wal(mut wal: Wal, rx: Receiver<WalMsg>, writer: Sender<Msg>, stats: Arc<W
         let mut take = |m: WalMsg, held: &mut Vec<WalMsg>, due: &mut Option<Instant>| match m {
             WalMsg::Events(_, _, deferred) => {
                 if deferred {
-                    due.get_or_insert_with(|| Instant::now() + WAL_DEFER_AT_MOST);
+                    due.get_or_insert_with(|| Instant::now() + defer_at_most);
                 } else {
                     urgent = true;
                 }
@@ -313,11 +361,11 @@ fn run_wal(mut wal: Wal, rx: Receiver<WalMsg>, writer: Sender<Msg>, stats: Arc<W
             }
         }
         let expired = due.is_some_and(|d| Instant::now() >= d);
-        if !(urgent || expired || disconnected || held.len() >= 4096) {
-            continue;
+        if urgent || expired || disconnected || held.len() >= 4096 {
+            due = None;
+            stopping = sync_held(&mut wal, std::mem::take(&mut held), &writer, &stats);
         }
-        due = None;
-        stopping = sync_held(&mut wal, std::mem::take(&mut held), &writer, &stats);
+        // Also when idle: segments become safe when the writer commits, after the last sync.
         if let Err(e) = wal.collect(stats.safe_wal_seq.load(Ordering::Relaxed)) {
             tracing::warn!(error = %e, "deleting old activation-log segments failed");
         }
@@ -356,7 +404,7 @@ fn sync_held(wal: &mut Wal, held: Vec<WalMsg>, writer: &Sender<Msg>, stats: &Wri
         match m {
             WalMsg::Events(events, ack, _) => {
                 let _ = writer.send(Msg::Events(events, seqs.next()));
-                let _ = ack.send(());
+                drop(ack);
             }
             WalMsg::Flush(ack) => {
                 let _ = writer.send(Msg::Flush(ack));
@@ -808,7 +856,11 @@ mod tests {
             log_queue_rows: 100,
             retention_days: None,
             inactive_tenant_days: None,
+            // Long enough that only the waiters decide when a sync happens, short enough for
+            // the group nobody asks for below.
+            wal_defer_at_most: Duration::from_millis(300),
         };
+        let license = store.key(gid).unwrap().license;
         let writer = Writer::spawn(store, journal, Some(wal), policy);
         let tx = writer.sender();
         let syncs = || tx.stats().wal_syncs.load(Ordering::Relaxed);
@@ -823,18 +875,33 @@ mod tests {
         for d in waits {
             d.wait().await;
         }
-        // One sync when the first waiter asked, or a few if the deadline passed while sending.
-        assert!(
-            (1..=3).contains(&syncs()),
-            "{} syncs for 20 groups",
-            syncs()
-        );
+        // One sync, when the first waiter asked.
+        assert_eq!(syncs(), 1, "syncs for 20 groups");
 
         let before = syncs();
         for i in 0..5 {
             tx.changes(vec![upsert(gid, &format!("o{i}"))]).wait().await;
         }
         assert_eq!(syncs() - before, 5, "ordinary groups are synced at once");
+
+        // An answer from a license waits for the license's latest change to be synced, even
+        // an answer that changed nothing.
+        let entry = crate::state::LicenseEntry::new(1, license);
+        let before = syncs();
+        let sent = entry.fence(tx.changes_deferred(vec![upsert(gid, "fenced")]));
+        let shown = entry.fence(Durable::ready());
+        assert!(
+            shown.is_group(),
+            "the unchanged answer waits for the change"
+        );
+        assert!(!shown.is_done());
+        shown.wait().await;
+        assert!(sent.is_done(), "one group: synced for both");
+        assert_eq!(syncs(), before + 1);
+        assert!(
+            !entry.fence(Durable::ready()).is_group(),
+            "nothing left to wait for"
+        );
 
         // Nobody waits for this one: the deadline syncs it.
         let before = syncs();
@@ -857,7 +924,7 @@ mod tests {
         drop(tx);
         let mut store = Store::open(&dir.join("k.db")).unwrap();
         let machines = store.key(gid).unwrap().license.machines.len();
-        assert_eq!(machines, 26);
+        assert_eq!(machines, 27);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
