@@ -125,7 +125,7 @@ pub struct WriterSender {
 /// Resolves once a group of changes is on local disk (at once without the activation log).
 /// Clones wait for the same group: every answer that shows the change waits for it
 /// (`LicenseEntry::fence`). A deferred group also holds the way to ask for its sync.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Durable(Option<(Arc<Synced>, Option<Sender<WalMsg>>)>);
 
 impl Durable {
