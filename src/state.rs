@@ -56,17 +56,59 @@ impl LicenseEntry {
     }
 }
 
+/// The maps hash with foldhash (seeded per process, as hashbrown's default): several lookups
+/// sit on every request's path, and SipHash cost more than the rest of a lookup.
+type Map<K, V> = DashMap<K, V, foldhash::fast::RandomState>;
+
+/// A (product id, text) key of `licenses` and `trials`, so that a lookup borrows its text
+/// instead of building a `String` per request. Hashes and compares as `(i64, String)` does.
+trait Named {
+    fn parts(&self) -> (i64, &str);
+}
+
+impl Named for (i64, String) {
+    fn parts(&self) -> (i64, &str) {
+        (self.0, &self.1)
+    }
+}
+
+impl Named for (i64, &str) {
+    fn parts(&self) -> (i64, &str) {
+        *self
+    }
+}
+
+impl<'a> std::borrow::Borrow<dyn Named + 'a> for (i64, String) {
+    fn borrow(&self) -> &(dyn Named + 'a) {
+        self
+    }
+}
+
+impl std::hash::Hash for dyn Named + '_ {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        self.parts().hash(h);
+    }
+}
+
+impl PartialEq for dyn Named + '_ {
+    fn eq(&self, other: &Self) -> bool {
+        self.parts() == other.parts()
+    }
+}
+
+impl Eq for dyn Named + '_ {}
+
 #[derive(Default)]
 pub struct State {
-    tenants: DashMap<i64, Arc<Signer>>,
-    products: DashMap<i64, Arc<ProductRow>>,
-    licenses: DashMap<(i64, String), Arc<LicenseEntry>>,
+    tenants: Map<i64, Arc<Signer>>,
+    products: Map<i64, Arc<ProductRow>>,
+    licenses: Map<(i64, String), Arc<LicenseEntry>>,
     /// The same entries by global key id (for reloads), sharing the `Arc`, not the key text.
-    keys_by_global: DashMap<i64, Arc<LicenseEntry>>,
-    tokens: DashMap<[u8; 32], Arc<Scope>>,
-    token_hashes: DashMap<i64, [u8; 32]>,
+    keys_by_global: Map<i64, Arc<LicenseEntry>>,
+    tokens: Map<[u8; 32], Arc<Scope>>,
+    token_hashes: Map<i64, [u8; 32]>,
     /// (product, machine code) → global id of the trial key made for it.
-    trials: DashMap<(i64, String), i64>,
+    trials: Map<(i64, String), i64>,
 }
 
 /// SHA-256 of a token: what the store keeps and what requests are matched by.
@@ -251,7 +293,7 @@ impl State {
 
     pub fn license(&self, product_id: i64, key: &str) -> Option<Arc<LicenseEntry>> {
         self.licenses
-            .get(&(product_id, key.to_owned()))
+            .get(&(product_id, key) as &dyn Named)
             .map(|e| e.clone())
     }
 
@@ -260,7 +302,7 @@ impl State {
     }
 
     pub fn trial_key(&self, product_id: i64, machine_code: &str) -> Option<Arc<LicenseEntry>> {
-        let gid = *self.trials.get(&(product_id, machine_code.to_owned()))?;
+        let gid = *self.trials.get(&(product_id, machine_code) as &dyn Named)?;
         self.license_by_global(gid)
     }
 
@@ -342,5 +384,27 @@ impl Sync {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A lookup by `(i64, &str)` must hash and compare exactly as the stored `(i64, String)`:
+    /// otherwise every license lookup would miss.
+    #[test]
+    fn a_borrowed_name_finds_its_owned_key() {
+        let m: Map<(i64, String), u32> = Map::default();
+        for (i, k) in ["ABCDE-FGHIJ", "", "é-ü", "KEY"].iter().enumerate() {
+            m.insert((i as i64, (*k).to_owned()), i as u32);
+        }
+        for (i, k) in ["ABCDE-FGHIJ", "", "é-ü", "KEY"].iter().enumerate() {
+            let found = m.get(&(i as i64, *k) as &dyn Named).map(|v| *v);
+            assert_eq!(found, Some(i as u32), "{k:?}");
+        }
+        assert!(m.get(&(0i64, "KEY") as &dyn Named).is_none());
+        assert!(m.get(&(3i64, "key") as &dyn Named).is_none());
+        assert!(m.get(&(3i64, "KEY ") as &dyn Named).is_none());
     }
 }
