@@ -381,7 +381,10 @@ async fn a_block_reaches_every_node_at_once_and_losing_redis_degrades_then_recov
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     redis.kill_server();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Longer than the Redis client's own reconnection attempts (two retries, at most 500 ms
+    // apart): a shorter outage can end while a request still waits on one of them, and on a
+    // loaded machine every request of the outage may do so and succeed, with nothing refused.
+    tokio::time::sleep(Duration::from_millis(2000)).await;
     redis.start_server();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
