@@ -407,4 +407,16 @@ mod tests {
         assert!(m.get(&(3i64, "key") as &dyn Named).is_none());
         assert!(m.get(&(3i64, "KEY ") as &dyn Named).is_none());
     }
+
+    /// Every cached license is one `Arc<LicenseEntry>` allocation: at most 320 bytes keeps it
+    /// in mimalloc's 320-byte size class (the next is 384), so that a million licenses stay
+    /// under 1 GiB (`cargo bench --bench memory`; an inline `Customer` once took it to 448).
+    #[test]
+    fn a_license_entry_fits_its_size_class() {
+        let arc_inner = std::mem::size_of::<LicenseEntry>() + 2 * std::mem::size_of::<usize>();
+        assert!(
+            arc_inner <= 320,
+            "Arc<LicenseEntry> takes {arc_inner} bytes"
+        );
+    }
 }

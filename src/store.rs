@@ -1989,7 +1989,7 @@ fn key_row(seal: &Seal, r: &Row) -> Result<KeyRow> {
             version: 0,
             shared_version: 0,
             allowed_machines: r.text(12)?,
-            customer,
+            customer: customer.map(Box::new),
             data_objects: Vec::new(),
             machines: Vec::new(),
         },

@@ -119,7 +119,8 @@ pub struct License {
     pub features: Features,
     pub notes: Option<String>,
     pub block: bool,
-    pub customer: Option<Customer>,
+    /// Boxed: most licenses have none, and inline it would make every license 80 bytes larger.
+    pub customer: Option<Box<Customer>>,
     pub trial_activation: bool,
     pub max_no_of_machines: i64,
     /// Newline-separated machine codes that may always activate.

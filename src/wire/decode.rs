@@ -106,7 +106,7 @@ pub fn decode_license(bytes: &[u8]) -> Result<DecodedLicense, String> {
         features,
         notes: v.get("Notes").and_then(Value::as_str).map(str::to_owned),
         block: boolean(&v, "Block")?,
-        customer,
+        customer: customer.map(Box::new),
         trial_activation: boolean(&v, "TrialActivation")?,
         max_no_of_machines: int(&v, "MaxNoOfMachines")?,
         allowed_machines: string(&v, "AllowedMachines")?,

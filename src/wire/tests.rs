@@ -15,13 +15,13 @@ fn sample() -> License {
         features: Features(0b0110_0001),
         notes: Some("Ls1LLAlL1E".into()),
         block: false,
-        customer: Some(Customer {
+        customer: Some(Box::new(Customer {
             id: 6569,
             name: Some("K0Pujy2sHne6qXQ40sd".into()),
             email: Some("9sXA1WyELzFOVZro".into()),
             company_name: Some("U0mP6uQtIGpRHW375".into()),
             created: 1565801498,
-        }),
+        })),
         trial_activation: true,
         max_no_of_machines: 1,
         version: 0,
