@@ -692,15 +692,19 @@ pub async fn follow(
         };
         if push.kind == redis::PushKind::Disconnection {
             crate::metrics::redis_up(false);
-            // Messages sent while disconnected are lost: resync once Redis answers again.
+            // Messages sent while disconnected are lost: resync once Redis answers again, and
+            // once more a second later, since the first sync can succeed before this node's
+            // subscription is back (a change committed between the two would be missed).
             let (dist, state, stop) = (dist.clone(), state.clone(), stop.clone());
             tokio::spawn(async move {
-                while !stop.is_cancelled() {
-                    tokio::time::sleep(Duration::from_millis(250)).await;
+                let mut synced = 0;
+                while !stop.is_cancelled() && synced < 2 {
+                    let pause = if synced == 0 { 250 } else { 1000 };
+                    tokio::time::sleep(Duration::from_millis(pause)).await;
                     if let Ok(n) = sync_all(&dist, &state).await {
+                        synced += 1;
                         crate::metrics::redis_up(true);
                         tracing::info!(licenses = n, "redis reachable again; resynced");
-                        return;
                     }
                 }
             });
