@@ -50,9 +50,18 @@ seed_args=$(python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print("
 first_key=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["keys"][0])' "$work/seed.json")
 token=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["token"])' "$work/seed.json")
 product=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["product"])' "$work/seed.json")
-# The baseline answers with a real Activate response of the same size class.
+# The baselines answer with the bytes Keygate answers in the re-activation runs: its scenario's
+# 1,000 known machines are activated first (10 on each key, and an answer lists its license's
+# machines), then machine known-0 (first key) asks once more with the scenario's own form.
+taskset -c "$load_cpu" "$lt" run --target "$pinned" --scenario reactivate --ca "$cert" $seed_args \
+    --duration-secs 2 --warmup-secs 0 --connections 16 >/dev/null
 curl -s --cacert "$cert" "https://$pinned/api/key/Activate" \
-    -d "token=$token&ProductId=$product&key=$first_key&MachineCode=known-0&ModelVersion=3&Sign=True&SignMethod=1" >"$work/body.json"
+    -d "token=$token&ProductId=$product&key=$first_key&MachineCode=known-0&FieldsToReturn=0&metadata=False&FloatingTimeInterval=0&MaxOverdraft=0&FriendlyName=None&ModelVersion=3&Sign=True&SignMethod=1" >"$work/body.json"
+python3 - "$work/body.json" <<'PY'
+import base64, json, sys
+machines = json.loads(base64.b64decode(json.load(open(sys.argv[1]))["licenseKey"]))["ActivatedMachines"]
+assert len(machines) == 10, f"the baseline's answer lists {len(machines)} machines, not 10"
+PY
 static=$(start "$work/static.log" "static server on " taskset -c "$server_cpu" "$lt" static-server --threads 1 \
     --cert "$cert" --key "$work/data/tls/key.pem" --body "$work/body.json")
 
