@@ -28,10 +28,12 @@ cleanup() {
 trap cleanup EXIT
 
 # Starts a process in the background and waits for the line with its address ($2 = pattern).
+# Its process id goes to $1.pid (taskset and env exec the server, so it is the server's).
 start() {
     local log=$1 pattern=$2; shift 2
     "$@" >"$log" 2>&1 &
     pids+=($!)
+    echo $! >"$log.pid"
     for _ in $(seq 100); do
         if grep -q "$pattern" "$log"; then grep -o "$pattern[0-9.:]*" "$log" | head -1 | sed "s|$pattern||"; return; fi
         sleep 0.1
@@ -64,6 +66,10 @@ assert len(machines) == 10, f"the baseline's answer lists {len(machines)} machin
 PY
 static=$(start "$work/static.log" "static server on " taskset -c "$server_cpu" "$lt" static-server --threads 1 \
     --cert "$cert" --key "$work/data/tls/key.pem" --body "$work/body.json")
+# Both servers' CPU per request is measured too: the steadier figure when the generator is
+# what limits the baseline.
+kg_pid=$(cat "$work/kg1.log.pid")
+static_pid=$(cat "$work/static.log.pid")
 
 # nginx, when installed: one worker on the server core, the same certificate and body,
 # session cache and tickets on, TLS 1.2 and 1.3 (nginx 1.23.4's default; Debian's 1.22 stops at
@@ -106,16 +112,16 @@ json_of() { python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(e
 
 echo "== 1. re-activation, keep-alive HTTP/1.1, pinned: static baseline vs keygate"
 LT compare --a "$static" --b "$pinned" --label-a static --label-b keygate --scenario reactivate "${common[@]}" \
-    --rounds 2 --json "$out/reactivate-vs-static.json" --svg "$out/reactivate-vs-static.svg"
+    --pid-a "$static_pid" --pid-b "$kg_pid" --rounds 2 --json "$out/reactivate-vs-static.json" --svg "$out/reactivate-vs-static.svg"
 react=$(json_of "$out/reactivate-vs-static.json" 'd["runs"][1]["throughput_rps"]')
 
 echo "== 2. p99 at half the maximum re-activation rate (open loop), and the baseline at that rate"
 half=$(python3 -c "print(round($react / 2))")
-LT run --target "$pinned" --scenario reactivate "${common[@]}" --rate "$half" --json "$out/reactivate-half-rate.json" --svg "$out/reactivate-half-rate.svg"
-LT run --target "$static" --label static --scenario reactivate "${common[@]}" --rate "$half" --json "$out/static-half-rate.json"
+LT run --target "$pinned" --pid "$kg_pid" --scenario reactivate "${common[@]}" --rate "$half" --json "$out/reactivate-half-rate.json" --svg "$out/reactivate-half-rate.svg"
+LT run --target "$static" --pid "$static_pid" --label static --scenario reactivate "${common[@]}" --rate "$half" --json "$out/static-half-rate.json"
 
 echo "== 3. unknown-key flood vs re-activation"
-LT run --target "$pinned" --scenario unknown-key "${common[@]}" --json "$out/unknown-key.json"
+LT run --target "$pinned" --pid "$kg_pid" --scenario unknown-key "${common[@]}" --json "$out/unknown-key.json"
 
 echo "== 4. new machines (a fresh RSA-2048 signature each) vs openssl speed rsa2048, same core"
 # Keys of their own, so the growing machine lists do not change the other scenarios' answers.
@@ -126,14 +132,14 @@ args_of() { python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print("
 "$lt" seed --keygate "$kg" --data-dir "$work/data" --keys 10000 >"$work/seed-new.json"
 "$lt" seed --keygate "$kg" --data-dir "$work/data" --keys 1000 >"$work/seed-new-few.json"
 sleep 1.5
-LT run --target "$pinned" --scenario new-machines --ca "$cert" $(args_of "$work/seed-new.json") --duration-secs "$secs" --warmup-secs 3 --connections 16 --json "$out/new-machines.json"
+LT run --target "$pinned" --pid "$kg_pid" --scenario new-machines --ca "$cert" $(args_of "$work/seed-new.json") --duration-secs "$secs" --warmup-secs 3 --connections 16 --json "$out/new-machines.json"
 echo "== 4b. new machines on 1,000 keys (longer answers as their machine lists grow)"
-LT run --target "$pinned" --scenario new-machines --ca "$cert" $(args_of "$work/seed-new-few.json") --duration-secs "$secs" --warmup-secs 3 --connections 16 --json "$out/new-machines-few-keys.json"
+LT run --target "$pinned" --pid "$kg_pid" --scenario new-machines --ca "$cert" $(args_of "$work/seed-new-few.json") --duration-secs "$secs" --warmup-secs 3 --connections 16 --json "$out/new-machines-few-keys.json"
 taskset -c "$server_cpu" openssl speed -seconds "$secs" rsa2048 2>/dev/null | tee "$out/openssl-speed.txt" | tail -2
 
 echo "== 5. a new TLS connection per request (with session resumption): static vs keygate"
 LT compare --a "$static" --b "$pinned" --label-a static --label-b keygate --scenario reactivate "${common[@]}" \
-    --new-connection --rounds 2 --json "$out/new-connections.json"
+    --pid-a "$static_pid" --pid-b "$kg_pid" --new-connection --rounds 2 --json "$out/new-connections.json"
 
 if [ -n "$nginx_addr" ]; then
     echo "== 5b. nginx as the baseline: keep-alive re-activation, and a new TLS connection per request"
@@ -181,13 +187,20 @@ two = j("reactivate-vs-static-2cores.json")
 nginx = os.path.exists(os.path.join(out, "reactivate-vs-nginx.json"))
 s = {
   "reactivate_rps": keygate, "static_rps": static, "reactivate_over_static": keygate / static,
+  # Server CPU per request (µs), and the static server's over Keygate's: Keygate's efficiency
+  # as a share of the baseline's, which the generator does not cap.
+  "reactivate_static_cpu_us": vs["runs"][0]["server_cpu_us_per_request"],
+  "reactivate_keygate_cpu_us": vs["runs"][1]["server_cpu_us_per_request"],
+  "reactivate_cpu_static_over_keygate": vs["summary"]["server_cpu_per_request_ratio_a_over_b"],
   "half_rate_rps": half["throughput_rps"], "half_rate_p99_ms": half["latency"]["p99_ms"],
   "static_at_half_rate_p99_ms": static_half["latency"]["p99_ms"],
   "unknown_key_rps": unknown, "unknown_over_reactivate": unknown / keygate,
   "new_machine_rps": new, "openssl_rsa2048_sign_per_s": sign_s, "new_machine_over_openssl": new / sign_s,
   "new_machine_few_keys_rps": new_few, "new_machine_few_keys_over_openssl": new_few / sign_s,
+  "new_machine_keygate_cpu_us": j("new-machines.json")["runs"][0]["server_cpu_us_per_request"],
   "new_connection_keygate_rps": conns["runs"][1]["throughput_rps"], "new_connection_static_rps": conns["runs"][0]["throughput_rps"],
   "new_connection_ratio": conns["summary"]["throughput_ratio_b_over_a"],
+  "new_connection_cpu_static_over_keygate": conns["summary"]["server_cpu_per_request_ratio_a_over_b"],
   "two_cores_reactivate_over_static": two["summary"]["throughput_ratio_b_over_a"],
   "two_cores_reactivate_rps": two["runs"][1]["throughput_rps"],
 }

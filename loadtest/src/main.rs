@@ -29,6 +29,10 @@ enum Cmd {
         /// Label in the report.
         #[arg(long, default_value = "keygate")]
         label: String,
+        /// The target's process id, when it runs on this machine: its CPU per request is
+        /// reported too.
+        #[arg(long)]
+        pid: Option<u32>,
     },
     /// Runs the same load against two targets, alternating A B B A ... in short rounds, and
     /// prints B's throughput and latency as ratios of A's.
@@ -46,6 +50,13 @@ enum Cmd {
         /// Rounds per target.
         #[arg(long, default_value_t = 4)]
         rounds: u32,
+        /// The targets' process ids, when they run on this machine: their CPU per request,
+        /// and its ratio, are reported too (steadier than throughput when the generator is
+        /// the limit).
+        #[arg(long, requires = "pid_b")]
+        pid_a: Option<u32>,
+        #[arg(long, requires = "pid_a")]
+        pid_b: Option<u32>,
     },
     /// Creates a tenant, product, token and key with the `keygate` CLI; prints them as JSON.
     Seed {
@@ -178,7 +189,7 @@ fn prepare(load: &Load) -> anyhow::Result<(Scenario, Vars)> {
     Ok((scenario, vars))
 }
 
-fn options(load: &Load, addr: SocketAddr) -> anyhow::Result<Options> {
+fn options(load: &Load, addr: SocketAddr, server_pid: Option<u32>) -> anyhow::Result<Options> {
     let protocol = match load.protocol {
         Proto::H1 => Protocol::Http1,
         Proto::H2 => Protocol::Http2,
@@ -200,6 +211,7 @@ fn options(load: &Load, addr: SocketAddr) -> anyhow::Result<Options> {
         warmup: Duration::from_secs_f64(load.warmup_secs),
         duration: Duration::from_secs_f64(load.duration_secs),
         new_connection: load.new_connection,
+        server_pid,
     })
 }
 
@@ -259,11 +271,12 @@ async fn main_async(cli: Cli) -> anyhow::Result<()> {
             load,
             target,
             label,
+            pid,
         } => {
             let (scenario, vars) = prepare(&load)?;
             let title = describe(&load, &scenario);
             println!("{title}");
-            let o = run::run(&options(&load, target)?, &scenario, &vars).await?;
+            let o = run::run(&options(&load, target, pid)?, &scenario, &vars).await?;
             write_outputs(&load, &title, &[(label, &o)], serde_json::json!({}))?;
         }
         Cmd::Compare {
@@ -273,11 +286,13 @@ async fn main_async(cli: Cli) -> anyhow::Result<()> {
             label_a,
             label_b,
             rounds,
+            pid_a,
+            pid_b,
         } => {
             let (scenario, vars) = prepare(&load)?;
             let title = describe(&load, &scenario);
             println!("{title}; {rounds} rounds each, interleaved A B B A");
-            let (oa, ob) = (options(&load, a)?, options(&load, b)?);
+            let (oa, ob) = (options(&load, a, pid_a)?, options(&load, b, pid_b)?);
             let (mut ra, mut rb) = (Vec::new(), Vec::new());
             for r in 0..rounds {
                 let order = if r % 2 == 0 {
@@ -315,9 +330,19 @@ async fn main_async(cli: Cli) -> anyhow::Result<()> {
                     busiest / cores * 100.0
                 );
             }
+            // CPU per request, A's over B's: B's efficiency as a share of A's, comparable
+            // with the throughput ratio but not capped by the generator.
+            let cpu_ratio = ta
+                .server_cpu_per_request_us()
+                .zip(tb.server_cpu_per_request_us())
+                .map(|(ca, cb)| ca / cb);
+            if let Some(r) = cpu_ratio {
+                println!("{label_b}/{label_a}: server CPU per request, A's over B's {r:.3}");
+            }
             let summary = serde_json::json!({
                 "a": label_a, "b": label_b, "throughput_ratio_b_over_a": ratio, "p99_ratio_b_over_a": p99,
                 "generator_cpu_cores_a": ta.generator_load(), "generator_cpu_cores_b": tb.generator_load(),
+                "server_cpu_per_request_ratio_a_over_b": cpu_ratio,
             });
             write_outputs(
                 &load,

@@ -45,6 +45,14 @@ pub fn table(rows: &[(String, &Outcome)]) -> String {
             statuses(o)
         ));
     }
+    for (label, o) in rows {
+        if let (Some(us), Some(load)) = (o.server_cpu_per_request_us(), o.server_load()) {
+            s.push_str(&format!(
+                "{label}: server CPU {us:.2} µs per request ({:.0} % of a core)\n",
+                load * 100.0
+            ));
+        }
+    }
     s
 }
 
@@ -62,6 +70,8 @@ pub fn to_json(label: &str, o: &Outcome) -> serde_json::Value {
         "statuses": o.by_status.iter().map(|(s, n)| (s.to_string(), json!(n))).collect::<serde_json::Map<_, _>>(),
         "transport_errors": o.transport_errors,
         "generator_cpu_cores": o.generator_load(),
+        "server_cpu_us_per_request": o.server_cpu_per_request_us(),
+        "server_cpu_cores": o.server_load(),
     })
 }
 

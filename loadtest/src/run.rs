@@ -34,6 +34,10 @@ pub struct Options {
     pub duration: Duration,
     /// A new connection (TLS handshake, with session resumption) for every request.
     pub new_connection: bool,
+    /// The target's process on this machine, if known: its CPU over the measured window is
+    /// reported as CPU per request, a steadier measure than throughput when the generator
+    /// is what limits a run.
+    pub server_pid: Option<u32>,
 }
 
 /// What one run measured (after warm-up).
@@ -49,6 +53,8 @@ pub struct Outcome {
     /// `elapsed` on one core in a closed-loop run, the generator, not the target, set the
     /// pace. (Open loop: the pacer spins between releases, so it is always near.)
     pub generator_cpu: Duration,
+    /// CPU time the target's process (`Options::server_pid`) used during the measured time.
+    pub server_cpu: Option<Duration>,
 }
 
 impl Outcome {
@@ -59,6 +65,18 @@ impl Outcome {
     /// The generator's CPU use as a share of one core (1.0: a core fully busy).
     pub fn generator_load(&self) -> f64 {
         self.generator_cpu.as_secs_f64() / self.elapsed.as_secs_f64().max(f64::MIN_POSITIVE)
+    }
+
+    /// The target's CPU time per answered request, in microseconds.
+    pub fn server_cpu_per_request_us(&self) -> Option<f64> {
+        let cpu = self.server_cpu?;
+        (self.requests > 0).then(|| cpu.as_secs_f64() * 1e6 / self.requests as f64)
+    }
+
+    /// The target's CPU use as a share of one core.
+    pub fn server_load(&self) -> Option<f64> {
+        let cpu = self.server_cpu?;
+        Some(cpu.as_secs_f64() / self.elapsed.as_secs_f64().max(f64::MIN_POSITIVE))
     }
 
     pub fn percentile_ms(&self, q: f64) -> f64 {
@@ -82,12 +100,15 @@ impl Outcome {
             elapsed: Duration::ZERO,
             latency: Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds"),
             generator_cpu: Duration::ZERO,
+            server_cpu: None,
         }
     }
 
     /// Adds up several runs of the same kind (compare mode's rounds).
     pub fn sum(runs: &[Outcome]) -> Outcome {
         let mut total = Outcome::empty();
+        // The target's CPU only if every run measured it.
+        total.server_cpu = runs.iter().map(|r| r.server_cpu).sum();
         for r in runs {
             total.merge(r);
             total.elapsed += r.elapsed;
@@ -199,12 +220,17 @@ pub async fn run(o: &Options, scenario: &Scenario, vars: &Vars) -> anyhow::Resul
             .collect();
         tokio::spawn(pacer(start, end, rate, senders));
     }
-    // The generator's own CPU over the measured window, to tell its limit from the target's.
+    // The generator's own CPU over the measured window, to tell its limit from the target's,
+    // and the target's when it runs here.
+    let pid = o.server_pid;
     let cpu = tokio::spawn(async move {
         tokio::time::sleep_until(measure_from).await;
-        let before = process_cpu();
+        let (before, server_before) = (process_cpu(), pid.and_then(pid_cpu));
         tokio::time::sleep_until(end).await;
-        process_cpu().saturating_sub(before)
+        let server = server_before
+            .zip(pid.and_then(pid_cpu))
+            .map(|(b, a)| a.saturating_sub(b));
+        (process_cpu().saturating_sub(before), server)
     });
     let scenario = Arc::new(scenario.clone());
     let vars = Arc::new(vars.clone());
@@ -223,8 +249,30 @@ pub async fn run(o: &Options, scenario: &Scenario, vars: &Vars) -> anyhow::Resul
         total_outcome.merge(&t.await??);
     }
     total_outcome.elapsed = o.duration;
-    total_outcome.generator_cpu = cpu.await?;
+    (total_outcome.generator_cpu, total_outcome.server_cpu) = cpu.await?;
+    if pid.is_some() && total_outcome.server_cpu.is_none() {
+        anyhow::bail!("cannot read the CPU time of process {pid:?} from /proc");
+    }
     Ok(total_outcome)
+}
+
+/// User plus system CPU time of process `pid` so far (all its threads, from /proc).
+fn pid_cpu(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // SAFETY: sysconf only reads a constant.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let ticks = stat_cpu_ticks(&stat)?;
+    (hz > 0).then(|| Duration::from_secs_f64(ticks as f64 / hz as f64))
+}
+
+/// utime + stime (clock ticks) from a /proc/<pid>/stat line. The command name, in
+/// parentheses, may itself hold spaces and parentheses, so fields count from the last `)`.
+fn stat_cpu_ticks(stat: &str) -> Option<u64> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace().skip(11); // state is field 3; utime is field 14
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(utime + stime)
 }
 
 /// User plus system CPU time of this process so far.
@@ -300,5 +348,50 @@ async fn send(w: &mut Worker, o: &Options, path: &str, body: String) -> anyhow::
             w.conn = None; // reconnect next time
             Err(e)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_ticks_come_from_the_fields_after_the_command_name() {
+        // A real line's shape: pid (comm) state ppid ... utime (14) stime (15) ...
+        let line = "4242 (tokio (rt) 2) S 1 4242 4242 0 -1 4194560 1225 0 0 0 731 94 0 0 20 0 8 0";
+        assert_eq!(stat_cpu_ticks(line), Some(731 + 94));
+        assert_eq!(stat_cpu_ticks("4242 (x) S 1 2"), None);
+        assert_eq!(stat_cpu_ticks("no parenthesis"), None);
+    }
+
+    #[test]
+    fn this_process_cpu_is_readable_and_grows() {
+        let pid = std::process::id();
+        let before = pid_cpu(pid).expect("own /proc/<pid>/stat");
+        let t = std::time::Instant::now();
+        let mut x = 0u64;
+        while t.elapsed() < Duration::from_millis(60) {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+        }
+        std::hint::black_box(x);
+        assert!(
+            pid_cpu(pid).unwrap() > before,
+            "60 ms of spinning did not show"
+        );
+    }
+
+    #[test]
+    fn a_sum_has_the_targets_cpu_only_when_every_run_had_it() {
+        let run = |cpu: Option<u64>| Outcome {
+            requests: 100,
+            elapsed: Duration::from_secs(1),
+            server_cpu: cpu.map(Duration::from_millis),
+            ..Outcome::empty()
+        };
+        let both = Outcome::sum(&[run(Some(500)), run(Some(300))]);
+        assert_eq!(both.server_cpu, Some(Duration::from_millis(800)));
+        assert_eq!(both.server_cpu_per_request_us(), Some(4000.0));
+        assert_eq!(both.server_load(), Some(0.4));
+        assert_eq!(Outcome::sum(&[run(Some(500)), run(None)]).server_cpu, None);
     }
 }

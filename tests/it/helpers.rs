@@ -339,6 +339,11 @@ impl Server {
         }
     }
 
+    /// The process id, while it runs.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
     /// Whether the process is still running.
     pub fn running(&mut self) -> bool {
         self.child

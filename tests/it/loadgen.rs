@@ -1,6 +1,7 @@
 //! The load generator against a real node: every shipped scenario runs, gets the answers it
 //! should (no transport errors, only the statuses the scenario implies), and the reports are
-//! well formed. A functional check of the tool; the figures are for loadtest/README.md.
+//! well formed, and the node's CPU is read when its process id is given. A functional check
+//! of the tool; the figures are for loadtest/README.md.
 
 use super::helpers::{Server, TempDir, BIN};
 use keygate_loadtest::run::{self, Mode, Options};
@@ -22,6 +23,8 @@ async fn every_scenario_runs_against_a_real_node() {
             (Protocol::Http1, Mode::Max),
             (Protocol::Http2, Mode::Rate(200.0)),
         ] {
+            // The node's CPU per request, in one closed-loop run.
+            let watch_cpu = name == "reactivate" && mode == Mode::Max;
             let o = Options {
                 addr: server.addr,
                 tls: Some(tls_config(&server.cert, protocol).unwrap()),
@@ -32,9 +35,15 @@ async fn every_scenario_runs_against_a_real_node() {
                 warmup: Duration::from_millis(100),
                 duration: Duration::from_millis(400),
                 new_connection: name == "unknown-key" && protocol == Protocol::Http1,
+                server_pid: watch_cpu.then(|| server.pid()),
             };
             let out = run::run(&o, s, &vars).await.unwrap();
             let label = format!("{name} {protocol:?} {mode:?}");
+            match out.server_cpu_per_request_us() {
+                // (/proc counts in 10 ms ticks: a short run on a busy machine may show none.)
+                Some(us) => assert!(watch_cpu && (0.0..1e6).contains(&us), "{label}: {us} µs"),
+                None => assert!(!watch_cpu && out.server_cpu.is_none(), "{label}"),
+            }
             assert!(out.requests > 10, "{label}: only {} requests", out.requests);
             assert_eq!(out.transport_errors, 0, "{label}");
             let ok = out.by_status.get(&200).copied().unwrap_or(0);
@@ -57,7 +66,9 @@ async fn every_scenario_runs_against_a_real_node() {
     }
     let refs: Vec<(String, &run::Outcome)> = rows.iter().map(|(l, o)| (l.clone(), o)).collect();
     let table = report::table(&refs);
-    assert_eq!(table.lines().count(), refs.len() + 1, "{table}");
+    // A header, a line per run, and a line for the run that measured the node's CPU.
+    assert_eq!(table.lines().count(), refs.len() + 2, "{table}");
+    assert_eq!(table.matches("server CPU").count(), 1, "{table}");
     let json = report::to_json(&refs[0].0, refs[0].1);
     assert!(json["throughput_rps"].as_f64().unwrap() > 0.0);
     assert!(
