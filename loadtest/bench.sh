@@ -104,6 +104,8 @@ NGINX
     pids+=($!)
     sleep 0.5
     nginx_addr=127.0.0.1:$port
+    # The one worker process answers; its CPU per request is compared with Keygate's.
+    nginx_pid=$(pgrep -P "$!" | head -1)
 fi
 
 LT() { taskset -c "$load_cpu" "$lt" "$@"; }
@@ -144,9 +146,9 @@ LT compare --a "$static" --b "$pinned" --label-a static --label-b keygate --scen
 if [ -n "$nginx_addr" ]; then
     echo "== 5b. nginx as the baseline: keep-alive re-activation, and a new TLS connection per request"
     LT compare --a "$nginx_addr" --b "$pinned" --label-a nginx --label-b keygate --scenario reactivate "${common[@]}" \
-        --rounds 2 --json "$out/reactivate-vs-nginx.json"
+        --pid-a "$nginx_pid" --pid-b "$kg_pid" --rounds 2 --json "$out/reactivate-vs-nginx.json"
     LT compare --a "$nginx_addr" --b "$pinned" --label-a nginx --label-b keygate --scenario reactivate "${common[@]}" \
-        --new-connection --rounds 2 --json "$out/new-connections-vs-nginx.json"
+        --pid-a "$nginx_pid" --pid-b "$kg_pid" --new-connection --rounds 2 --json "$out/new-connections-vs-nginx.json"
     echo "== 5c. the same with the key exchange nginx negotiates (server.tls_post_quantum = false)"
     classic=$(start "$work/kg-classic.log" "https://" taskset -c "$server_cpu" "${keygate_env[@]}" \
         KEYGATE_SERVER__WORKER_THREADS=1 KEYGATE_SERVER__SIGNING_THREADS=1 KEYGATE_SERVER__TLS_POST_QUANTUM=false \
@@ -208,6 +210,8 @@ if nginx:
     kn, cn = j("reactivate-vs-nginx.json"), j("new-connections-vs-nginx.json")
     s.update({
       "nginx_rps": kn["runs"][0]["throughput_rps"], "reactivate_over_nginx": kn["summary"]["throughput_ratio_b_over_a"],
+      "reactivate_cpu_nginx_over_keygate": kn["summary"]["server_cpu_per_request_ratio_a_over_b"],
+      "new_connection_cpu_nginx_over_keygate": cn["summary"]["server_cpu_per_request_ratio_a_over_b"],
       "new_connection_nginx_rps": cn["runs"][0]["throughput_rps"], "new_connection_over_nginx": cn["summary"]["throughput_ratio_b_over_a"],
       "new_connection_classical_kx_over_nginx": j("new-connections-classical-vs-nginx.json")["summary"]["throughput_ratio_b_over_a"],
     })
