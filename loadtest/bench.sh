@@ -41,6 +41,9 @@ start() {
     echo "no address from: $*" >&2; cat "$log" >&2; exit 1
 }
 
+# The load generator, on its own core.
+LT() { taskset -c "$load_cpu" "$lt" "$@"; }
+
 keygate_env=(env KEYGATE_LOG=warn KEYGATE_SERVER__LISTEN=127.0.0.1:0 KEYGATE_ADMIN__LISTEN=127.0.0.1:0
     KEYGATE_RATE_LIMITS__PER_CLIENT_IP_PER_SECOND=0)
 pinned=$(start "$work/kg1.log" "https://" taskset -c "$server_cpu" "${keygate_env[@]}" \
@@ -55,7 +58,7 @@ product=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["produ
 # The baselines answer with the bytes Keygate answers in the re-activation runs: its scenario's
 # 1,000 known machines are activated first (10 on each key, and an answer lists its license's
 # machines), then machine known-0 (first key) asks once more with the scenario's own form.
-taskset -c "$load_cpu" "$lt" run --target "$pinned" --scenario reactivate --ca "$cert" $seed_args \
+LT run --target "$pinned" --scenario reactivate --ca "$cert" $seed_args \
     --duration-secs 2 --warmup-secs 0 --connections 16 >/dev/null
 curl -s --cacert "$cert" "https://$pinned/api/key/Activate" \
     -d "token=$token&ProductId=$product&key=$first_key&MachineCode=known-0&FieldsToReturn=0&metadata=False&FloatingTimeInterval=0&MaxOverdraft=0&FriendlyName=None&ModelVersion=3&Sign=True&SignMethod=1" >"$work/body.json"
@@ -108,7 +111,6 @@ NGINX
     nginx_pid=$(pgrep -P "$!" | head -1)
 fi
 
-LT() { taskset -c "$load_cpu" "$lt" "$@"; }
 common=(--ca "$cert" $seed_args --duration-secs "$secs" --warmup-secs 3 --connections 16)
 json_of() { python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(eval(sys.argv[2]))' "$@"; }
 
