@@ -25,13 +25,15 @@ GRANT USAGE ON SCHEMA public TO keygate_edge;
 
 -- What a node loads and polls.
 GRANT SELECT ON schema_migrations, tenants, products, customers, license_keys, data_objects,
-    tokens, activations, changes, node_progress, ingested_batches, request_log TO keygate_edge;
+    tokens, activations, changes, node_progress, ingested_batches, request_log,
+    request_log_spans TO keygate_edge;
 
 -- Activations: the node's own writes (upsert, deactivation, expired floating leases).
 GRANT INSERT, UPDATE, DELETE ON activations TO keygate_edge;
 
--- The request log: appended (binary COPY), blanked by the retention rule, read by GetWebAPILog.
-GRANT INSERT ON request_log TO keygate_edge;
+-- The request log: appended (binary COPY, with a span per tenant and product and block of
+-- ids), blanked by the retention rule, read by GetWebAPILog.
+GRANT INSERT ON request_log, request_log_spans TO keygate_edge;
 GRANT UPDATE (machine_code, friendly_name, client_ip) ON request_log TO keygate_edge;
 
 -- Exactly-once bookkeeping of the node's batches and activation log.
