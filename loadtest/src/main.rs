@@ -302,7 +302,8 @@ async fn main_async(cli: Cli) -> anyhow::Result<()> {
                 };
                 for is_a in order {
                     let o = if is_a { &oa } else { &ob };
-                    let out = run::run(o, &scenario, &vars).await?;
+                    let round = vars.for_round(r, if is_a { 'a' } else { 'b' });
+                    let out = run::run(o, &scenario, &round).await?;
                     eprintln!(
                         "round {r} {}: {:.0} req/s",
                         if is_a { &label_a } else { &label_b },

@@ -48,6 +48,18 @@ pub struct Vars {
     pub run: String,
 }
 
+impl Vars {
+    /// The values for one round of a comparison: its own `{run}` tag per round and target, so
+    /// that a `new-{run}-{seq}` machine is new in every round, not a re-activation from the
+    /// round before.
+    pub fn for_round(&self, round: u32, target: char) -> Vars {
+        Vars {
+            run: format!("{}-{round}{target}", self.run),
+            ..self.clone()
+        }
+    }
+}
+
 pub fn load(text: &str) -> anyhow::Result<ScenarioFile> {
     let f: ScenarioFile = toml::from_str(text)?;
     for (name, s) in &f.scenario {
@@ -151,6 +163,13 @@ mod tests {
             "{form}"
         );
         assert_eq!(render("{seq}-{run}-{nope}", &v, 7, 1), "7-r1-{nope}");
+        // Each round of a comparison, and each target in it, has new machines of its own.
+        let new = &f.scenario["new-machines"].flows[0].steps[0].form;
+        let codes: std::collections::HashSet<String> = [(0, 'a'), (0, 'b'), (1, 'a'), (1, 'b')]
+            .iter()
+            .map(|&(r, t)| render(new, &v.for_round(r, t), 7, 1))
+            .collect();
+        assert_eq!(codes.len(), 4);
     }
 
     #[test]
