@@ -98,7 +98,7 @@ fn fixture(cached: bool) -> Fixture {
         proxy_ip: None,
         trusted_proxies: Default::default(),
         rate_limits: keygate::http::rate::RateLimits::off(),
-        sign_pool: keygate::http::sign_pool::SignPool::new(1, 64),
+        sign_pool: keygate::http::sign_pool::SignPool::new(1, 64, Default::default()),
         node_addresses: Default::default(),
         log_ip_prefixes: (24, 48),
         responses: if cached {

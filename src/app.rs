@@ -27,19 +27,47 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     if cfg.server.worker_threads > 0 {
         rt.worker_threads(cfg.server.worker_threads);
     }
+    // Set by the signing pool while signatures wait in its queue.
+    let signing_backlog = Arc::new(AtomicBool::new(false));
     if cfg.server.worker_batch_scheduling {
-        rt.on_thread_start(batch_scheduling);
+        rt.on_thread_start(|| set_batch_scheduling(true));
+    } else if cfg.server.yield_to_signing {
+        let backlog = signing_backlog.clone();
+        rt.on_thread_park(move || follow_signing_backlog(&backlog));
     }
-    rt.build()?.block_on(serve(cfg))
+    rt.build()?.block_on(serve(cfg, signing_backlog))
+}
+
+thread_local! {
+    /// Whether this worker thread runs under `SCHED_BATCH` now.
+    static BATCH: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Called by each worker just before it parks: under `SCHED_BATCH` while the signing pool has
+/// a backlog, the normal policy otherwise. The policy decides what happens when the worker is
+/// next woken, so setting it before parking is enough; a syscall only when the state changes.
+///
+/// During a backlog the signing thread has its core's work for the next milliseconds, and a
+/// worker preempting it at every packet cost two context switches per new machine. Measured on
+/// one pinned core (loadtest/README.md): new machines 5–8 % faster with workers under
+/// `SCHED_BATCH`; re-activations, which sign nothing, are not affected.
+fn follow_signing_backlog(backlog: &AtomicBool) {
+    let want = backlog.load(Ordering::Relaxed);
+    if BATCH.get() != want {
+        // Recorded even on failure, so a refused change is not retried at every park.
+        BATCH.set(want);
+        set_batch_scheduling(want);
+    }
 }
 
 /// Puts the calling thread under Linux's `SCHED_BATCH` policy (same priority, same share of
-/// the CPU): its wake-ups no longer preempt the thread that is running. An async worker is
-/// woken by every packet; under load, preempting the signing or store thread at each one
-/// cost two context switches per request on a shared core. Measured A/B on one pinned core
-/// (loadtest/README.md), a noisy VM: re-activation 1.17 over six interleaved rounds (single
-/// runs 0.85–1.30), new machines 0.97–1.09, p99 no worse.
-fn batch_scheduling() {
+/// the CPU), or back under the normal one. Under `SCHED_BATCH` its wake-ups no longer preempt
+/// the thread that is running. An async worker is woken by every packet; under load,
+/// preempting the signing or store thread at each one cost two context switches per request
+/// on a shared core. Measured A/B on one pinned core (loadtest/README.md), a noisy VM, always
+/// on (`server.worker_batch_scheduling`): re-activation 1.17 over six interleaved rounds
+/// (single runs 0.85–1.30), new machines 0.97–1.09, p99 no worse.
+fn set_batch_scheduling(batch: bool) {
     use thread_priority::{
         set_thread_priority_and_policy, thread_native_id, NormalThreadSchedulePolicy,
         ThreadPriority, ThreadPriorityValue, ThreadSchedulePolicy,
@@ -52,15 +80,19 @@ fn batch_scheduling() {
             set_thread_priority_and_policy(
                 thread_native_id(),
                 ThreadPriority::Crossplatform(p),
-                ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Batch),
+                ThreadSchedulePolicy::Normal(if batch {
+                    NormalThreadSchedulePolicy::Batch
+                } else {
+                    NormalThreadSchedulePolicy::Other
+                }),
             )
         });
     if let Err(e) = result {
-        tracing::warn!(error = ?e, "could not set SCHED_BATCH on a worker thread");
+        tracing::warn!(error = ?e, batch, "could not set a worker thread's scheduling policy");
     }
 }
 
-async fn serve(cfg: Config) -> anyhow::Result<()> {
+async fn serve(cfg: Config, signing_backlog: Arc<AtomicBool>) -> anyhow::Result<()> {
     std::fs::create_dir_all(&cfg.data_dir)
         .map_err(|e| anyhow::anyhow!("cannot create data dir {}: {e}", cfg.data_dir.display()))?;
     // One recorder per process; a second `serve` in the same process (tests) records nothing.
@@ -217,7 +249,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         proxy_ip: s.proxy_ip.clone(),
         trusted_proxies: TrustedProxies::parse(&s.trusted_proxies).map_err(anyhow::Error::msg)?,
         rate_limits: RateLimits::new(&cfg.rate_limits),
-        sign_pool: SignPool::new(s.signing_threads, 1024),
+        sign_pool: SignPool::new(s.signing_threads, 1024, signing_backlog),
         node_addresses: Default::default(),
         log_ip_prefixes: (cfg.privacy.log_ipv4_prefix, cfg.privacy.log_ipv6_prefix),
         responses: ResponseCache::new(
@@ -491,8 +523,40 @@ mod tests {
                 (0, 0),
                 "SCHED_OTHER at nice 0 to begin with"
             );
-            super::batch_scheduling();
+            super::set_batch_scheduling(true);
             assert_eq!(policy_and_nice(), (3, 0), "SCHED_BATCH is 3");
+            super::set_batch_scheduling(false);
+            assert_eq!(policy_and_nice(), (0, 0), "back to SCHED_OTHER");
+        })
+        .join()
+        .unwrap();
+    }
+
+    /// A worker follows the signing backlog each time it parks, and only then.
+    #[test]
+    fn a_parking_worker_follows_the_signing_backlog() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        std::thread::spawn(|| {
+            let backlog = AtomicBool::new(false);
+            super::follow_signing_backlog(&backlog);
+            assert_eq!(policy_and_nice().0, 0, "no backlog: SCHED_OTHER");
+            backlog.store(true, Ordering::Relaxed);
+            assert_eq!(
+                policy_and_nice().0,
+                0,
+                "nothing changes before the next park"
+            );
+            super::follow_signing_backlog(&backlog);
+            assert_eq!(
+                policy_and_nice(),
+                (3, 0),
+                "a backlog: SCHED_BATCH, nice kept"
+            );
+            super::follow_signing_backlog(&backlog);
+            assert_eq!(policy_and_nice().0, 3);
+            backlog.store(false, Ordering::Relaxed);
+            super::follow_signing_backlog(&backlog);
+            assert_eq!(policy_and_nice(), (0, 0), "the backlog is over");
         })
         .join()
         .unwrap();

@@ -86,6 +86,11 @@ pub struct Server {
     /// where they share a core, at the price of waiting for that thread's time slice. Off by
     /// default: the throughput gain measured here was within the machine's noise for latency.
     pub worker_batch_scheduling: bool,
+    /// While signatures wait in the signing queue, the worker threads run under `SCHED_BATCH`
+    /// (Linux), and return to the normal policy once the queue is empty: during a signing
+    /// backlog a worker woken by the network does not preempt a signature in progress (two
+    /// context switches per new machine on a shared core); without one, nothing changes.
+    pub yield_to_signing: bool,
     /// Threads that do the RSA signing, off the async workers; 0 = one per core.
     pub signing_threads: usize,
 }
@@ -226,6 +231,7 @@ impl Default for Server {
             shutdown_delay_ms: 0,
             worker_threads: 0,
             worker_batch_scheduling: false,
+            yield_to_signing: true,
             signing_threads: 0,
         }
     }
