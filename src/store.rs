@@ -1061,10 +1061,11 @@ impl Store {
         let actor = &self.actor;
         self.db.transaction(|db| {
             let idle = ids(db.query(
-                "SELECT t.id FROM tenants t WHERE t.created < ?1 AND NOT EXISTS
-                   (SELECT 1 FROM request_log_spans s CROSS JOIN request_log r
-                    WHERE s.kind = 0 AND s.owner = t.id AND r.id BETWEEN s.first_id AND s.last_id
-                      AND r.tenant_id = t.id AND r.time >= ?1)",
+                &format!(
+                    "SELECT t.id FROM tenants t WHERE t.created < ?1 AND NOT EXISTS
+                       (SELECT 1 {} AND r.time >= ?1)",
+                    tenant_log_rows("t.id")
+                ),
                 vals![cutoff],
             )?)?;
             let mut totals = (0, 0, 0);
@@ -1917,13 +1918,19 @@ struct LogWalk {
 /// Spans read per step of a walk, and so per row query.
 const SPANS_PER_STEP: i64 = 32;
 
-/// The ids of tenant `?p`'s request-log rows, through its spans (a subquery).
-fn tenant_log_ids(p: usize) -> String {
+/// `FROM ... WHERE ...` over tenant `tenant`'s request-log rows `r`, through its spans;
+/// `tenant` is SQL (a placeholder or a column), and more conditions may follow with `AND`.
+fn tenant_log_rows(tenant: &str) -> String {
     format!(
-        "SELECT r.id FROM request_log_spans s CROSS JOIN request_log r
-         WHERE s.kind = 0 AND s.owner = ?{p} AND r.id BETWEEN s.first_id AND s.last_id
-           AND r.tenant_id = ?{p}"
+        "FROM request_log_spans s CROSS JOIN request_log r
+         WHERE s.kind = 0 AND s.owner = {tenant} AND r.id BETWEEN s.first_id AND s.last_id
+           AND r.tenant_id = {tenant}"
     )
+}
+
+/// The ids of tenant `?p`'s request-log rows (a subquery).
+fn tenant_log_ids(p: usize) -> String {
+    format!("SELECT r.id {}", tenant_log_rows(&format!("?{p}")))
 }
 
 /// The rows `w` walks that also match `cond` (SQL over `r`, with `args` as ?1...): each as
