@@ -76,7 +76,6 @@ fn fixture(cached: bool) -> Fixture {
             log_queue_rows: 1 << 20,
             retention_days: None,
             inactive_tenant_days: None,
-            wal_defer_at_most: keygate::store::writer::WAL_DEFER_AT_MOST,
         },
     );
     let ctx = Arc::new(Ctx {

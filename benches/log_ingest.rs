@@ -89,7 +89,6 @@ fn main() {
             log_queue_rows: 100_000,
             retention_days: None,
             inactive_tenant_days: None,
-            wal_defer_at_most: keygate::store::writer::WAL_DEFER_AT_MOST,
         },
     );
     let tx = writer.sender();

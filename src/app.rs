@@ -215,7 +215,6 @@ async fn serve(cfg: Config, signing_backlog: Arc<AtomicBool>) -> anyhow::Result<
                 .then_some(cfg.privacy.log_retention_days),
             inactive_tenant_days: (cfg.privacy.inactive_tenant_days > 0)
                 .then_some(cfg.privacy.inactive_tenant_days),
-            wal_defer_at_most: crate::store::writer::WAL_DEFER_AT_MOST,
         },
     );
     let sync = Sync::spawn(

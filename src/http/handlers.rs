@@ -379,18 +379,13 @@ pub async fn activate(
                         lic.apply(&change, now);
                         // Forwarded under the lock, so the store sees one license's changes in
                         // order. (Distributed mode: nothing to store for a non-writing answer.)
-                        // With signatures queued, this answer's own signature is a while
-                        // off: its sync may wait for it, shared with the answers behind it.
+                        // Its sync starts at once and runs while the answer waits for its
+                        // signature.
                         let sent = match ctx.dist {
                             Some(_) => Durable::ready(),
-                            None => {
-                                let events = store_events(&change, lic.global_id, now);
-                                if ctx.sign_pool.queued() > 0 {
-                                    ctx.writer.changes_deferred(events)
-                                } else {
-                                    ctx.writer.changes(events)
-                                }
-                            }
+                            None => ctx
+                                .writer
+                                .changes(store_events(&change, lic.global_id, now)),
                         };
                         // Also an answer that changed nothing waits for this license's
                         // latest change to be synced: it shows that change.
@@ -445,9 +440,8 @@ pub async fn activate(
     };
     drop(writer);
     // Signing and the activation log's sync run at the same time; the answer waits for both.
-    // The sync is awaited only after the signature: a deferred group is asked for then (not
-    // before, or every group would be urgent), and an acknowledgement that arrives while the
-    // signature is still being made wakes nothing.
+    // The sync is awaited only after the signature, so an acknowledgement that arrives while
+    // the signature is still being made wakes nothing.
     let body = respond(ctx, signer, prepared, mask, now).await;
     durable.wait().await;
     Ok((body.map_err(fail)?, code))

@@ -70,11 +70,6 @@ impl SignPool {
         }
     }
 
-    /// Jobs waiting for a free signing thread.
-    pub fn queued(&self) -> usize {
-        self.jobs.as_ref().map_or(0, |j| j.len())
-    }
-
     /// Runs `f` on a signing thread and waits for its result without blocking the caller's
     /// async worker.
     pub async fn run<T, F>(&self, f: F) -> Result<T, PoolStopped>

@@ -33,9 +33,6 @@ pub struct BatchPolicy {
     pub retention_days: Option<u64>,
     /// The inactive-tenant rule (`Store::clean_inactive_tenants`); `None`: off.
     pub inactive_tenant_days: Option<u64>,
-    /// How long the activation log may hold a deferred group nobody has asked for yet
-    /// (`WAL_DEFER_AT_MOST`; tests lengthen it to take timing out of their results).
-    pub wal_defer_at_most: Duration,
 }
 
 /// How often the writer applies the retention rule.
@@ -83,10 +80,8 @@ enum Msg {
 
 /// What the activation-log thread is sent.
 enum WalMsg {
-    /// A group of changes, its acknowledgement, and whether its sync may wait (`deferred`).
-    Events(Vec<StoreEvent>, Ack, bool),
-    /// A handler now waits for a deferred group: sync what is pending.
-    Urgent,
+    /// A group of changes and its acknowledgement.
+    Events(Vec<StoreEvent>, Ack),
     Flush(Sender<()>),
     Stop,
 }
@@ -109,9 +104,6 @@ impl Drop for Ack {
     }
 }
 
-/// How long a deferred group may wait for its sync when no handler asks for it first.
-pub const WAL_DEFER_AT_MOST: Duration = Duration::from_millis(5);
-
 /// The request path's handle: cheap to clone, never blocks.
 #[derive(Clone)]
 pub struct WriterSender {
@@ -124,9 +116,9 @@ pub struct WriterSender {
 
 /// Resolves once a group of changes is on local disk (at once without the activation log).
 /// Clones wait for the same group: every answer that shows the change waits for it
-/// (`LicenseEntry::fence`). A deferred group also holds the way to ask for its sync.
+/// (`LicenseEntry::fence`).
 #[derive(Clone)]
-pub struct Durable(Option<(Arc<Synced>, Option<Sender<WalMsg>>)>);
+pub struct Durable(Option<Arc<Synced>>);
 
 impl Durable {
     /// Nothing to wait for.
@@ -143,19 +135,13 @@ impl Durable {
     pub fn is_done(&self) -> bool {
         self.0
             .as_ref()
-            .is_none_or(|(s, _)| s.done.load(Ordering::Acquire))
+            .is_none_or(|s| s.done.load(Ordering::Acquire))
     }
 
     pub async fn wait(&self) {
-        let Some((synced, urge)) = &self.0 else {
+        let Some(synced) = &self.0 else {
             return;
         };
-        if synced.done.load(Ordering::Acquire) {
-            return;
-        }
-        if let Some(wal) = urge {
-            let _ = wal.send(WalMsg::Urgent);
-        }
         loop {
             let notified = synced.notify.notified();
             tokio::pin!(notified);
@@ -172,20 +158,9 @@ impl Durable {
 impl WriterSender {
     /// Sends one request's activation changes, in order. Call under the license lock (so the
     /// store sees one license's changes in order) and await the result after releasing it.
+    /// The activation log syncs at once, with every group that arrived meanwhile, so a sync
+    /// runs while the answer is being signed.
     pub fn changes(&self, events: Vec<StoreEvent>) -> Durable {
-        self.send_changes(events, false)
-    }
-
-    /// The same, for a handler with other work to finish before it answers (a signature
-    /// waiting behind others): the activation log may hold the group back so that one sync
-    /// covers it and the groups that follow, until `Durable::wait` asks for it (or
-    /// `WAL_DEFER_AT_MOST` passes). Under load this turns a sync per answer into a sync per
-    /// few dozen; the answer still leaves only once its changes are on disk.
-    pub fn changes_deferred(&self, events: Vec<StoreEvent>) -> Durable {
-        self.send_changes(events, true)
-    }
-
-    fn send_changes(&self, events: Vec<StoreEvent>, deferred: bool) -> Durable {
         if events.is_empty() {
             return Durable(None);
         }
@@ -194,8 +169,8 @@ impl WriterSender {
                 let synced = Arc::new(Synced::default());
                 // Only fails after shutdown, when nothing is accepted any more; the message
                 // and its `Ack` are dropped then, which releases the waiters.
-                let _ = wal.send(WalMsg::Events(events, Ack(synced.clone()), deferred));
-                Durable(Some((synced, deferred.then(|| wal.clone()))))
+                let _ = wal.send(WalMsg::Events(events, Ack(synced.clone())));
+                Durable(Some(synced))
             }
             None => {
                 let _ = self.events.send(Msg::Events(events, None));
@@ -264,7 +239,7 @@ impl Writer {
                 let (etx, st) = (etx.clone(), stats.clone());
                 let t = std::thread::Builder::new()
                     .name("keygate-wal".into())
-                    .spawn(move || run_wal(wal, rx, etx, st, policy.wal_defer_at_most))
+                    .spawn(move || run_wal(wal, rx, etx, st))
                     .expect("spawning the activation-log thread");
                 (Some(tx), Some(t))
             }
@@ -312,58 +287,28 @@ impl Drop for Writer {
     }
 }
 
-/// The activation-log thread: appends the waiting groups of changes with one sync, then
-/// forwards them to the writer and answers the handlers; deletes what the writer made safe.
-/// Groups arrive as handlers decide; a sync is due at once for an ordinary group, a flush,
-/// a stop or a handler now waiting on a deferred group (`Urgent`), and otherwise when the
-/// oldest deferred group has waited `defer_at_most` (`WAL_DEFER_AT_MOST`).
-fn run_wal(
-    mut wal: Wal,
-    rx: Receiver<WalMsg>,
-    writer: Sender<Msg>,
-    stats: Arc<WriterStats>,
-    defer_at_most: Duration,
-) {
+/// The activation-log thread: appends every group waiting for it with one sync (group
+/// commit: the groups that arrive during a sync share the next one), forwards them to the
+/// writer and answers the handlers; deletes what the writer made safe.
+fn run_wal(mut wal: Wal, rx: Receiver<WalMsg>, writer: Sender<Msg>, stats: Arc<WriterStats>) {
     let mut stopping = false;
     let mut disconnected = false;
-    // Groups not yet synced, in arrival order, with flushes kept in place among them.
-    let mut held: Vec<WalMsg> = Vec::new();
-    let mut due: Option<Instant> = None;
     while !stopping && !disconnected {
-        let wait = due.map_or(Duration::from_millis(100), |d| {
-            d.saturating_duration_since(Instant::now())
-        });
-        let mut urgent = false;
-        let mut take = |m: WalMsg, held: &mut Vec<WalMsg>, due: &mut Option<Instant>| match m {
-            WalMsg::Events(_, _, deferred) => {
-                if deferred {
-                    due.get_or_insert_with(|| Instant::now() + defer_at_most);
-                } else {
-                    urgent = true;
-                }
-                held.push(m);
-            }
-            WalMsg::Urgent => urgent = true,
-            WalMsg::Flush(_) | WalMsg::Stop => {
-                urgent = true;
-                held.push(m);
-            }
-        };
-        match rx.recv_timeout(wait) {
-            Ok(m) => take(m, &mut held, &mut due),
+        // Groups, with flushes kept in place among them, in arrival order.
+        let mut held: Vec<WalMsg> = Vec::new();
+        match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(m) => held.push(m),
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => disconnected = true,
         }
         while held.len() < 4096 {
             match rx.try_recv() {
-                Ok(m) => take(m, &mut held, &mut due),
+                Ok(m) => held.push(m),
                 Err(_) => break,
             }
         }
-        let expired = due.is_some_and(|d| Instant::now() >= d);
-        if urgent || expired || disconnected || held.len() >= 4096 {
-            due = None;
-            stopping = sync_held(&mut wal, std::mem::take(&mut held), &writer, &stats);
+        if !held.is_empty() {
+            stopping = sync_held(&mut wal, held, &writer, &stats);
         }
         // Also when idle: segments become safe when the writer commits, after the last sync.
         if let Err(e) = wal.collect(stats.safe_wal_seq.load(Ordering::Relaxed)) {
@@ -378,7 +323,7 @@ fn sync_held(wal: &mut Wal, held: Vec<WalMsg>, writer: &Sender<Msg>, stats: &Wri
     let groups: Vec<&[StoreEvent]> = held
         .iter()
         .filter_map(|m| match m {
-            WalMsg::Events(e, _, _) => Some(e.as_slice()),
+            WalMsg::Events(e, _) => Some(e.as_slice()),
             _ => None,
         })
         .collect();
@@ -402,7 +347,7 @@ fn sync_held(wal: &mut Wal, held: Vec<WalMsg>, writer: &Sender<Msg>, stats: &Wri
     let mut stopping = false;
     for m in held {
         match m {
-            WalMsg::Events(events, ack, _) => {
+            WalMsg::Events(events, ack) => {
                 let _ = writer.send(Msg::Events(events, seqs.next()));
                 drop(ack);
             }
@@ -410,7 +355,6 @@ fn sync_held(wal: &mut Wal, held: Vec<WalMsg>, writer: &Sender<Msg>, stats: &Wri
                 let _ = writer.send(Msg::Flush(ack));
             }
             WalMsg::Stop => stopping = true,
-            WalMsg::Urgent => {}
         }
     }
     stopping
@@ -841,11 +785,53 @@ mod tests {
     use super::*;
     use crate::store::wal::tests::{store_with_a_key, upsert};
 
-    /// Deferred groups wait for the first handler that asks and then share one sync; ordinary
-    /// groups are synced at once; a deferred group nobody asks for is synced anyway; every
-    /// group reaches the store.
+    /// Group commit: the groups waiting when the log thread looks are appended with one sync,
+    /// acknowledged, and forwarded to the writer in order, flushes kept in place.
+    #[test]
+    fn waiting_groups_share_one_sync_in_order() {
+        let (dir, mut store, gid) = store_with_a_key("wal-group");
+        let (wal, _) = Wal::open_and_replay(&dir.join("wal"), &mut store).unwrap();
+        let (tx, rx) = unbounded();
+        let (etx, erx) = unbounded();
+        let stats = Arc::new(WriterStats::default());
+        let synced: Vec<Arc<Synced>> = (0..20).map(|_| Arc::default()).collect();
+        for (i, s) in synced.iter().enumerate() {
+            let group = vec![upsert(gid, &format!("g{i}"))];
+            tx.send(WalMsg::Events(group, Ack(s.clone()))).unwrap();
+        }
+        let (ftx, _frx) = bounded(1);
+        tx.send(WalMsg::Flush(ftx)).unwrap();
+        tx.send(WalMsg::Stop).unwrap();
+        run_wal(wal, rx, etx, stats.clone());
+        assert_eq!(
+            stats.wal_syncs.load(Ordering::Relaxed),
+            1,
+            "one sync for 20 groups"
+        );
+        assert!(synced.iter().all(|s| s.done.load(Ordering::Acquire)));
+        let forwarded: Vec<Msg> = erx.try_iter().collect();
+        assert_eq!(forwarded.len(), 21);
+        for (i, m) in forwarded[..20].iter().enumerate() {
+            match m {
+                Msg::Events(events, seq) => {
+                    assert_eq!(*seq, Some(i as u64 + 1));
+                    assert_eq!(events, &vec![upsert(gid, &format!("g{i}"))]);
+                }
+                _ => panic!("group {i} out of place"),
+            }
+        }
+        assert!(
+            matches!(forwarded[20], Msg::Flush(_)),
+            "the flush after them"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Every group is synced before its answer leaves and reaches the store; an answer that
+    /// changed nothing waits for its license's latest group; after shutdown a change is
+    /// refused and waiting on it returns at once.
     #[tokio::test(flavor = "current_thread")]
-    async fn deferred_groups_share_a_sync_and_none_is_left_behind() {
+    async fn groups_are_synced_before_answers_and_none_is_left_behind() {
         let (dir, mut store, gid) = store_with_a_key("writer");
         let (wal, _) = Wal::open_and_replay(&dir.join("wal"), &mut store).unwrap();
         let journal = Journal::open(&dir.join("spool")).unwrap();
@@ -856,75 +842,48 @@ mod tests {
             log_queue_rows: 100,
             retention_days: None,
             inactive_tenant_days: None,
-            // Long enough that only the waiters decide when a sync happens, short enough for
-            // the group nobody asks for below.
-            wal_defer_at_most: Duration::from_millis(300),
         };
         let license = store.key(gid).unwrap().license;
         let writer = Writer::spawn(store, journal, Some(wal), policy);
         let tx = writer.sender();
         let syncs = || tx.stats().wal_syncs.load(Ordering::Relaxed);
 
-        // Groups arriving one by one, as from handlers (without deferral each gets a sync).
         let waits: Vec<Durable> = (0..20)
-            .map(|i| {
-                std::thread::sleep(Duration::from_micros(100));
-                tx.changes_deferred(vec![upsert(gid, &format!("d{i}"))])
-            })
+            .map(|i| tx.changes(vec![upsert(gid, &format!("d{i}"))]))
             .collect();
-        for d in waits {
+        for d in &waits {
             d.wait().await;
+            assert!(d.is_done());
         }
-        // One sync, when the first waiter asked.
-        assert_eq!(syncs(), 1, "syncs for 20 groups");
-
-        let before = syncs();
-        for i in 0..5 {
-            tx.changes(vec![upsert(gid, &format!("o{i}"))]).wait().await;
-        }
-        assert_eq!(syncs() - before, 5, "ordinary groups are synced at once");
+        assert!(
+            (1..=20).contains(&syncs()),
+            "{} syncs for 20 groups",
+            syncs()
+        );
 
         // An answer from a license waits for the license's latest change to be synced, even
         // an answer that changed nothing.
         let entry = crate::state::LicenseEntry::new(1, license);
-        let before = syncs();
-        let sent = entry.fence(tx.changes_deferred(vec![upsert(gid, "fenced")]));
+        let sent = entry.fence(tx.changes(vec![upsert(gid, "fenced")]));
         let shown = entry.fence(Durable::ready());
         assert!(
             shown.is_group(),
             "the unchanged answer waits for the change"
         );
-        assert!(!shown.is_done());
         shown.wait().await;
         assert!(sent.is_done(), "one group: synced for both");
-        assert_eq!(syncs(), before + 1);
         assert!(
             !entry.fence(Durable::ready()).is_group(),
             "nothing left to wait for"
         );
 
-        // Nobody waits for this one: the deadline syncs it.
-        let before = syncs();
-        let lonely = tx.changes_deferred(vec![upsert(gid, "lonely")]);
-        let started = Instant::now();
-        while syncs() == before && started.elapsed() < Duration::from_secs(5) {
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        assert_eq!(
-            syncs(),
-            before + 1,
-            "a deferred group is synced without a waiter"
-        );
-        drop(lonely);
-
         tx.flush_blocking();
         writer.shutdown();
-        // After shutdown a deferred change is refused, and waiting on it returns at once.
-        tx.changes_deferred(vec![upsert(gid, "late")]).wait().await;
+        tx.changes(vec![upsert(gid, "late")]).wait().await;
         drop(tx);
         let mut store = Store::open(&dir.join("k.db")).unwrap();
         let machines = store.key(gid).unwrap().license.machines.len();
-        assert_eq!(machines, 27);
+        assert_eq!(machines, 21);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
