@@ -1714,6 +1714,24 @@ impl Store {
             .collect()
     }
 
+    /// Makes every commit so far survive a power loss, and says whether it did. PostgreSQL's
+    /// commits already do. SQLite runs `synchronous=NORMAL`: a commit is in the WAL file but
+    /// not synced until a checkpoint, so this runs a passive one, which syncs the WAL file,
+    /// copies it into the database and syncs that; false when readers kept it from copying
+    /// everything (then only a later call can tell).
+    pub fn make_durable(&mut self) -> Result<bool> {
+        match &mut self.db {
+            Db::Postgres(_) => Ok(true),
+            Db::Sqlite(conn) => {
+                let (busy, log, done): (i64, i64, i64) =
+                    conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                    })?;
+                Ok(busy == 0 && log == done)
+            }
+        }
+    }
+
     /// How far `node`'s activation log is committed (0: nothing yet).
     pub fn wal_progress(&mut self, node: i64) -> Result<u64> {
         Ok(self

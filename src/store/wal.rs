@@ -71,14 +71,18 @@ fn segments(dir: &Path) -> std::io::Result<Vec<(u64, PathBuf)>> {
 }
 
 /// Reads a segment's complete lines. A torn last line (crash mid-append) was never
-/// acknowledged, so it is ignored, as are the zeros of the preallocated rest.
+/// acknowledged, so it is ignored, as are the zeros of the preallocated rest. Numbers only
+/// grow within a segment: a line that breaks that is not this segment's (defensive: a failed
+/// append gives its segment up, so nothing is written over a torn one).
 fn read_segment(path: &Path) -> std::io::Result<Vec<(u64, Vec<StoreEvent>)>> {
-    let mut out = Vec::new();
+    let mut out: Vec<(u64, Vec<StoreEvent>)> = Vec::new();
     let bytes = std::fs::read(path)?;
     for line in bytes.split(|b| *b == b'\n') {
         match serde_json::from_slice::<Line>(line) {
-            Ok(l) => out.push((l.seq, decode_events(l.events))),
-            Err(_) => break,
+            Ok(l) if out.last().is_none_or(|(prev, _)| l.seq > *prev) => {
+                out.push((l.seq, decode_events(l.events)))
+            }
+            _ => break,
         }
     }
     Ok(out)
@@ -155,8 +159,15 @@ impl Wal {
         if !pending.is_empty() || last > done {
             store.write_batch_once(None, Some((node, last)), &pending, &[])?;
         }
-        for (_, path) in &segs {
-            std::fs::remove_file(path)?;
+        // Deleted once the store's copy survives a power loss; else kept as full segments,
+        // for `collect` when later commits are made durable.
+        let mut closed = Vec::new();
+        if store.make_durable()? {
+            for (_, path) in &segs {
+                std::fs::remove_file(path)?;
+            }
+        } else {
+            closed = segs.iter().map(|(n, _)| (*n, last)).collect();
         }
         // A spare left by the last run may be partly written: made afresh.
         let _ = std::fs::remove_file(dir.join(SPARE));
@@ -166,7 +177,7 @@ impl Wal {
             node,
             next_seq: last + 1,
             current: None,
-            closed: Vec::new(),
+            closed,
             next_segment,
             segment_bytes,
             spare: None,
@@ -191,7 +202,14 @@ impl Wal {
         self.next_segment += 1;
         let path = self.dir.join(format!("{n:020}.wal"));
         let ready = match self.spare.take() {
-            Some(h) if h.is_finished() => matches!(h.join(), Ok(Ok(()))),
+            Some(h) if h.is_finished() => {
+                let ok = matches!(h.join(), Ok(Ok(())));
+                if !ok {
+                    // A spare that could not be written (disk full) gives its space back.
+                    let _ = std::fs::remove_file(self.dir.join(SPARE));
+                }
+                ok
+            }
             // Still being written: kept for the next segment.
             unfinished => {
                 self.spare = unfinished;
@@ -256,8 +274,17 @@ impl Wal {
             self.open_segment()?;
         }
         let c = self.current.as_mut().expect("opened above");
-        std::os::unix::fs::FileExt::write_all_at(&c.file, &buf, c.at)?;
-        c.file.sync_data()?;
+        let written = std::os::unix::fs::FileExt::write_all_at(&c.file, &buf, c.at)
+            .and_then(|()| c.file.sync_data());
+        if let Err(e) = written {
+            // Part of it may be on disk: nothing more goes into this segment, so no later
+            // line lands over a torn one. Its whole lines are replayed as any others.
+            let (n, last) = (c.number, c.last);
+            self.closed
+                .push((n, last.max(seqs.last().copied().unwrap_or(last))));
+            self.current = None;
+            return Err(e);
+        }
         c.at += buf.len() as u64;
         if let Some(s) = seqs.last() {
             c.last = *s;
@@ -265,8 +292,14 @@ impl Wal {
         Ok(seqs)
     }
 
-    /// Deletes the full segments whose changes are all committed or spooled (`safe` and
-    /// below). The current segment stays until it is full: its blocks are the next appends'.
+    /// Whether a full segment waits only for commits up to `committed` to become durable.
+    pub fn waiting_for(&self, committed: u64) -> bool {
+        self.closed.iter().any(|(_, last)| *last <= committed)
+    }
+
+    /// Deletes the full segments whose changes are all durably in the store or the spool
+    /// (`safe` and below). The current segment stays until it is full: its blocks are the
+    /// next appends'.
     pub fn collect(&mut self, safe: u64) -> std::io::Result<()> {
         let dir = &self.dir;
         let mut err = Ok(());
@@ -282,6 +315,16 @@ impl Wal {
             }
         });
         err
+    }
+}
+
+impl Drop for Wal {
+    /// Waits for the helper writing the spare, so that no write of it outlives the log (a
+    /// reopened log deletes and rewrites the spare).
+    fn drop(&mut self) {
+        if let Some(h) = self.spare.take() {
+            let _ = h.join();
+        }
     }
 }
 

@@ -35,6 +35,24 @@ pub struct BatchPolicy {
     pub inactive_tenant_days: Option<u64>,
 }
 
+/// Makes the store's commits durable and then lets the activation log delete what they
+/// cover: on SQLite a commit survives a power loss only after a checkpoint, and until then the
+/// log's copy is what would bring it back.
+fn make_durable(store: &mut Store, stats: &WriterStats) {
+    let committed = stats.committed_wal_seq.load(Ordering::Relaxed);
+    if committed <= stats.safe_wal_seq.load(Ordering::Relaxed) {
+        return;
+    }
+    match store.make_durable() {
+        Ok(true) => {
+            stats.safe_wal_seq.fetch_max(committed, Ordering::Relaxed);
+        }
+        // Readers held the checkpoint back: the activation log asks again.
+        Ok(false) => {}
+        Err(e) => tracing::warn!(error = %e, "making the store's commits durable failed"),
+    }
+}
+
 /// How often the writer applies the retention rule.
 const RETENTION_EVERY: Duration = Duration::from_secs(3600);
 
@@ -60,9 +78,15 @@ pub struct WriterStats {
     pub healthy: AtomicBool,
     /// False from a failed store write until the next one succeeds.
     pub store_up: AtomicBool,
-    /// The highest activation-log number whose changes are committed or spooled: segments up
-    /// to it can go.
+    /// The highest activation-log number whose changes are durably in the store or the
+    /// spool: segments up to it can go.
     pub safe_wal_seq: AtomicU64,
+    /// The highest one committed to the store, durable or not yet (SQLite: until its next
+    /// checkpoint).
+    pub committed_wal_seq: AtomicU64,
+    /// Set by the activation log when full segments wait for `committed_wal_seq` to become
+    /// safe; the writer then makes its commits durable (`Store::make_durable`).
+    pub wal_wants_durable: AtomicBool,
     /// Change groups the activation log could not write (disk full, I/O error): answered, but
     /// without crash durability.
     pub wal_failures: AtomicU64,
@@ -310,9 +334,12 @@ fn run_wal(mut wal: Wal, rx: Receiver<WalMsg>, writer: Sender<Msg>, stats: Arc<W
         if !held.is_empty() {
             stopping = sync_held(&mut wal, held, &writer, &stats);
         }
-        // Also when idle: segments become safe when the writer commits, after the last sync.
+        // Also when idle: segments become safe when the writer's commits are durable.
         if let Err(e) = wal.collect(stats.safe_wal_seq.load(Ordering::Relaxed)) {
             tracing::warn!(error = %e, "deleting old activation-log segments failed");
+        }
+        if wal.waiting_for(stats.committed_wal_seq.load(Ordering::Relaxed)) {
+            stats.wal_wants_durable.store(true, Ordering::Relaxed);
         }
     }
 }
@@ -475,12 +502,6 @@ impl Sink {
                 &batch.logs,
             ) {
                 Ok(fresh) => {
-                    if let Err(e) = self.journal.pop_front() {
-                        // The store has it; replaying it again later is skipped by its id.
-                        tracing::error!(error = %e, "cannot delete a replayed batch file");
-                        self.retry_at = Some(Instant::now() + RETRY_AFTER);
-                        return false;
-                    }
                     if fresh {
                         stats
                             .log_replayed
@@ -491,6 +512,25 @@ impl Sink {
                         stats
                             .events_written
                             .fetch_add(batch.events.len() as u64, Ordering::Relaxed);
+                    }
+                    // The file goes only once the store's copy survives a power loss; until
+                    // then a replay of it is skipped by its id.
+                    match self.store.make_durable() {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            self.retry_at = Some(Instant::now() + RETRY_AFTER);
+                            return false;
+                        }
+                        Err(e) => {
+                            self.failed(&e, stats);
+                            return false;
+                        }
+                    }
+                    if let Err(e) = self.journal.pop_front() {
+                        // The store has it; replaying it again later is skipped by its id.
+                        tracing::error!(error = %e, "cannot delete a replayed batch file");
+                        self.retry_at = Some(Instant::now() + RETRY_AFTER);
+                        return false;
                     }
                     stats
                         .spool_batches
@@ -532,6 +572,9 @@ fn run(
     let tick = policy.flush_interval.min(Duration::from_millis(20));
     let mut retention_due = Instant::now();
     loop {
+        if stats.wal_wants_durable.swap(false, Ordering::Relaxed) {
+            make_durable(&mut sink.store, &stats);
+        }
         if Instant::now() >= retention_due {
             retention_due = Instant::now() + RETENTION_EVERY;
             retention(
@@ -671,7 +714,7 @@ fn write_in_slices(
             .write_batch_once(Some(id), progress, &p.events, &p.logs[..n])?;
         p.failed_slice = None;
         if let Some(seq) = p.wal_seq.take() {
-            stats.safe_wal_seq.store(seq, Ordering::Relaxed);
+            stats.committed_wal_seq.fetch_max(seq, Ordering::Relaxed);
         }
         stats
             .events_written
@@ -745,7 +788,7 @@ fn spool_batch(sink: &mut Sink, p: &mut Pending, id: BatchId, stats: &WriterStat
             stats.healthy.store(true, Ordering::Relaxed);
             if let Some(seq) = batch.wal_seq {
                 // On local disk now, synced: the activation log may let go of it.
-                stats.safe_wal_seq.store(seq, Ordering::Relaxed);
+                stats.safe_wal_seq.fetch_max(seq, Ordering::Relaxed);
             }
             stats
                 .log_spooled
@@ -827,13 +870,15 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
-    /// Every group is synced before its answer leaves and reaches the store; an answer that
-    /// changed nothing waits for its license's latest group; after shutdown a change is
-    /// refused and waiting on it returns at once.
+    /// Every group is synced before its answer leaves and reaches the store; full segments
+    /// go once the store's commits are durable; an answer that changed nothing waits for its
+    /// license's latest group; after shutdown a change is refused and waiting on it returns
+    /// at once.
     #[tokio::test(flavor = "current_thread")]
     async fn groups_are_synced_before_answers_and_none_is_left_behind() {
         let (dir, mut store, gid) = store_with_a_key("writer");
-        let (wal, _) = Wal::open_and_replay(&dir.join("wal"), &mut store).unwrap();
+        // Small segments, so that 20 groups fill several.
+        let (wal, _) = Wal::open_with(&dir.join("wal"), &mut store, 1024).unwrap();
         let journal = Journal::open(&dir.join("spool")).unwrap();
         let policy = BatchPolicy {
             batch_rows: 100,
@@ -848,18 +893,34 @@ mod tests {
         let tx = writer.sender();
         let syncs = || tx.stats().wal_syncs.load(Ordering::Relaxed);
 
-        let waits: Vec<Durable> = (0..20)
-            .map(|i| tx.changes(vec![upsert(gid, &format!("d{i}"))]))
-            .collect();
-        for d in &waits {
+        // One at a time, as from handlers that each wait for their answer's sync.
+        for i in 0..20 {
+            let d = tx.changes(vec![upsert(gid, &format!("d{i}"))]);
             d.wait().await;
             assert!(d.is_done());
         }
-        assert!(
-            (1..=20).contains(&syncs()),
-            "{} syncs for 20 groups",
-            syncs()
-        );
+        assert_eq!(syncs(), 20);
+        assert_eq!(tx.stats().wal_failures.load(Ordering::Relaxed), 0);
+        // Committed, then made durable on the writer's next pass, then deleted by the log.
+        tx.flush_blocking();
+        let wal_files = || {
+            std::fs::read_dir(dir.join("wal"))
+                .unwrap()
+                .filter(|e| e.as_ref().unwrap().path().extension() == Some("wal".as_ref()))
+                .count()
+        };
+        let started = Instant::now();
+        while tx.stats().safe_wal_seq.load(Ordering::Relaxed) < 20
+            && started.elapsed() < Duration::from_secs(10)
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(tx.stats().committed_wal_seq.load(Ordering::Relaxed), 20);
+        assert_eq!(tx.stats().safe_wal_seq.load(Ordering::Relaxed), 20);
+        while wal_files() > 1 && started.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(wal_files(), 1, "only the current segment is left");
 
         // An answer from a license waits for the license's latest change to be synced, even
         // an answer that changed nothing.
