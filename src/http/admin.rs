@@ -34,6 +34,9 @@ impl Health {
         if !self.writer.stats().healthy.load(Ordering::Relaxed) {
             return Err("writes reach neither the main store nor the local spool");
         }
+        if !self.writer.stats().wal_healthy.load(Ordering::Relaxed) {
+            return Err("the activation log cannot be written (activations are not crash-safe)");
+        }
         Ok(())
     }
 }

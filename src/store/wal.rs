@@ -219,13 +219,23 @@ impl Wal {
         if ready {
             std::fs::rename(self.dir.join(SPARE), &path)?;
         }
-        let file = std::fs::OpenOptions::new()
+        let opened = std::fs::OpenOptions::new()
             .create(true)
             .write(true)
             .truncate(false)
-            .open(&path)?;
-        // The new name must survive a crash too.
-        File::open(&self.dir)?.sync_all()?;
+            .open(&path)
+            // The new name must survive a crash too.
+            .and_then(|file| File::open(&self.dir)?.sync_all().map(|()| file));
+        let file = match opened {
+            Ok(file) => file,
+            Err(e) => {
+                // It may exist (renamed, or created before the sync failed) and holds no
+                // change: a closed segment, so `collect` deletes it once what came before is
+                // safe, instead of it staying until a restart.
+                self.closed.push((n, self.next_seq.saturating_sub(1)));
+                return Err(e);
+            }
+        };
         self.current = Some(Current {
             number: n,
             file,
@@ -305,9 +315,13 @@ impl Wal {
         let mut err = Ok(());
         self.closed.retain(|(n, last)| {
             if *last <= safe {
-                if let Err(e) = std::fs::remove_file(dir.join(format!("{n:020}.wal"))) {
-                    err = Err(e);
-                    return true;
+                match std::fs::remove_file(dir.join(format!("{n:020}.wal"))) {
+                    // One whose opening failed may never have been made.
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        err = Err(e);
+                        return true;
+                    }
+                    _ => {}
                 }
                 false
             } else {

@@ -90,6 +90,9 @@ pub struct WriterStats {
     /// Change groups the activation log could not write (disk full, I/O error): answered, but
     /// without crash durability.
     pub wal_failures: AtomicU64,
+    /// False from a failed activation-log write until the next one succeeds (readiness). Kept
+    /// apart from `healthy`, which the writer's next successful flush sets again.
+    pub wal_healthy: AtomicBool,
     /// Syncs of the activation log (each covers every group waiting at the time).
     pub wal_syncs: AtomicU64,
 }
@@ -247,6 +250,7 @@ impl Writer {
         let stats = Arc::new(WriterStats {
             healthy: AtomicBool::new(true),
             store_up: AtomicBool::new(true),
+            wal_healthy: AtomicBool::new(true),
             ..WriterStats::default()
         });
         let st = stats.clone();
@@ -359,12 +363,15 @@ fn sync_held(wal: &mut Wal, held: Vec<WalMsg>, writer: &Sender<Msg>, stats: &Wri
     } else {
         stats.wal_syncs.fetch_add(1, Ordering::Relaxed);
         match wal.append(&groups) {
-            Ok(s) => s,
+            Ok(s) => {
+                stats.wal_healthy.store(true, Ordering::Relaxed);
+                s
+            }
             Err(e) => {
                 stats
                     .wal_failures
                     .fetch_add(groups.len() as u64, Ordering::Relaxed);
-                stats.healthy.store(false, Ordering::Relaxed);
+                stats.wal_healthy.store(false, Ordering::Relaxed);
                 tracing::error!(error = %e, "activation log write failed; changes are not crash-safe");
                 Vec::new()
             }
@@ -945,6 +952,69 @@ mod tests {
         let mut store = Store::open(&dir.join("k.db")).unwrap();
         let machines = store.key(gid).unwrap().license.machines.len();
         assert_eq!(machines, 21);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    /// A failed activation-log write makes the node unready until a write succeeds again;
+    /// the writer's later flushes do not hide it, and the change is still answered and stored.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_failing_activation_log_keeps_the_node_unready_until_it_writes_again() {
+        let (dir, mut store, gid) = store_with_a_key("wal-fails");
+        let wal_dir = dir.join("wal");
+        let (wal, _) = Wal::open_with(&wal_dir, &mut store, 1024).unwrap();
+        let journal = Journal::open(&dir.join("spool")).unwrap();
+        let policy = BatchPolicy {
+            batch_rows: 100,
+            batch_bytes: 1 << 20,
+            flush_interval: Duration::from_millis(20),
+            log_queue_rows: 100,
+            retention_days: None,
+            inactive_tenant_days: None,
+        };
+        let writer = Writer::spawn(store, journal, Some(wal), policy);
+        let tx = writer.sender();
+        let health = crate::http::admin::Health {
+            serving: AtomicBool::new(true),
+            writer: tx.clone(),
+        };
+        let failures = || tx.stats().wal_failures.load(Ordering::Relaxed);
+        tx.changes(vec![upsert(gid, "before")]).wait().await;
+        assert_eq!(health.ready(), Ok(()));
+
+        // Its directory gone, the log fails when it next starts a segment.
+        std::fs::remove_dir_all(&wal_dir).unwrap();
+        let mut sent = 1;
+        while failures() == 0 && sent < 60 {
+            let d = tx.changes(vec![upsert(gid, &format!("m{sent}"))]);
+            d.wait().await;
+            assert!(d.is_done(), "a change is answered even when the log fails");
+            sent += 1;
+        }
+        assert!(failures() > 0, "no append failed in {sent} groups");
+        let unready = health.ready().unwrap_err();
+        assert!(unready.contains("activation log"), "{unready}");
+        // The store takes the changes, and that does not make the node ready.
+        tx.flush_blocking();
+        assert!(tx.stats().healthy.load(Ordering::Relaxed));
+        assert_eq!(health.ready(), Err(unready));
+
+        // Writable again: the next group is synced and the node is ready.
+        std::fs::create_dir_all(&wal_dir).unwrap();
+        let d = tx.changes(vec![upsert(gid, "after")]);
+        d.wait().await;
+        assert_eq!(health.ready(), Ok(()));
+        let segments = std::fs::read_dir(&wal_dir)
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().path().extension() == Some("wal".as_ref()))
+            .count();
+        assert_eq!(segments, 1, "the new segment holds the last group");
+
+        tx.flush_blocking();
+        writer.shutdown();
+        drop(tx);
+        drop(health);
+        let mut store = Store::open(&dir.join("k.db")).unwrap();
+        let machines = store.key(gid).unwrap().license.machines.len();
+        assert_eq!(machines, sent + 1, "every change reached the store");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
