@@ -877,6 +877,18 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// Small batches flushed often, so that the tests' few changes reach the store quickly.
+    fn small_batches() -> BatchPolicy {
+        BatchPolicy {
+            batch_rows: 100,
+            batch_bytes: 1 << 20,
+            flush_interval: Duration::from_millis(20),
+            log_queue_rows: 100,
+            retention_days: None,
+            inactive_tenant_days: None,
+        }
+    }
+
     /// Every group is synced before its answer leaves and reaches the store; full segments
     /// go once the store's commits are durable; an answer that changed nothing waits for its
     /// license's latest group; after shutdown a change is refused and waiting on it returns
@@ -887,14 +899,7 @@ mod tests {
         // Small segments, so that 20 groups fill several.
         let (wal, _) = Wal::open_with(&dir.join("wal"), &mut store, 1024).unwrap();
         let journal = Journal::open(&dir.join("spool")).unwrap();
-        let policy = BatchPolicy {
-            batch_rows: 100,
-            batch_bytes: 1 << 20,
-            flush_interval: Duration::from_millis(20),
-            log_queue_rows: 100,
-            retention_days: None,
-            inactive_tenant_days: None,
-        };
+        let policy = small_batches();
         let license = store.key(gid).unwrap().license;
         let writer = Writer::spawn(store, journal, Some(wal), policy);
         let tx = writer.sender();
@@ -962,14 +967,7 @@ mod tests {
         let wal_dir = dir.join("wal");
         let (wal, _) = Wal::open_with(&wal_dir, &mut store, 1024).unwrap();
         let journal = Journal::open(&dir.join("spool")).unwrap();
-        let policy = BatchPolicy {
-            batch_rows: 100,
-            batch_bytes: 1 << 20,
-            flush_interval: Duration::from_millis(20),
-            log_queue_rows: 100,
-            retention_days: None,
-            inactive_tenant_days: None,
-        };
+        let policy = small_batches();
         let writer = Writer::spawn(store, journal, Some(wal), policy);
         let tx = writer.sender();
         let health = crate::http::admin::Health {
