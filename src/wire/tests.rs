@@ -228,3 +228,34 @@ fn decode_round_trips_our_output() {
     want.machines[0].proxy_ip = "".into();
     assert_eq!(d.license, want);
 }
+
+/// Integers are written as `to_string` writes them, at the edges and on a spread between.
+#[test]
+fn integers_are_written_as_std_formats_them() {
+    let mut v: Vec<i64> = vec![
+        0,
+        1,
+        -1,
+        9,
+        10,
+        -10,
+        99,
+        100,
+        i64::MAX,
+        i64::MIN,
+        i64::MIN + 1,
+    ];
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for shift in 0..64 {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        v.push((x >> shift) as i64);
+        v.push(-((x >> (shift + 1).min(63)) as i64));
+    }
+    for n in v {
+        let mut out = b"x".to_vec();
+        push_int(&mut out, n);
+        assert_eq!(out, format!("x{n}").into_bytes(), "{n}");
+    }
+}
