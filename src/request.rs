@@ -66,8 +66,47 @@ pub const MAX_FIELD_LEN: usize = 1024;
 
 /// `application/x-www-form-urlencoded` pairs, exactly as `form_urlencoded::parse` yields them.
 /// What the SDKs send is mostly plain (no `%`, no `+`, valid UTF-8): such a name or value is
-/// borrowed as it is, and only the others go through the general decoder.
+/// borrowed as it is, and only the others go through the general decoder. The input is
+/// checked for UTF-8 once, not per name and value: the delimiters are ASCII, so every piece of
+/// valid UTF-8 split at them is valid too.
 fn parse_into<'a>(input: &'a [u8], pairs: &mut Vec<(Cow<'a, str>, Cow<'a, str>)>) {
+    let Ok(text) = std::str::from_utf8(input) else {
+        return parse_pieces_into(input, pairs);
+    };
+    // One pass over the bytes: where each piece ends, its first `=`, and whether it needs
+    // decoding. (Separate searches for each cost about twice as much.)
+    let mut push = |start: usize, end: usize, eq: Option<usize>, encoded: bool| {
+        if end == start {
+            return;
+        }
+        let piece = &text[start..end];
+        if encoded {
+            pairs.extend(form_urlencoded::parse(piece.as_bytes()));
+        } else {
+            let (name, value) = match eq {
+                Some(e) => (&text[start..e], &text[e + 1..end]),
+                None => (piece, ""),
+            };
+            pairs.push((Cow::Borrowed(name), Cow::Borrowed(value)));
+        }
+    };
+    let (mut start, mut eq, mut encoded) = (0, None, false);
+    for (i, c) in text.bytes().enumerate() {
+        match c {
+            b'&' => {
+                push(start, i, eq, encoded);
+                (start, eq, encoded) = (i + 1, None, false);
+            }
+            b'=' if eq.is_none() => eq = Some(i),
+            b'%' | b'+' => encoded = true,
+            _ => {}
+        }
+    }
+    push(start, text.len(), eq, encoded);
+}
+
+/// `parse_into` for input that is not all UTF-8: each name and value checked on its own.
+fn parse_pieces_into<'a>(input: &'a [u8], pairs: &mut Vec<(Cow<'a, str>, Cow<'a, str>)>) {
     let plain = |b: &'a [u8]| -> Option<&'a str> {
         if b.iter().any(|c| matches!(c, b'%' | b'+')) {
             return None;
