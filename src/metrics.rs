@@ -33,6 +33,7 @@ pub const LOG_ROWS_DROPPED_TOTAL: &str = "keygate_log_rows_dropped_total";
 pub const STORE_EVENTS_WRITTEN_TOTAL: &str = "keygate_store_events_written_total";
 pub const STORE_EVENTS_LOST_TOTAL: &str = "keygate_store_events_lost_total";
 pub const WAL_SYNCS_TOTAL: &str = "keygate_activation_log_syncs_total";
+pub const WAL_FAILURES_TOTAL: &str = "keygate_activation_log_failures_total";
 pub const LOG_ROWS_SPOOLED_TOTAL: &str = "keygate_log_rows_spooled_total";
 pub const LOG_ROWS_REPLAYED_TOTAL: &str = "keygate_log_rows_replayed_total";
 pub const STORE_EVENTS_SPOOLED_TOTAL: &str = "keygate_store_events_spooled_total";
@@ -235,6 +236,7 @@ pub fn writer_stats(s: &crate::store::writer::WriterStats) {
         (LOG_ROWS_REPLAYED_TOTAL, &s.log_replayed),
         (STORE_EVENTS_SPOOLED_TOTAL, &s.events_spooled),
         (WAL_SYNCS_TOTAL, &s.wal_syncs),
+        (WAL_FAILURES_TOTAL, &s.wal_failures),
     ] {
         metrics::counter!(name).absolute(v.load(Relaxed));
     }
