@@ -65,13 +65,15 @@ pub enum DecodeError {
 pub const MAX_FIELD_LEN: usize = 1024;
 
 /// `application/x-www-form-urlencoded` pairs, exactly as `form_urlencoded::parse` yields them.
-/// What the SDKs send is mostly plain (no `%`, no `+`, valid UTF-8): such a name or value is
+/// What the SDKs send is mostly plain (valid UTF-8, no `%`, no `+`): such a name or value is
 /// borrowed as it is, and only the others go through the general decoder. The input is
 /// checked for UTF-8 once, not per name and value: the delimiters are ASCII, so every piece of
 /// valid UTF-8 split at them is valid too.
 fn parse_into<'a>(input: &'a [u8], pairs: &mut Vec<(Cow<'a, str>, Cow<'a, str>)>) {
     let Ok(text) = std::str::from_utf8(input) else {
-        return parse_pieces_into(input, pairs);
+        // Not UTF-8 (hostile or broken input): the general decoder for all of it.
+        pairs.extend(form_urlencoded::parse(input));
+        return;
     };
     // One pass over the bytes: where each piece ends, its first `=`, and whether it needs
     // decoding. (Separate searches for each cost about twice as much.)
@@ -103,29 +105,6 @@ fn parse_into<'a>(input: &'a [u8], pairs: &mut Vec<(Cow<'a, str>, Cow<'a, str>)>
         }
     }
     push(start, text.len(), eq, encoded);
-}
-
-/// `parse_into` for input that is not all UTF-8: each name and value checked on its own.
-fn parse_pieces_into<'a>(input: &'a [u8], pairs: &mut Vec<(Cow<'a, str>, Cow<'a, str>)>) {
-    let plain = |b: &'a [u8]| -> Option<&'a str> {
-        if b.iter().any(|c| matches!(c, b'%' | b'+')) {
-            return None;
-        }
-        std::str::from_utf8(b).ok()
-    };
-    for piece in input.split(|b| *b == b'&') {
-        if piece.is_empty() {
-            continue;
-        }
-        let (name, value) = match piece.iter().position(|b| *b == b'=') {
-            Some(i) => (&piece[..i], &piece[i + 1..]),
-            None => (piece, &piece[piece.len()..]),
-        };
-        match (plain(name), plain(value)) {
-            (Some(n), Some(v)) => pairs.push((Cow::Borrowed(n), Cow::Borrowed(v))),
-            _ => pairs.extend(form_urlencoded::parse(piece)),
-        }
-    }
 }
 
 /// The merged query-string and form-body parameters of one request. The first occurrence of a

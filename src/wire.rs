@@ -26,24 +26,10 @@ pub struct LicenseView<'a> {
     pub sign_date: i64,
 }
 
-/// Decimal digits, written from a stack buffer: an answer has a dozen integers and more per
-/// machine, and `to_string` would allocate for each.
+/// Decimal digits, written by serde_json's integer formatter straight into `out`: an answer
+/// has a dozen integers and more per machine, and `to_string` would allocate for each.
 fn push_int(out: &mut Vec<u8>, v: i64) {
-    let mut buf = [0u8; 20];
-    let mut at = buf.len();
-    let mut n = v.unsigned_abs();
-    loop {
-        at -= 1;
-        buf[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    if v < 0 {
-        out.push(b'-');
-    }
-    out.extend_from_slice(&buf[at..]);
+    serde_json::to_writer(&mut *out, &v).expect("writing to a Vec does not fail");
 }
 
 fn push_bool(out: &mut Vec<u8>, v: bool) {

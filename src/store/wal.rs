@@ -58,6 +58,11 @@ fn segment_number(path: &Path) -> Option<u64> {
         .ok()
 }
 
+/// Segment `n`'s file: the number zero-padded, so that names sort as numbers do.
+fn segment_path(dir: &Path, n: u64) -> PathBuf {
+    dir.join(format!("{n:020}.wal"))
+}
+
 fn segments(dir: &Path) -> std::io::Result<Vec<(u64, PathBuf)>> {
     let mut v = Vec::new();
     for e in std::fs::read_dir(dir)? {
@@ -200,7 +205,7 @@ impl Wal {
     fn open_segment(&mut self) -> std::io::Result<()> {
         let n = self.next_segment;
         self.next_segment += 1;
-        let path = self.dir.join(format!("{n:020}.wal"));
+        let path = segment_path(&self.dir, n);
         let ready = match self.spare.take() {
             Some(h) if h.is_finished() => {
                 let ok = matches!(h.join(), Ok(Ok(())));
@@ -315,7 +320,7 @@ impl Wal {
         let mut err = Ok(());
         self.closed.retain(|(n, last)| {
             if *last <= safe {
-                match std::fs::remove_file(dir.join(format!("{n:020}.wal"))) {
+                match std::fs::remove_file(segment_path(dir, *n)) {
                     // One whose opening failed may never have been made.
                     Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                         err = Err(e);
@@ -349,6 +354,11 @@ const SPARE: &str = "next.wal-spare";
 pub(crate) mod tests {
     use super::*;
     use crate::domain::{Machine, MachineKind};
+
+    /// How many segment files `dir` holds.
+    pub(crate) fn segment_count(dir: &Path) -> usize {
+        segments(dir).unwrap().len()
+    }
 
     /// A new machine on license `gid`, as the activation log and the writer carry it.
     pub(crate) fn upsert(gid: i64, code: &str) -> StoreEvent {
@@ -446,12 +456,12 @@ pub(crate) mod tests {
         let wal_dir = dir.join("wal");
         let size = 4096;
         let (mut wal, _) = Wal::open_with(&wal_dir, &mut store, size).unwrap();
-        let line_len = |wal: &mut Wal, code: &str| {
+        let append_one = |wal: &mut Wal, code: &str| {
             wal.settle();
             wal.append(&[&[upsert(gid, code)]]).unwrap();
             segments(&wal_dir).unwrap()
         };
-        let first = line_len(&mut wal, "m0");
+        let first = append_one(&mut wal, "m0");
         assert_eq!(first.len(), 1);
         assert_eq!(
             std::fs::metadata(&first[0].1).unwrap().len(),

@@ -833,7 +833,7 @@ fn spool_batch(sink: &mut Sink, p: &mut Pending, id: BatchId, stats: &WriterStat
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::wal::tests::{store_with_a_key, upsert};
+    use crate::store::wal::tests::{segment_count, store_with_a_key, upsert};
 
     /// Group commit: the groups waiting when the log thread looks are appended with one sync,
     /// acknowledged, and forwarded to the writer in order, flushes kept in place.
@@ -915,12 +915,7 @@ mod tests {
         assert_eq!(tx.stats().wal_failures.load(Ordering::Relaxed), 0);
         // Committed, then made durable on the writer's next pass, then deleted by the log.
         tx.flush_blocking();
-        let wal_files = || {
-            std::fs::read_dir(dir.join("wal"))
-                .unwrap()
-                .filter(|e| e.as_ref().unwrap().path().extension() == Some("wal".as_ref()))
-                .count()
-        };
+        let wal_files = || segment_count(&dir.join("wal"));
         let started = Instant::now();
         while tx.stats().safe_wal_seq.load(Ordering::Relaxed) < 20
             && started.elapsed() < Duration::from_secs(10)
@@ -1000,11 +995,11 @@ mod tests {
         let d = tx.changes(vec![upsert(gid, "after")]);
         d.wait().await;
         assert_eq!(health.ready(), Ok(()));
-        let segments = std::fs::read_dir(&wal_dir)
-            .unwrap()
-            .filter(|e| e.as_ref().unwrap().path().extension() == Some("wal".as_ref()))
-            .count();
-        assert_eq!(segments, 1, "the new segment holds the last group");
+        assert_eq!(
+            segment_count(&wal_dir),
+            1,
+            "the new segment holds the last group"
+        );
 
         tx.flush_blocking();
         writer.shutdown();
