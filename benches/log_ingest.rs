@@ -24,7 +24,7 @@ fn row(i: u64) -> LogRow {
         tenant_id: Some(1),
         product_id: Some(1 + (i % 7) as i64),
         key_id: Some((i % 100_000) as i64),
-        client_ip: format!("203.0.{}.0", i % 256),
+        client_ip: format!("203.0.{}.0", i % 256).into(),
         proxy_ip: "10.0.0.1".into(),
         time: 1_800_000_000 + (i / 100_000) as i64,
         // SDK machine codes are 64 hex characters.

@@ -336,7 +336,7 @@ pub fn privacy_export(store: &mut Store, machine_code: &str) -> Result<Value> {
         .into_iter()
         .map(|l| {
             json!({"tenant_id": l.tenant_id, "product_id": l.product_id, "key_id": l.key_id,
-                   "client_ip": l.client_ip, "proxy_ip": l.proxy_ip, "time": l.time,
+                   "client_ip": &*l.client_ip, "proxy_ip": &*l.proxy_ip, "time": l.time,
                    "friendly_name": l.friendly_name, "state": l.state})
         })
         .collect();
@@ -427,7 +427,7 @@ pub fn list_log(store: &mut Store, product: Option<i64>, limit: i64) -> Result<V
         .into_iter()
         .map(|(id, l)| {
             json!({"id": id, "tenant_id": l.tenant_id, "product_id": l.product_id, "key_id": l.key_id,
-                   "client_ip": l.client_ip, "proxy_ip": l.proxy_ip, "time": l.time, "machine_code": l.machine_code,
+                   "client_ip": &*l.client_ip, "proxy_ip": &*l.proxy_ip, "time": l.time, "machine_code": l.machine_code,
                    "friendly_name": l.friendly_name, "state": l.state, "floating_expires": l.floating_expires})
         })
         .collect();

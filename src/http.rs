@@ -27,6 +27,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use std::borrow::Cow;
 use std::convert::Infallible;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -115,7 +116,7 @@ struct Conn {
     /// The peer's address as text, and as the request log keeps it: the same for every
     /// request not forwarded by a proxy, so formatted once.
     peer_text: String,
-    peer_log_text: String,
+    peer_log_text: Arc<str>,
 }
 
 impl Conn {
@@ -125,17 +126,14 @@ impl Conn {
             behind_proxy: ctx.trusted_proxies.contains(peer),
             proxy_ip,
             peer_text: peer.to_string(),
-            peer_log_text: ctx.log_ip(peer),
+            peer_log_text: ctx.log_ip(peer).into(),
         }
     }
 
-    /// `ip` as text, and as the request log keeps it.
-    fn texts(&self, ctx: &Ctx, ip: std::net::IpAddr) -> (Cow<'_, str>, Cow<'_, str>) {
+    /// `ip` as text, and as the request log keeps it (shared with the log row, not copied).
+    fn texts(&self, ctx: &Ctx, ip: std::net::IpAddr) -> (Cow<'_, str>, Arc<str>) {
         if ip == self.peer {
-            (
-                self.peer_text.as_str().into(),
-                self.peer_log_text.as_str().into(),
-            )
+            (self.peer_text.as_str().into(), self.peer_log_text.clone())
         } else {
             (ip.to_string().into(), ctx.log_ip(ip).into())
         }
@@ -198,10 +196,19 @@ async fn handle(
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let started = tokio::time::Instant::now();
     let mut log = LogCtx::default();
-    let route = request::route(req.uri().path()).ok();
+    let route = request::route(req.uri().path());
     let client_ip = conn.client_ip(&ctx, req.headers());
     let (ip_text, ip_log_text) = conn.texts(&ctx, client_ip);
-    let outcome = serve(&ctx, client_ip, &ip_text, &conn.proxy_ip, req, &mut log).await;
+    let outcome = serve(
+        &ctx,
+        route,
+        client_ip,
+        &ip_text,
+        &conn.proxy_ip,
+        req,
+        &mut log,
+    )
+    .await;
     let (status, body, code, label) = match outcome {
         Ok((body, code)) => (StatusCode::OK, body, code, "ok"),
         Err(f) => (
@@ -212,14 +219,15 @@ async fn handle(
         ),
     };
     ctx.writer
-        .log(log.row(&ip_log_text, &conn.proxy_ip, ctx.now(), code));
+        .log(log.row(ip_log_text, conn.proxy_ip.clone(), ctx.now(), code));
     ctx.request_metrics
-        .record(route_index(route), label, started.elapsed());
+        .record(route_index(route.ok()), label, started.elapsed());
     Ok(json_response(status, body))
 }
 
 async fn serve(
     ctx: &Arc<Ctx>,
+    route: Result<Route, request::RouteError>,
     client_ip: std::net::IpAddr,
     client_ip_text: &str,
     proxy_ip: &Arc<str>,
@@ -230,8 +238,7 @@ async fn serve(
     if req.method() != HttpMethod::GET && req.method() != HttpMethod::POST {
         return Err(other(ApiError::HttpMethod));
     }
-    let route = request::route(req.uri().path())
-        .map_err(|e| other(request::DecodeOutcome::Route(e).into()))?;
+    let route = route.map_err(|e| other(request::DecodeOutcome::Route(e).into()))?;
     let fail_code = match route {
         Route::Activate => crate::domain::StateCode::ACTIVATE_FAILED,
         Route::GetKey => crate::domain::StateCode::GETKEY_FAILED,
@@ -259,7 +266,17 @@ async fn serve(
     }
     let (parts, body) = req.into_parts();
     let limited = Limited::new(body, ctx.limits.max_body_bytes);
-    let body = match tokio::time::timeout(ctx.limits.body_read_timeout, limited.collect()).await {
+    // A client's small body nearly always arrives with its headers, so the first poll
+    // finishes it; the read timeout (a timer entry to make and drop) is armed only when not.
+    let mut collect = std::pin::pin!(limited.collect());
+    let first = std::future::poll_fn(|cx| std::task::Poll::Ready(collect.as_mut().poll(cx))).await;
+    let collected = match first {
+        std::task::Poll::Ready(r) => Ok(r),
+        std::task::Poll::Pending => {
+            tokio::time::timeout(ctx.limits.body_read_timeout, collect).await
+        }
+    };
+    let body = match collected {
         Err(_) => return Err(other(ApiError::BodyTimeout)),
         Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
             return Err(other(ApiError::BodyTooLarge))

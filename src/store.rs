@@ -63,7 +63,7 @@ impl Seal {
 
     fn log_row(&self, r: &LogRow) -> LogRow {
         LogRow {
-            client_ip: self.text(&r.client_ip),
+            client_ip: self.text(&r.client_ip).into(),
             machine_code: self.text(&r.machine_code),
             friendly_name: self.text(&r.friendly_name),
             ..r.clone()
@@ -72,7 +72,7 @@ impl Seal {
 
     fn open_log_row(&self, r: LogRow) -> Result<LogRow> {
         Ok(LogRow {
-            client_ip: self.open(r.client_ip)?,
+            client_ip: self.open(r.client_ip.to_string())?.into(),
             machine_code: self.open(r.machine_code)?,
             friendly_name: self.open(r.friendly_name)?,
             ..r
@@ -268,8 +268,8 @@ pub struct LogRow {
     pub tenant_id: Option<i64>,
     pub product_id: Option<i64>,
     pub key_id: Option<i64>,
-    pub client_ip: String,
-    pub proxy_ip: String,
+    pub client_ip: Arc<str>,
+    pub proxy_ip: Arc<str>,
     pub time: i64,
     pub machine_code: String,
     pub friendly_name: String,
@@ -1808,8 +1808,8 @@ fn log_row_from(r: &Row, first: usize) -> Result<LogRow> {
         tenant_id: r.opt_i64(first)?,
         product_id: r.opt_i64(first + 1)?,
         key_id: r.opt_i64(first + 2)?,
-        client_ip: r.text(first + 3)?,
-        proxy_ip: r.text(first + 4)?,
+        client_ip: r.text(first + 3)?.into(),
+        proxy_ip: r.text(first + 4)?.into(),
         time: r.i64(first + 5)?,
         machine_code: r.text(first + 6)?,
         friendly_name: r.text(first + 7)?,
@@ -2122,13 +2122,14 @@ fn copy_log_rows_postgres(
     let mut w = BinaryCopyInWriter::new(sink, &types);
     for (l, id) in logs.iter().zip(log_ids(blocks)) {
         let state = i64::from(l.state);
+        let (client_ip, proxy_ip): (&str, &str) = (&l.client_ip, &l.proxy_ip);
         w.write(&[
             &id,
             &l.tenant_id,
             &l.product_id,
             &l.key_id,
-            &l.client_ip,
-            &l.proxy_ip,
+            &client_ip,
+            &proxy_ip,
             &l.time,
             &l.machine_code,
             &l.friendly_name,
@@ -2324,7 +2325,7 @@ mod tests {
             tenant_id: Some(1),
             product_id: (i % 3 != 0).then_some(7),
             key_id: Some(i),
-            client_ip: format!("203.0.113.{}", i % 250),
+            client_ip: format!("203.0.113.{}", i % 250).into(),
             proxy_ip: "10.0.0.1".into(),
             time: 1_800_000_000 + i,
             machine_code: format!("m-{i}"),

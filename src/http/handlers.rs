@@ -35,13 +35,20 @@ pub struct LogCtx {
 }
 
 impl LogCtx {
-    pub fn row(self, client_ip: &str, proxy_ip: &str, time: i64, state: StateCode) -> LogRow {
+    /// The addresses are shared (one allocation per connection, not two per row).
+    pub fn row(
+        self,
+        client_ip: Arc<str>,
+        proxy_ip: Arc<str>,
+        time: i64,
+        state: StateCode,
+    ) -> LogRow {
         LogRow {
             tenant_id: self.tenant_id,
             product_id: self.product_id,
             key_id: self.key_id,
-            client_ip: client_ip.to_owned(),
-            proxy_ip: proxy_ip.to_owned(),
+            client_ip,
+            proxy_ip,
             time,
             machine_code: self.machine_code,
             friendly_name: self.friendly_name,
@@ -301,10 +308,22 @@ pub async fn activate(
     proxy_ip: &Arc<str>,
     log: &mut LogCtx,
 ) -> Outcome {
-    let fail = |e: ApiError| Failure::new(e, StateCode::ACTIVATE_FAILED);
     log.product_id = Some(r.product_id);
-    log.machine_code.clone_from(&r.machine_code);
-    log.friendly_name.clone_from(&r.friendly_name);
+    let outcome = activate_decided(ctx, &r, client_ip, proxy_ip, log).await;
+    // Moved, not copied: the request is done with them.
+    log.machine_code = r.machine_code;
+    log.friendly_name = r.friendly_name;
+    outcome
+}
+
+async fn activate_decided(
+    ctx: &Ctx,
+    r: &ActivateRequest,
+    client_ip: &str,
+    proxy_ip: &Arc<str>,
+    log: &mut LogCtx,
+) -> Outcome {
+    let fail = |e: ApiError| Failure::new(e, StateCode::ACTIVATE_FAILED);
     let Authorized {
         scope,
         product,
@@ -391,7 +410,7 @@ pub async fn activate(
                         // latest change to be synced: it shows that change.
                         let durable = entry.fence(sent);
                         let prepared =
-                            answer(ctx, &lic, &change, &r, &product, &signer, mask, now, log);
+                            answer(ctx, &lic, &change, r, &product, &signer, mask, now, log);
                         Step::Done(prepared, code, durable)
                     }
                 }
@@ -429,7 +448,7 @@ pub async fn activate(
                     Ok(Some(())) => {
                         let lic = entry.license.lock();
                         let prepared =
-                            answer(ctx, &lic, &change, &r, &product, &signer, mask, now, log);
+                            answer(ctx, &lic, &change, r, &product, &signer, mask, now, log);
                         break (prepared, code, Durable::ready());
                     }
                     Ok(None) => {}

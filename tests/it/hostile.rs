@@ -221,6 +221,32 @@ async fn slow_and_broken_clients_are_cut_off() {
         "{text}"
     );
 
+    // A body that arrives in two parts, the second well within the timeout: answered. (The
+    // timeout is armed only when the first read does not finish the body.)
+    let get_key = form(&[
+        ("token", &seed.token),
+        ("ProductId", &seed.product.to_string()),
+        ("Key", &key),
+    ]);
+    let (first, second) = get_key.split_at(get_key.len() / 2);
+    let mut s = raw_tls(&server).await;
+    let head = format!(
+        "POST /api/key/GetKey HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
+         Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{first}",
+        get_key.len()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    s.write_all(second.as_bytes()).await.unwrap();
+    s.flush().await.unwrap();
+    let mut buf = Vec::new();
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
+    let text = String::from_utf8_lossy(&buf);
+    assert!(n.is_ok(), "no answer within 5 s");
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.contains(r#""result":0"#), "{text}");
+
     // Headers that never complete (slowloris): the connection is closed.
     let mut s = raw_tls(&server).await;
     s.write_all(b"POST /api/key/activate HTTP/1.1\r\nHost: x\r\n")
