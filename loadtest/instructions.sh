@@ -58,19 +58,19 @@ count() {
     # shellcheck disable=SC2086
     "$lt" run --target "$target" --scenario reactivate --ca "$cert" $args --duration-secs 12 \
         --warmup-secs 0 --connections 16 >/dev/null
-    callgrind_control -z "$pid" >/dev/null
+    callgrind_control -z "$pid" >/dev/null 2>&1
     # shellcheck disable=SC2086
     "$lt" run --target "$target" --scenario reactivate --ca "$cert" $args --duration-secs "$secs" \
         --warmup-secs 0 --connections 16 >"$out.run"
-    callgrind_control -d "$pid" >/dev/null
+    callgrind_control -d "$pid" >/dev/null 2>&1
     sleep 1
     awk '$1 == "keygate" {print $3}' "$out.run"
 }
 
 # The inclusive instruction count of the first function matching $2 in callgrind dump $1.
 inclusive() {
-    callgrind_annotate --inclusive=yes --threshold=100 "$1" 2>/dev/null \
-        | grep -m1 -- "$2" | awk '{gsub(",", "", $1); print $1}'
+    callgrind_annotate --inclusive=yes --threshold=100 "$1" >"$1.txt" 2>/dev/null
+    grep -m1 -- "$2" "$1.txt" | awk '{gsub(",", "", $1); print $1}'
 }
 
 "${env_kg[@]}" valgrind --tool=callgrind --callgrind-out-file="$work/kg.cg" "$work/keygate" \
