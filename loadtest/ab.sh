@@ -32,14 +32,8 @@ base=(env KEYGATE_LOG=warn KEYGATE_SERVER__LISTEN=127.0.0.1:0 KEYGATE_ADMIN__LIS
     KEYGATE_RATE_LIMITS__PER_CLIENT_IP_PER_SECOND=0 KEYGATE_SERVER__WORKER_THREADS=1
     KEYGATE_SERVER__SIGNING_THREADS=1)
 
-# Waits for the line with the node's address in its log and prints the address.
-address() {
-    for _ in $(seq 100); do
-        if grep -q "https://" "$1"; then grep -o 'https://[0-9.:]*' "$1" | head -1 | sed 's|https://||'; return; fi
-        sleep 0.1
-    done
-    echo "no address in $1:" >&2; cat "$1" >&2; exit 1
-}
+# shellcheck source=loadtest/lib.sh
+source loadtest/lib.sh
 
 # One data directory with `keys` licenses, seeded through a running node, then stopped.
 "${base[@]}" "$work/keygate-a" --data-dir "$work/seed" serve >"$work/seed.log" 2>&1 &

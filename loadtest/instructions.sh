@@ -5,13 +5,13 @@
 # changes too small for `ab.sh` (its rounds move by a few per cent). Kernel work (TCP, TLS
 # record writes, syscalls) is not counted, nor are SIMD widths: a cut that trades a byte loop
 # for vector code shows in criterion, not here.
-#   loadtest/instructions.sh [BIN, default target/release/keygate] [seconds, default 20]
-# Needs valgrind, python3, curl. Signed answers are cached for an hour here, so that no
-# signature (millions of instructions) is made while counting.
+#   loadtest/instructions.sh [BIN, default target/release/keygate] [seconds, default 30]
+# Needs valgrind, python3, curl. Signed answers are cached for an hour here, and the counting
+# starts once the cache holds every answer, so that no signature is made while counting.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 kg=$(realpath "${1:-target/release/keygate}")
-secs=${2:-20}
+secs=${2:-30}
 command -v valgrind >/dev/null || { echo "error: valgrind not found (apt-get install valgrind)" >&2; exit 1; }
 cargo build --release --locked -p keygate-loadtest
 lt=$PWD/target/release/keygate-loadtest
@@ -26,14 +26,8 @@ env_kg=(env KEYGATE_LOG=warn KEYGATE_SERVER__LISTEN=127.0.0.1:0 KEYGATE_ADMIN__L
     KEYGATE_RATE_LIMITS__PER_CLIENT_IP_PER_SECOND=0 KEYGATE_SERVER__WORKER_THREADS=1
     KEYGATE_SERVER__SIGNING_THREADS=1 KEYGATE_CACHE__RESPONSE_TTL_MS=3600000)
 
-# Waits for a line matching $2 in log $1 and prints the address after it.
-address() {
-    for _ in $(seq 600); do
-        if grep -q "$2" "$1"; then grep -o "$2[0-9.:]*" "$1" | head -1 | sed "s|$2||"; return; fi
-        sleep 0.1
-    done
-    echo "no address in $1:" >&2; cat "$1" >&2; exit 1
-}
+# shellcheck source=loadtest/lib.sh
+source loadtest/lib.sh
 
 # Seeds 100 keys and their 1,000 known machines through a node run natively.
 "${env_kg[@]}" "$work/keygate" --data-dir "$work/data" serve >"$work/seed.log" 2>&1 &
@@ -51,13 +45,35 @@ curl -s --cacert "$cert" "https://$addr/api/key/Activate" \
 kill "$seed_pid"
 wait "$seed_pid" || true
 
-# Runs the load against $2 (pid $1) twice: a warm-up that fills the response cache, then the
-# counted run between zeroing the counters and dumping them. Prints the requests served.
-count() {
-    local pid=$1 target=$2 out=$3
+# Runs the scenario against $1 for $2 seconds.
+load() {
     # shellcheck disable=SC2086
-    "$lt" run --target "$target" --scenario reactivate --ca "$cert" $args --duration-secs 12 \
+    "$lt" run --target "$1" --scenario reactivate --ca "$cert" $args --duration-secs "$2" \
         --warmup-secs 0 --connections 16 >/dev/null
+}
+
+# The response cache's misses so far, from the admin listener $1.
+misses() {
+    curl -s "http://$1/metrics" | awk '/^keygate_response_cache_total\{result="miss"\}/ {print $2}'
+}
+
+# Runs the load against $2 (pid $1): warm-up runs until one adds no response-cache miss (admin
+# listener $4; none for the static server), so that nothing is encoded or signed while
+# counting (under valgrind a signature takes tens of milliseconds), then the counted run
+# between zeroing the counters and dumping them. Prints the requests served.
+count() {
+    local pid=$1 target=$2 out=$3 admin=${4:-}
+    load "$target" 4
+    if [ -n "$admin" ]; then
+        local before after
+        for _ in $(seq 40); do
+            before=$(misses "$admin")
+            load "$target" 4
+            after=$(misses "$admin")
+            [ "$before" = "$after" ] && break
+        done
+        [ "$before" = "$after" ] || echo "warning: the response cache still misses" >&2
+    fi
     callgrind_control -z "$pid" >/dev/null 2>&1
     # shellcheck disable=SC2086
     "$lt" run --target "$target" --scenario reactivate --ca "$cert" $args --duration-secs "$secs" \
@@ -76,7 +92,8 @@ inclusive() {
 "${env_kg[@]}" valgrind --tool=callgrind --callgrind-out-file="$work/kg.cg" "$work/keygate" \
     --data-dir "$work/data" serve >"$work/kg.log" 2>&1 &
 kg_pid=$!
-kg_req=$(count "$kg_pid" "$(address "$work/kg.log" "https://")" "$work/kg")
+kg_addr=$(address "$work/kg.log" "https://")
+kg_req=$(count "$kg_pid" "$kg_addr" "$work/kg" "$(address "$work/kg.log" "keygate admin on http://")")
 kg_dump=$(ls -S "$work"/kg.cg.* | head -1)
 kg_worker=$(inclusive "$kg_dump" "multi_thread::worker::run ")
 kg_store=$(inclusive "$kg_dump" "store/writer.rs:std::sys::backtrace::__rust_begin_short_backtrace")
