@@ -6,6 +6,8 @@
 # record writes, syscalls) is not counted, nor are SIMD widths: a cut that trades a byte loop
 # for vector code shows in criterion, not here.
 #   loadtest/instructions.sh [BIN, default target/release/keygate] [seconds, default 30]
+# With KEEP_DUMPS=DIR the callgrind dumps are copied there (kg.cg, st.cg), for
+# `callgrind_annotate` to say where the instructions went.
 # Needs valgrind, python3, curl. Signed answers are cached for an hour here, and the counting
 # starts once the cache holds every answer, so that no signature is made while counting.
 set -euo pipefail
@@ -106,6 +108,11 @@ st_pid=$!
 st_req=$(count "$st_pid" "$(address "$work/st.log" "static server on ")" "$work/st")
 st_dump=$(ls -S "$work"/st.cg.* | head -1)
 st_worker=$(inclusive "$st_dump" "multi_thread::worker::run ")
+if [ -n "${KEEP_DUMPS:-}" ]; then
+    mkdir -p "$KEEP_DUMPS"
+    cp "$kg_dump" "$KEEP_DUMPS/kg.cg"
+    cp "$st_dump" "$KEEP_DUMPS/st.cg"
+fi
 
 python3 - "$kg_req" "$kg_worker" "$kg_store" "$st_req" "$st_worker" <<'PY'
 import sys

@@ -20,7 +20,7 @@ use client_ip::TrustedProxies;
 use error::{ApiError, Failure};
 use handlers::LogCtx;
 use http::{header, Method as HttpMethod, Response, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -254,36 +254,23 @@ async fn serve(
             return Err(other(ApiError::UnsupportedEncoding));
         }
     }
-    if let Some(len) = req.headers().get(header::CONTENT_LENGTH) {
-        let too_big = len
-            .to_str()
-            .ok()
-            .and_then(|l| l.parse::<u64>().ok())
-            .is_none_or(|l| l > ctx.limits.max_body_bytes as u64);
-        if too_big {
-            return Err(other(ApiError::BodyTooLarge));
-        }
-    }
     let (parts, body) = req.into_parts();
-    let limited = Limited::new(body, ctx.limits.max_body_bytes);
-    // A client's small body nearly always arrives with its headers, so the first poll
+    // A declared length over the limit is refused before reading (hyper has parsed and
+    // checked Content-Length already: its size hint is that length).
+    if hyper::body::Body::size_hint(&body).lower() > ctx.limits.max_body_bytes as u64 {
+        return Err(other(ApiError::BodyTooLarge));
+    }
+    // A small body nearly always arrives with the headers, so the first poll usually
     // finishes it; the read timeout (a timer entry to make and drop) is armed only when not.
-    let mut collect = std::pin::pin!(limited.collect());
-    let first = std::future::poll_fn(|cx| std::task::Poll::Ready(collect.as_mut().poll(cx))).await;
-    let collected = match first {
-        std::task::Poll::Ready(r) => Ok(r),
-        std::task::Poll::Pending => {
-            tokio::time::timeout(ctx.limits.body_read_timeout, collect).await
-        }
-    };
-    let body = match collected {
-        Err(_) => return Err(other(ApiError::BodyTimeout)),
-        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
-            return Err(other(ApiError::BodyTooLarge))
-        }
-        Ok(Err(_)) => return Err(other(ApiError::BadInput)),
-        Ok(Ok(b)) => b.to_bytes(),
-    };
+    let mut read = std::pin::pin!(read_body(body, ctx.limits.max_body_bytes));
+    let first = std::future::poll_fn(|cx| std::task::Poll::Ready(read.as_mut().poll(cx))).await;
+    let body = match first {
+        std::task::Poll::Ready(r) => r,
+        std::task::Poll::Pending => tokio::time::timeout(ctx.limits.body_read_timeout, read)
+            .await
+            .unwrap_or(Err(ApiError::BodyTimeout)),
+    }
+    .map_err(other)?;
     let query = parts.uri.query().unwrap_or("").as_bytes();
     let params = Params::parse(query, &body);
     let decoded = Request::decode(route, &params);
@@ -299,6 +286,34 @@ async fn serve(
         }
         Request::GetWebApiLog(r) => handlers::get_web_api_log(ctx, r, log).await,
     }
+}
+
+/// The whole body, refused once it passes `max` bytes. A body of one data frame (what a small
+/// form nearly always is) is returned as it came, without copying; trailers are ignored.
+async fn read_body(mut body: Incoming, max: usize) -> Result<Bytes, ApiError> {
+    let mut first = Bytes::new();
+    let mut rest: Vec<u8> = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame.map_err(|_| ApiError::BadInput)?.into_data() else {
+            continue;
+        };
+        if first.len() + rest.len() + data.len() > max {
+            return Err(ApiError::BodyTooLarge);
+        }
+        if first.is_empty() {
+            first = data;
+        } else {
+            if rest.is_empty() {
+                rest.extend_from_slice(&first);
+            }
+            rest.extend_from_slice(&data);
+        }
+    }
+    Ok(if rest.is_empty() {
+        first
+    } else {
+        Bytes::from(rest)
+    })
 }
 
 /// One client-API listener: HTTPS, or plain HTTP when configured explicitly

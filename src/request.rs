@@ -27,23 +27,27 @@ pub enum RouteError {
 /// Maps a request path to a method: case-insensitive, repeated `/` collapsed, one trailing `/`
 /// ignored (Python sends `/api//key/activate`, .NET `/api//key/activate/`).
 pub fn route(path: &str) -> Result<Route, RouteError> {
-    let mut segs = path.split('/').filter(|s| !s.is_empty());
-    let first = segs.next().unwrap_or("");
-    if first.eq_ignore_ascii_case("ext") {
+    // Split as bytes: `str::split` with a `char` pattern costs several times more here.
+    let mut segs = path
+        .as_bytes()
+        .split(|&b| b == b'/')
+        .filter(|s| !s.is_empty());
+    let first = segs.next().unwrap_or_default();
+    if first.eq_ignore_ascii_case(b"ext") {
         return Err(RouteError::Legacy);
     }
-    if !first.eq_ignore_ascii_case("api") {
+    if !first.eq_ignore_ascii_case(b"api") {
         return Err(RouteError::Unknown);
     }
     let (Some(group), Some(method), None) = (segs.next(), segs.next(), segs.next()) else {
         return Err(RouteError::Unknown);
     };
-    const METHODS: [(&str, &str, Route); 5] = [
-        ("key", "activate", Route::Activate),
-        ("key", "getkey", Route::GetKey),
-        ("key", "deactivate", Route::Deactivate),
-        ("key", "createtrialkey", Route::CreateTrialKey),
-        ("ai", "getwebapilog", Route::GetWebApiLog),
+    const METHODS: [(&[u8], &[u8], Route); 5] = [
+        (b"key", b"activate", Route::Activate),
+        (b"key", b"getkey", Route::GetKey),
+        (b"key", b"deactivate", Route::Deactivate),
+        (b"key", b"createtrialkey", Route::CreateTrialKey),
+        (b"ai", b"getwebapilog", Route::GetWebApiLog),
     ];
     METHODS
         .iter()
@@ -64,100 +68,287 @@ pub enum DecodeError {
 /// Longest machine code, friendly name or key string accepted (CreateTrialKey has its own 128).
 pub const MAX_FIELD_LEN: usize = 1024;
 
-/// `application/x-www-form-urlencoded` pairs, exactly as `form_urlencoded::parse` yields them.
-/// What the SDKs send is mostly plain (valid UTF-8, no `%`, no `+`): such a name or value is
-/// borrowed as it is, and only the others go through the general decoder. The input is
-/// checked for UTF-8 once, not per name and value: the delimiters are ASCII, so every piece of
-/// valid UTF-8 split at them is valid too. Delimiters are found with `memchr` (vectorised),
-/// about three times fewer instructions than a loop that looks at every byte.
-fn parse_into<'a>(input: &'a [u8], pairs: &mut Vec<(Cow<'a, str>, Cow<'a, str>)>) {
+/// `application/x-www-form-urlencoded` pairs, exactly as `form_urlencoded::parse` yields them,
+/// handed to `each` in order. What the SDKs send is mostly plain (valid UTF-8, no `%`, no
+/// `+`): then every name and value is borrowed as it is, and the delimiters are found in one
+/// vectorised pass (`memchr`) over the whole input rather than a few short searches per pair,
+/// which cost more in setting up than in searching. Input with `%` or `+` is split the same way
+/// piece by piece, and only the pieces that have them go through the general decoder. The
+/// input is checked for UTF-8 once: the delimiters are ASCII, so every piece of valid UTF-8
+/// split at them is valid too.
+fn parse_into<'a>(input: &'a [u8], mut each: impl FnMut(Cow<'a, str>, Cow<'a, str>)) {
     let Ok(text) = std::str::from_utf8(input) else {
         // Not UTF-8 (hostile or broken input): the general decoder for all of it.
-        pairs.extend(form_urlencoded::parse(input));
+        form_urlencoded::parse(input).for_each(|(k, v)| each(k, v));
         return;
     };
+    if memchr::memchr2(b'%', b'+', input).is_none() {
+        return plain_pairs(text, each);
+    }
     let bytes = text.as_bytes();
     let mut start = 0;
     while start < bytes.len() {
         let end = memchr::memchr(b'&', &bytes[start..]).map_or(bytes.len(), |i| start + i);
-        let piece = &bytes[start..end];
-        if memchr::memchr2(b'%', b'+', piece).is_some() {
-            pairs.extend(form_urlencoded::parse(piece));
-        } else if !piece.is_empty() {
-            pairs.push(match memchr::memchr(b'=', piece) {
-                Some(e) => (
-                    Cow::Borrowed(&text[start..start + e]),
-                    Cow::Borrowed(&text[start + e + 1..end]),
-                ),
-                None => (Cow::Borrowed(&text[start..end]), Cow::Borrowed("")),
-            });
+        let piece = &text[start..end];
+        if memchr::memchr2(b'%', b'+', piece.as_bytes()).is_some() {
+            form_urlencoded::parse(piece.as_bytes()).for_each(|(k, v)| each(k, v));
+        } else {
+            plain_pairs(piece, &mut each);
         }
         start = end + 1;
     }
 }
 
-/// The merged query-string and form-body parameters of one request. The first occurrence of a
-/// name wins, query before body, as ASP.NET model binding does.
+/// The pairs of `text`, which has no `%` and no `+`: split at each `&`, and each piece at its
+/// first `=` (a piece without one is a name with an empty value); empty pieces are skipped.
+/// The delimiters are found eight bytes at a time (`delimiters`): pairs are short, and a
+/// `memchr` search per delimiter costs more in setting up than in searching.
+fn plain_pairs<'a>(text: &'a str, mut each: impl FnMut(Cow<'a, str>, Cow<'a, str>)) {
+    let bytes = text.as_bytes();
+    let (mut start, mut eq) = (0, None);
+    let mut at_delimiter = |at: usize| {
+        if at < bytes.len() && bytes[at] == b'=' {
+            eq.get_or_insert(at);
+            return;
+        }
+        if at > start {
+            match eq {
+                Some(e) => each(
+                    Cow::Borrowed(&text[start..e]),
+                    Cow::Borrowed(&text[e + 1..at]),
+                ),
+                None => each(Cow::Borrowed(&text[start..at]), Cow::Borrowed("")),
+            }
+        }
+        (start, eq) = (at + 1, None);
+    };
+    let mut words = bytes.chunks_exact(8);
+    let mut base = 0;
+    for word in words.by_ref() {
+        let word = u64::from_le_bytes(word.try_into().expect("eight bytes"));
+        for_each_delimiter(word, |i| at_delimiter(base + i));
+        base += 8;
+    }
+    let mut last = [0u8; 8];
+    last[..words.remainder().len()].copy_from_slice(words.remainder());
+    for_each_delimiter(u64::from_le_bytes(last), |i| at_delimiter(base + i));
+    at_delimiter(bytes.len());
+}
+
+/// Calls `f` with the index of every `&` and `=` in the eight bytes of `word` (little-endian),
+/// in order.
+fn for_each_delimiter(word: u64, mut f: impl FnMut(usize)) {
+    const LOW7: u64 = 0x7f7f_7f7f_7f7f_7f7f;
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    // The top bit of each byte of the result is set exactly where `w` has a zero byte (the
+    // exact form: no false positives after a true zero, unlike the shorter `(w - ONES) & !w`).
+    let zero_bytes = |w: u64| !(((w & LOW7) + LOW7) | w | LOW7);
+    let mut found =
+        zero_bytes(word ^ (ONES * u64::from(b'&'))) | zero_bytes(word ^ (ONES * u64::from(b'=')));
+    while found != 0 {
+        f(found.trailing_zeros() as usize / 8);
+        found &= found - 1;
+    }
+}
+
+/// The parameter names any method reads. Other names are ignored (`Sign`, `v`, `OSInfo`, ...).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Param {
+    Token,
+    ProductId,
+    Key,
+    MachineCode,
+    FriendlyName,
+    FloatingTimeInterval,
+    MaxOverdraft,
+    FieldsToReturn,
+    SignMethod,
+    Metadata,
+    ModelVersion,
+    Floating,
+    States,
+    Limit,
+    OrderBy,
+    StartingAfter,
+    EndingBefore,
+}
+
+impl Param {
+    pub const ALL: [Param; 17] = [
+        Param::Token,
+        Param::ProductId,
+        Param::Key,
+        Param::MachineCode,
+        Param::FriendlyName,
+        Param::FloatingTimeInterval,
+        Param::MaxOverdraft,
+        Param::FieldsToReturn,
+        Param::SignMethod,
+        Param::Metadata,
+        Param::ModelVersion,
+        Param::Floating,
+        Param::States,
+        Param::Limit,
+        Param::OrderBy,
+        Param::StartingAfter,
+        Param::EndingBefore,
+    ];
+
+    /// The name as Cryptolens documents it (matched case-insensitively).
+    pub const fn name(self) -> &'static str {
+        match self {
+            Param::Token => "token",
+            Param::ProductId => "ProductId",
+            Param::Key => "Key",
+            Param::MachineCode => "MachineCode",
+            Param::FriendlyName => "FriendlyName",
+            Param::FloatingTimeInterval => "FloatingTimeInterval",
+            Param::MaxOverdraft => "MaxOverdraft",
+            Param::FieldsToReturn => "FieldsToReturn",
+            Param::SignMethod => "SignMethod",
+            Param::Metadata => "Metadata",
+            Param::ModelVersion => "ModelVersion",
+            Param::Floating => "Floating",
+            Param::States => "States",
+            Param::Limit => "Limit",
+            Param::OrderBy => "OrderBy",
+            Param::StartingAfter => "StartingAfter",
+            Param::EndingBefore => "EndingBefore",
+        }
+    }
+
+    /// `name()` in lowercase, for `of`.
+    const fn lowercase(self) -> &'static str {
+        match self {
+            Param::Token => "token",
+            Param::ProductId => "productid",
+            Param::Key => "key",
+            Param::MachineCode => "machinecode",
+            Param::FriendlyName => "friendlyname",
+            Param::FloatingTimeInterval => "floatingtimeinterval",
+            Param::MaxOverdraft => "maxoverdraft",
+            Param::FieldsToReturn => "fieldstoreturn",
+            Param::SignMethod => "signmethod",
+            Param::Metadata => "metadata",
+            Param::ModelVersion => "modelversion",
+            Param::Floating => "floating",
+            Param::States => "states",
+            Param::Limit => "limit",
+            Param::OrderBy => "orderby",
+            Param::StartingAfter => "startingafter",
+            Param::EndingBefore => "endingbefore",
+        }
+    }
+
+    /// The known parameter `name` names, in any casing. The length and the first letter (and
+    /// for the two 12-letter `M` names the second) leave one candidate, so each name a client
+    /// sends costs one comparison at most, instead of one per lookup per pair.
+    fn of(name: &str) -> Option<Param> {
+        let b = name.as_bytes();
+        // `| 0x20` lowercases ASCII letters; what it does to other bytes only lets a candidate
+        // through that the full comparison below then refuses.
+        let first = *b.first()? | 0x20;
+        let candidate = match (b.len(), first) {
+            (3, b'k') => Param::Key,
+            (5, b't') => Param::Token,
+            (5, b'l') => Param::Limit,
+            (6, b's') => Param::States,
+            (7, b'o') => Param::OrderBy,
+            (8, b'm') => Param::Metadata,
+            (8, b'f') => Param::Floating,
+            (9, b'p') => Param::ProductId,
+            (10, b's') => Param::SignMethod,
+            (11, b'm') => Param::MachineCode,
+            (12, b'f') => Param::FriendlyName,
+            (12, b'm') if b[1] | 0x20 == b'a' => Param::MaxOverdraft,
+            (12, b'm') => Param::ModelVersion,
+            (12, b'e') => Param::EndingBefore,
+            (13, b's') => Param::StartingAfter,
+            (14, b'f') => Param::FieldsToReturn,
+            (20, b'f') => Param::FloatingTimeInterval,
+            _ => return None,
+        };
+        // Every known name is ASCII letters only, and `b | 0x20` is a lowercase ASCII letter
+        // only when `b` is that letter in either case: so this is `eq_ignore_ascii_case`, in
+        // a form without early exits that the compiler vectorises (lengths already match).
+        let lower = candidate.lowercase().as_bytes();
+        let differ = b
+            .iter()
+            .zip(lower)
+            .fold(0, |acc, (x, y)| acc | ((x | 0x20) ^ y));
+        (differ == 0).then_some(candidate)
+    }
+}
+
+/// The merged query-string and form-body parameters of one request, kept by name as they are
+/// parsed (nothing else is kept). The first occurrence of a name wins, query before body, as
+/// ASP.NET model binding does.
 pub struct Params<'a> {
-    pairs: Vec<(Cow<'a, str>, Cow<'a, str>)>,
+    values: [Option<Cow<'a, str>>; Param::ALL.len()],
 }
 
 impl<'a> Params<'a> {
     pub fn parse(query: &'a [u8], body: &'a [u8]) -> Params<'a> {
-        let mut pairs: Vec<_> = Vec::with_capacity(16);
-        parse_into(query, &mut pairs);
-        parse_into(body, &mut pairs);
-        Params { pairs }
+        let mut values = [const { None }; Param::ALL.len()];
+        let mut keep = |k: Cow<'a, str>, v: Cow<'a, str>| {
+            if let Some(p) = Param::of(&k) {
+                values[p as usize].get_or_insert(v);
+            }
+        };
+        parse_into(query, &mut keep);
+        parse_into(body, &mut keep);
+        Params { values }
     }
 
-    pub fn raw(&self, name: &str) -> Option<&str> {
-        self.pairs
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_ref())
+    pub fn raw(&self, p: Param) -> Option<&str> {
+        self.values[p as usize].as_deref()
     }
 
     /// A value where empty means "not given" (.NET sends `Name=` for every unset property).
-    fn present(&self, name: &str) -> Option<&str> {
-        self.raw(name).map(str::trim).filter(|v| !v.is_empty())
+    fn present(&self, name: Param) -> Option<&str> {
+        self.raw(name).map(trim).filter(|v| !v.is_empty())
     }
 
-    pub fn string(&self, name: &'static str) -> Result<String, DecodeError> {
-        bounded(name, self.raw(name).unwrap_or_default())
+    pub fn string(&self, name: Param) -> Result<String, DecodeError> {
+        bounded(name.name(), self.raw(name).unwrap_or_default())
     }
 
-    pub fn required_string(&self, name: &'static str) -> Result<String, DecodeError> {
+    pub fn required_string(&self, name: Param) -> Result<String, DecodeError> {
         match self.raw(name) {
-            Some(v) if !v.is_empty() => bounded(name, v),
-            _ => Err(DecodeError::BadParameter(name)),
+            Some(v) if !v.is_empty() => bounded(name.name(), v),
+            _ => Err(DecodeError::BadParameter(name.name())),
         }
     }
 
-    pub fn int(&self, name: &'static str, default: i64) -> Result<i64, DecodeError> {
+    pub fn int(&self, name: Param, default: i64) -> Result<i64, DecodeError> {
         match self.present(name) {
             None => Ok(default),
-            Some(v) => v.parse().map_err(|_| DecodeError::BadParameter(name)),
+            Some(v) => v
+                .parse()
+                .map_err(|_| DecodeError::BadParameter(name.name())),
         }
     }
 
-    pub fn required_int(&self, name: &'static str) -> Result<i64, DecodeError> {
+    pub fn required_int(&self, name: Param) -> Result<i64, DecodeError> {
         match self.present(name) {
-            None => Err(DecodeError::BadParameter(name)),
-            Some(v) => v.parse().map_err(|_| DecodeError::BadParameter(name)),
+            None => Err(DecodeError::BadParameter(name.name())),
+            Some(v) => v
+                .parse()
+                .map_err(|_| DecodeError::BadParameter(name.name())),
         }
     }
 
-    pub fn bool(&self, name: &'static str, default: bool) -> Result<bool, DecodeError> {
+    pub fn bool(&self, name: Param, default: bool) -> Result<bool, DecodeError> {
         match self.present(name) {
             None => Ok(default),
             Some(v) if v.eq_ignore_ascii_case("true") || v == "1" => Ok(true),
             Some(v) if v.eq_ignore_ascii_case("false") || v == "0" => Ok(false),
-            Some(_) => Err(DecodeError::BadParameter(name)),
+            Some(_) => Err(DecodeError::BadParameter(name.name())),
         }
     }
 
     pub fn token(&self) -> Result<String, DecodeError> {
-        match self.present("token") {
+        match self.present(Param::Token) {
             Some(t) if t.len() <= MAX_FIELD_LEN => Ok(t.to_owned()),
             Some(_) => Err(DecodeError::BadParameter("token")),
             None => Err(DecodeError::MissingToken),
@@ -166,12 +357,21 @@ impl<'a> Params<'a> {
 
     /// `SignMethod`: a number, or .NET's enum names.
     pub fn sign_method(&self) -> Result<SignMethod, DecodeError> {
-        match self.present("SignMethod") {
+        match self.present(Param::SignMethod) {
             None => Ok(SignMethod::Linq),
             Some(v) if v.eq_ignore_ascii_case("StringSign") || v == "1" => Ok(SignMethod::String),
             Some(v) if v.eq_ignore_ascii_case("LinqSign") || v == "0" => Ok(SignMethod::Linq),
             Some(_) => Err(DecodeError::BadParameter("SignMethod")),
         }
+    }
+}
+
+/// `str::trim`, without its scan for Unicode whitespace when both ends are visible ASCII
+/// (which `trim` would keep), as they are in what the SDKs send.
+fn trim(v: &str) -> &str {
+    match (v.as_bytes().first(), v.as_bytes().last()) {
+        (Some(a), Some(z)) if a.is_ascii_graphic() && z.is_ascii_graphic() => v,
+        _ => v.trim(),
     }
 }
 
@@ -203,10 +403,10 @@ pub struct ResponseOptions {
 impl ResponseOptions {
     fn decode(p: &Params<'_>) -> Result<ResponseOptions, DecodeError> {
         Ok(ResponseOptions {
-            fields_to_return: p.int("FieldsToReturn", 0)?,
+            fields_to_return: p.int(Param::FieldsToReturn, 0)?,
             sign_method: p.sign_method()?,
-            metadata: p.bool("Metadata", false)?,
-            model_version: p.int("ModelVersion", 1)?,
+            metadata: p.bool(Param::Metadata, false)?,
+            model_version: p.int(Param::ModelVersion, 1)?,
         })
     }
 }
@@ -266,26 +466,26 @@ pub struct WebApiLogRequest {
 
 impl WebApiLogRequest {
     fn decode(p: &Params<'_>, token: String) -> Result<WebApiLogRequest, DecodeError> {
-        let positive = |name: &'static str| -> Result<Option<i64>, DecodeError> {
+        let positive = |name: Param| -> Result<Option<i64>, DecodeError> {
             match p.int(name, 0)? {
                 0 => Ok(None),
                 v if v > 0 => Ok(Some(v)),
-                _ => Err(DecodeError::BadParameter(name)),
+                _ => Err(DecodeError::BadParameter(name.name())),
             }
         };
-        let text = |name: &'static str| -> Result<Option<String>, DecodeError> {
+        let text = |name: Param| -> Result<Option<String>, DecodeError> {
             Ok(Some(p.string(name)?).filter(|v| !v.is_empty()))
         };
-        let states = match p.present("States") {
+        let states = match p.present(Param::States) {
             None => Vec::new(),
             Some(v) => parse_states(v).ok_or(DecodeError::BadParameter("States"))?,
         };
-        let limit = p.int("Limit", 10)?;
+        let limit = p.int(Param::Limit, 10)?;
         if !(1..=MAX_LOG_LIMIT).contains(&limit) {
             return Err(DecodeError::BadParameter("Limit"));
         }
         // Deprecated, but sent: "Id descending", "Time ascending", ...
-        let ascending = match p.present("OrderBy") {
+        let ascending = match p.present(Param::OrderBy) {
             None => false,
             Some(v) => {
                 let v = v.to_ascii_lowercase();
@@ -299,15 +499,15 @@ impl WebApiLogRequest {
         };
         let r = WebApiLogRequest {
             token,
-            product_id: positive("ProductId")?,
-            key: text("Key")?,
+            product_id: positive(Param::ProductId)?,
+            key: text(Param::Key)?,
             filter: LogFilter {
-                machine_code: text("MachineCode")?,
-                friendly_name: text("FriendlyName")?,
+                machine_code: text(Param::MachineCode)?,
+                friendly_name: text(Param::FriendlyName)?,
                 states,
                 limit,
-                starting_after: positive("StartingAfter")?,
-                ending_before: positive("EndingBefore")?,
+                starting_after: positive(Param::StartingAfter)?,
+                ending_before: positive(Param::EndingBefore)?,
                 ascending,
             },
         };
@@ -351,12 +551,12 @@ impl Request {
             Route::Activate => {
                 let r = ActivateRequest {
                     token,
-                    product_id: p.required_int("ProductId")?,
-                    key: p.required_string("Key")?,
-                    machine_code: p.string("MachineCode")?,
-                    friendly_name: p.string("FriendlyName")?,
-                    floating_interval: p.int("FloatingTimeInterval", 0)?,
-                    max_overdraft: p.int("MaxOverdraft", 0)?,
+                    product_id: p.required_int(Param::ProductId)?,
+                    key: p.required_string(Param::Key)?,
+                    machine_code: p.string(Param::MachineCode)?,
+                    friendly_name: p.string(Param::FriendlyName)?,
+                    floating_interval: p.int(Param::FloatingTimeInterval, 0)?,
+                    max_overdraft: p.int(Param::MaxOverdraft, 0)?,
                     options: ResponseOptions::decode(p)?,
                 };
                 if r.floating_interval < 0 {
@@ -369,23 +569,23 @@ impl Request {
             }
             Route::GetKey => Request::GetKey(GetKeyRequest {
                 token,
-                product_id: p.required_int("ProductId")?,
-                key: p.required_string("Key")?,
-                floating_interval: p.int("FloatingTimeInterval", 0)?.max(0),
+                product_id: p.required_int(Param::ProductId)?,
+                key: p.required_string(Param::Key)?,
+                floating_interval: p.int(Param::FloatingTimeInterval, 0)?.max(0),
                 options: ResponseOptions::decode(p)?,
             }),
             Route::Deactivate => Request::Deactivate(DeactivateRequest {
                 token,
-                product_id: p.required_int("ProductId")?,
-                key: p.required_string("Key")?,
-                machine_code: p.string("MachineCode")?,
-                floating: p.bool("Floating", false)?,
+                product_id: p.required_int(Param::ProductId)?,
+                key: p.required_string(Param::Key)?,
+                machine_code: p.string(Param::MachineCode)?,
+                floating: p.bool(Param::Floating, false)?,
             }),
             Route::CreateTrialKey => Request::CreateTrialKey(CreateTrialKeyRequest {
                 token,
-                product_id: p.required_int("ProductId")?,
-                machine_code: p.string("MachineCode")?,
-                friendly_name: p.string("FriendlyName")?,
+                product_id: p.required_int(Param::ProductId)?,
+                machine_code: p.string(Param::MachineCode)?,
+                friendly_name: p.string(Param::FriendlyName)?,
             }),
             Route::GetWebApiLog => Request::GetWebApiLog(WebApiLogRequest::decode(p, token)?),
         })
@@ -612,10 +812,104 @@ mod tests {
                 input.extend_from_slice(rng.pick(PIECES));
             }
             let mut ours = Vec::new();
-            parse_into(&input, &mut ours);
+            parse_into(&input, |k, v| ours.push((k, v)));
             let theirs: Vec<_> = form_urlencoded::parse(&input).collect();
             assert_eq!(ours, theirs, "{:?}", String::from_utf8_lossy(&input));
         }
+    }
+
+    #[test]
+    fn trim_is_str_trim() {
+        let pieces = [
+            "", " ", "\t", "\u{a0}", "\u{2003}", "\u{3000}", "1", "True", "a b", "\u{e9}", "\r\n",
+            "\u{85}", "\0", "~", "\u{7f}",
+        ];
+        for a in pieces {
+            for b in pieces {
+                for c in pieces {
+                    let v = format!("{a}{b}{c}");
+                    assert_eq!(trim(&v), v.trim(), "{v:?}");
+                }
+            }
+        }
+    }
+
+    /// Every byte value at every position of a word: found exactly when it is `&` or `=`.
+    #[test]
+    fn delimiters_are_found_exactly_in_a_word() {
+        for pos in 0..8 {
+            for byte in 0..=255u8 {
+                for fill in [0u8, b'a', 0xff, b'&' ^ 0x80, b'=' - 1, b'=' + 1] {
+                    let mut word = [fill; 8];
+                    word[pos] = byte;
+                    let mut found = Vec::new();
+                    for_each_delimiter(u64::from_le_bytes(word), |i| found.push(i));
+                    let want: Vec<usize> = (0..8)
+                        .filter(|&i| word[i] == b'&' || word[i] == b'=')
+                        .collect();
+                    assert_eq!(found, want, "{word:?}");
+                }
+            }
+        }
+    }
+
+    /// Looking a name up in what `Params` kept gives what a case-insensitive scan of all the
+    /// pairs (query, then body) finds first, for every known name.
+    #[test]
+    fn kept_parameters_match_a_scan_of_all_pairs() {
+        let mut rng = XorShift(0x0DDB_1A5E_5BAD_5EED);
+        for _ in 0..20_000 {
+            let mut parts: [Vec<u8>; 2] = Default::default();
+            for part in &mut parts {
+                for _ in 0..rng.next() % 16 {
+                    part.extend_from_slice(rng.pick(PIECES));
+                }
+            }
+            let params = Params::parse(&parts[0], &parts[1]);
+            let all: Vec<_> = form_urlencoded::parse(&parts[0])
+                .chain(form_urlencoded::parse(&parts[1]))
+                .collect();
+            for p in Param::ALL {
+                let scanned = all
+                    .iter()
+                    .find(|(k, _)| k.eq_ignore_ascii_case(p.name()))
+                    .map(|(_, v)| v.as_ref());
+                assert_eq!(
+                    params.raw(p),
+                    scanned,
+                    "{p:?} in {:?} / {:?}",
+                    String::from_utf8_lossy(&parts[0]),
+                    String::from_utf8_lossy(&parts[1])
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn parameter_names_are_known_in_any_casing_and_only_them() {
+        for p in Param::ALL {
+            let name = p.name();
+            assert_eq!(p.lowercase(), name.to_ascii_lowercase());
+            assert!(name.bytes().all(|b| b.is_ascii_alphabetic()), "{name}");
+            for spelled in [
+                name.to_owned(),
+                name.to_ascii_lowercase(),
+                name.to_ascii_uppercase(),
+            ] {
+                assert_eq!(Param::of(&spelled), Some(p), "{spelled}");
+            }
+            // One letter changed, or one added or dropped, is another name.
+            let mut changed = name.to_owned().into_bytes();
+            changed[name.len() - 1] ^= 0x01;
+            assert_eq!(Param::of(std::str::from_utf8(&changed).unwrap()), None);
+            assert_eq!(Param::of(&format!("{name}x")), None);
+            assert_eq!(Param::of(&name[..name.len() - 1]), None);
+        }
+        for other in ["", "Sign", "v", "OSInfo", "Kez", "\u{ff}ey", "tokeN\0"] {
+            assert_eq!(Param::of(other), None, "{other:?}");
+        }
+        // ASCII-only case folding: the Kelvin sign is not a `K`.
+        assert_eq!(Param::of("\u{212A}ey"), None);
     }
 
     /// Pseudo-random requests built from the pieces real and hostile clients send: every one

@@ -247,6 +247,48 @@ async fn slow_and_broken_clients_are_cut_off() {
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
     assert!(text.contains(r#""result":0"#), "{text}");
 
+    // Chunked bodies (no declared length): one in three chunks is answered; one past the
+    // body limit is refused with 413 once the limit is passed.
+    let chunked = |chunks: &[&str]| {
+        let mut req = String::from(
+            "POST /api/key/GetKey HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
+             Content-Type: application/x-www-form-urlencoded\r\nTransfer-Encoding: chunked\r\n\r\n",
+        );
+        for c in chunks {
+            req.push_str(&format!("{:x}\r\n{c}\r\n", c.len()));
+        }
+        req.push_str("0\r\n\r\n");
+        req
+    };
+    let third = get_key.len() / 3;
+    let parts = [
+        &get_key[..third],
+        &get_key[third..2 * third],
+        &get_key[2 * third..],
+    ];
+    let pad = format!("&pad={}", "x".repeat(20_000));
+    for (chunks, want) in [
+        (chunked(&parts), "HTTP/1.1 200"),
+        (chunked(&[&get_key, &pad]), "HTTP/1.1 413"),
+    ] {
+        let mut s = raw_tls(&server).await;
+        s.write_all(chunks.as_bytes()).await.unwrap();
+        s.flush().await.unwrap();
+        let mut buf = Vec::new();
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
+        let text = String::from_utf8_lossy(&buf);
+        assert!(n.is_ok(), "no answer within 5 s");
+        assert!(text.starts_with(want), "{want}: {text}");
+        if want.ends_with("200") {
+            assert!(text.contains(r#""result":0"#), "{text}");
+        } else {
+            assert!(
+                text.contains(r#"{"result":1,"message":"The request body is too large."}"#),
+                "{text}"
+            );
+        }
+    }
+
     // Headers that never complete (slowloris): the connection is closed.
     let mut s = raw_tls(&server).await;
     s.write_all(b"POST /api/key/activate HTTP/1.1\r\nHost: x\r\n")
