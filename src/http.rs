@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod client_ip;
+pub mod conn_timer;
 pub mod error;
 pub mod handlers;
 pub mod proxy_protocol;
@@ -335,6 +336,7 @@ pub async fn serve_listener(listener: Listener, ctx: Arc<Ctx>, shutdown: Cancell
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
+        // Replaced per connection by a `conn_timer::ConnTimer`.
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
         // hyper's floor for its read buffer is 8 KiB; headers beyond it get 431.
@@ -405,6 +407,9 @@ pub async fn serve_listener(listener: Listener, ctx: Arc<Ctx>, shutdown: Cancell
             }
             let conn = Arc::new(Conn::new(&ctx, peer, proxy_ip));
             let svc = service_fn(move |req| handle(ctx.clone(), conn.clone(), req));
+            // The header read timeout re-armed per request without a timer entry each.
+            let mut builder = (*builder).clone();
+            builder.http1().timer(conn_timer::ConnTimer::default());
             let Some(acceptor) = acceptor else {
                 let c = builder.serve_connection(TokioIo::new(tcp), svc);
                 if let Err(e) = watcher.watch(c.into_owned()).await {

@@ -193,6 +193,14 @@ async fn raw_tls(server: &Server) -> tokio_rustls::client::TlsStream<tokio::net:
         .unwrap()
 }
 
+/// Everything the server sends until it closes the connection, which must be within 5 s.
+async fn answer(s: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>) -> String {
+    let mut buf = Vec::new();
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
+    assert!(n.is_ok(), "no answer within 5 s");
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_and_broken_clients_are_cut_off() {
     let dir = TempDir::new("slow");
@@ -211,10 +219,7 @@ async fn slow_and_broken_clients_are_cut_off() {
     s.write_all(b"POST /api/key/activate HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\ntoken=")
         .await
         .unwrap();
-    let mut buf = Vec::new();
-    let n = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
-    let text = String::from_utf8_lossy(&buf);
-    assert!(n.is_ok(), "no answer within 5 s");
+    let text = answer(&mut s).await;
     assert!(text.starts_with("HTTP/1.1 408"), "{text}");
     assert!(
         text.contains(r#"{"result":1,"message":"The request body was not received in time."}"#),
@@ -240,10 +245,7 @@ async fn slow_and_broken_clients_are_cut_off() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     s.write_all(second.as_bytes()).await.unwrap();
     s.flush().await.unwrap();
-    let mut buf = Vec::new();
-    let n = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
-    let text = String::from_utf8_lossy(&buf);
-    assert!(n.is_ok(), "no answer within 5 s");
+    let text = answer(&mut s).await;
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
     assert!(text.contains(r#""result":0"#), "{text}");
 
@@ -274,10 +276,7 @@ async fn slow_and_broken_clients_are_cut_off() {
         let mut s = raw_tls(&server).await;
         s.write_all(chunks.as_bytes()).await.unwrap();
         s.flush().await.unwrap();
-        let mut buf = Vec::new();
-        let n = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
-        let text = String::from_utf8_lossy(&buf);
-        assert!(n.is_ok(), "no answer within 5 s");
+        let text = answer(&mut s).await;
         assert!(text.starts_with(want), "{want}: {text}");
         if want.ends_with("200") {
             assert!(text.contains(r#""result":0"#), "{text}");
@@ -288,6 +287,29 @@ async fn slow_and_broken_clients_are_cut_off() {
             );
         }
     }
+
+    // A keep-alive connection: a request, another 300 ms later (inside the 500 ms header
+    // timeout, which restarts after each request), then silence. Both are answered, and the
+    // idle connection is closed by the header timeout, not before it.
+    let keep_alive = format!(
+        "POST /api/key/GetKey HTTP/1.1\r\nHost: x\r\n\
+         Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{get_key}",
+        get_key.len()
+    );
+    let mut s = raw_tls(&server).await;
+    s.write_all(keep_alive.as_bytes()).await.unwrap();
+    s.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    s.write_all(keep_alive.as_bytes()).await.unwrap();
+    s.flush().await.unwrap();
+    let second_sent = std::time::Instant::now();
+    let text = answer(&mut s).await;
+    let idle = second_sent.elapsed();
+    assert_eq!(text.matches("HTTP/1.1 200").count(), 2, "{text}");
+    assert!(
+        idle >= Duration::from_millis(400),
+        "closed {idle:?} after the last request, before the 500 ms header timeout"
+    );
 
     // Headers that never complete (slowloris): the connection is closed.
     let mut s = raw_tls(&server).await;
