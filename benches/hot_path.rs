@@ -140,7 +140,7 @@ fn benches(c: &mut Criterion) {
     };
     let node: Arc<str> = "10.0.0.1".into();
     let reactivate = |f: &Fixture, req: &ActivateRequest| {
-        let mut log = LogCtx::default();
+        let mut log = LogCtx::at(keygate::http::unix_now());
         rt.block_on(handlers::activate(
             &f.ctx,
             req.clone(),

@@ -196,7 +196,7 @@ async fn handle(
     req: hyper::Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let started = tokio::time::Instant::now();
-    let mut log = LogCtx::default();
+    let mut log = LogCtx::at(ctx.now());
     let route = request::route(req.uri().path());
     let client_ip = conn.client_ip(&ctx, req.headers());
     let (ip_text, ip_log_text) = conn.texts(&ctx, client_ip);
@@ -220,7 +220,7 @@ async fn handle(
         ),
     };
     ctx.writer
-        .log(log.row(ip_log_text, conn.proxy_ip.clone(), ctx.now(), code));
+        .log(log.row(ip_log_text, conn.proxy_ip.clone(), code));
     ctx.request_metrics
         .record(route_index(route.ok()), label, started.elapsed());
     Ok(json_response(status, body))

@@ -26,6 +26,9 @@ use std::sync::Arc;
 /// What the request log records about a call; filled in as the call learns it.
 #[derive(Default)]
 pub struct LogCtx {
+    /// The call's time (Unix seconds), read once when it arrives: the decision, the
+    /// activation it records and its log row all carry this one value.
+    pub time: i64,
     pub tenant_id: Option<i64>,
     pub product_id: Option<i64>,
     pub key_id: Option<i64>,
@@ -35,21 +38,23 @@ pub struct LogCtx {
 }
 
 impl LogCtx {
+    /// A call arriving at `time`.
+    pub fn at(time: i64) -> LogCtx {
+        LogCtx {
+            time,
+            ..LogCtx::default()
+        }
+    }
+
     /// The addresses are shared (one allocation per connection, not two per row).
-    pub fn row(
-        self,
-        client_ip: Arc<str>,
-        proxy_ip: Arc<str>,
-        time: i64,
-        state: StateCode,
-    ) -> LogRow {
+    pub fn row(self, client_ip: Arc<str>, proxy_ip: Arc<str>, state: StateCode) -> LogRow {
         LogRow {
             tenant_id: self.tenant_id,
             product_id: self.product_id,
             key_id: self.key_id,
             client_ip,
             proxy_ip,
-            time,
+            time: self.time,
             machine_code: self.machine_code,
             friendly_name: self.friendly_name,
             state: state.0,
@@ -331,7 +336,7 @@ async fn activate_decided(
         signer,
     } = authorize_answer(ctx, &r.token, Method::Activate, r.product_id, &r.key, log)
         .map_err(fail)?;
-    let now = ctx.now();
+    let now = log.time;
     let input = ActivateInput {
         machine_code: &r.machine_code,
         friendly_name: &r.friendly_name,
@@ -590,7 +595,7 @@ pub async fn get_key(ctx: &Ctx, r: GetKeyRequest, log: &mut LogCtx) -> Outcome {
         entry,
         signer,
     } = authorize_answer(ctx, &r.token, Method::GetKey, r.product_id, &r.key, log).map_err(fail)?;
-    let now = ctx.now();
+    let now = log.time;
     let mask = scope.mask(r.options.fields_to_return);
     let (prepared, durable) = {
         let lic = entry.license.lock();
@@ -794,7 +799,7 @@ pub async fn create_trial_key(
         }
         return Ok((wire::key_response(&lic.key).into(), StateCode::TRIAL_REUSED));
     }
-    let now = ctx.now();
+    let now = log.time;
     let days = if scope.feature_lock > 0 {
         scope.feature_lock
     } else {

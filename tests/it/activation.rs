@@ -1,9 +1,10 @@
 //! Activation behaviour over real sockets: parallel activations never exceed the limit, state
 //! survives a restart, every request is logged with client and proxy IP, h1 and h2 both serve.
 
-use super::helpers::{cli, eventually, license_text, Seed, Server, TempDir};
+use super::helpers::{answer, cli, eventually, license_text, raw_tls, Seed, Server, TempDir};
 use keygate_loadtest::{form, Protocol};
 use std::time::Duration;
+use tokio::io::AsyncWriteExt;
 
 const LIMIT_MSG: &str = "Cannot activate the new device as the limit has been reached.";
 
@@ -216,6 +217,49 @@ async fn every_request_is_logged_with_client_and_proxy_ip() {
         (Some("m1"), Some("127.0.0.1"), Some("192.0.2.7"))
     );
     assert_eq!(a["time"], rows[0]["time"]);
+}
+
+fn unix_seconds() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+/// A call's time is read once, when its head arrives: with the body sent 1.5 s later, the new
+/// activation and its log row both carry the second the head was sent in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_has_one_time_read_when_its_head_arrives() {
+    let dir = TempDir::new("call-time");
+    let seed = Seed::new(&dir.0);
+    let key = seed.key(&dir.0, &["--max-machines", "2"]);
+    let mut server = Server::start(&dir.0, &[]);
+    let body = activate_form(&seed, &key, "slow-body");
+    let mut s = raw_tls(&server).await;
+    let before = unix_seconds();
+    let head = format!(
+        "POST /api/key/Activate HTTP/1.1\r\nHost: k\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.flush().await.unwrap();
+    let head_sent = unix_seconds();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    s.write_all(body.as_bytes()).await.unwrap();
+    s.flush().await.unwrap();
+    let text = answer(&mut s).await;
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    server.stop();
+
+    let logs = cli(&dir.0, &["log", "list", "--limit", "10"]);
+    let row = &logs["logs"].as_array().unwrap()[0];
+    assert_eq!(row["state"], 2011, "{row}");
+    let time = row["time"].as_i64().unwrap();
+    assert!(
+        (before..=head_sent).contains(&time),
+        "logged at {time}, head sent in {before}..={head_sent}, body 1.5 s later"
+    );
+    assert_eq!(seed.activations(&dir.0, &key)[0]["time"], time);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

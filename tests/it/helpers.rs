@@ -406,3 +406,28 @@ where
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
+
+/// A TLS connection (HTTP/1.1) to the node, for writing requests byte by byte.
+pub async fn raw_tls(server: &Server) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let tls = keygate_loadtest::tls_config(&server.cert, Protocol::Http1).unwrap();
+    let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    tokio_rustls::TlsConnector::from(tls)
+        .connect(
+            rustls_pki_types::ServerName::IpAddress(server.addr.ip().into()),
+            tcp,
+        )
+        .await
+        .unwrap()
+}
+
+/// Everything the server sends until it closes the connection, which must be within 5 s.
+pub async fn answer(s: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>) -> String {
+    let mut buf = Vec::new();
+    let n = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::io::AsyncReadExt::read_to_end(s, &mut buf),
+    )
+    .await;
+    assert!(n.is_ok(), "no answer within 5 s");
+    String::from_utf8_lossy(&buf).into_owned()
+}

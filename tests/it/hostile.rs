@@ -1,7 +1,7 @@
 //! Hostile and malformed input: every case gets a Cryptolens-style JSON error with a fitting
 //! status, nothing panics or hangs, and normal clients keep being served afterwards.
 
-use super::helpers::{Seed, Server, TempDir};
+use super::helpers::{answer, raw_tls, Seed, Server, TempDir};
 use keygate_loadtest::{form, Protocol};
 use std::sync::Arc;
 use std::time::Duration;
@@ -179,26 +179,6 @@ async fn malformed_requests_get_clear_errors_and_the_server_stays_up() {
             r.text()
         );
     }
-}
-
-async fn raw_tls(server: &Server) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
-    let tls = keygate_loadtest::tls_config(&server.cert, Protocol::Http1).unwrap();
-    let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
-    tokio_rustls::TlsConnector::from(tls)
-        .connect(
-            rustls_pki_types::ServerName::IpAddress(server.addr.ip().into()),
-            tcp,
-        )
-        .await
-        .unwrap()
-}
-
-/// Everything the server sends until it closes the connection, which must be within 5 s.
-async fn answer(s: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>) -> String {
-    let mut buf = Vec::new();
-    let n = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
-    assert!(n.is_ok(), "no answer within 5 s");
-    String::from_utf8_lossy(&buf).into_owned()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
