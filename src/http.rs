@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod client_ip;
 pub mod conn_timer;
+pub mod drain;
 pub mod error;
 pub mod handlers;
 pub mod proxy_protocol;
@@ -329,7 +330,7 @@ pub struct Listener {
 /// Serves `listener` until `shutdown` fires, then drains its open connections.
 pub async fn serve_listener(listener: Listener, ctx: Arc<Ctx>, shutdown: CancellationToken) {
     let limits = ctx.limits.clone();
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let drain = drain::Drain::default();
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let acceptor = listener.tls.map(tokio_rustls::TlsAcceptor::from);
     let proxy_protocol = listener.proxy_protocol;
@@ -376,7 +377,7 @@ pub async fn serve_listener(listener: Listener, ctx: Arc<Ctx>, shutdown: Cancell
             acceptor.clone(),
             ctx.clone(),
             builder.clone(),
-            graceful.watcher(),
+            drain.clone(),
         );
         let handshake_timeout = limits.tls_handshake_timeout;
         tokio::spawn(async move {
@@ -440,7 +441,7 @@ pub async fn serve_listener(listener: Listener, ctx: Arc<Ctx>, shutdown: Cancell
     }
     drop(listener.tcp);
     tokio::select! {
-        _ = graceful.shutdown() => tracing::info!("all connections drained"),
+        _ = drain.shutdown() => tracing::info!("all connections drained"),
         _ = tokio::time::sleep(limits.drain_timeout) => tracing::warn!("drain timeout; closing remaining connections"),
     }
 }

@@ -2,9 +2,12 @@
 //! `/readyz`, SIGTERM during load (readiness off, drain, nothing accepted is lost), SIGHUP
 //! certificate reload, and `X-Forwarded-For` believed only from trusted proxies.
 
-use super::helpers::{activate, cli, eventually, license_text, Seed, Server, TempDir};
+use super::helpers::{
+    activate, answer, cli, eventually, license_text, raw_tls, Seed, Server, TempDir,
+};
 use keygate_loadtest::{form, tls_config, Connection, Protocol};
 use std::time::Duration;
+use tokio::io::AsyncWriteExt;
 
 /// The value of one exposition line `name{labels} value`, `name` including its labels.
 fn sample(metrics: &str, series: &str) -> Option<f64> {
@@ -91,6 +94,37 @@ async fn metrics_count_real_traffic_and_health_endpoints_answer() {
     })
     .await;
     assert!(written.is_some(), "log rows were not reported as written");
+}
+
+/// The drain closes idle keep-alive connections at once (HTTP/1.1 and HTTP/2) instead of
+/// waiting out `server.drain_timeout_ms` (20 s): SIGTERM to exit takes well under that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_closes_idle_keep_alive_connections_at_once() {
+    let dir = TempDir::new("idle-drain");
+    let mut server = Server::start(&dir.0, &[]);
+    let mut h2 = server.connect(Protocol::Http2).await;
+    assert_eq!(h2.post("/api/key/Nothing", "").await.unwrap().status, 404);
+    let mut h1 = raw_tls(&server).await;
+    h1.write_all(b"POST /api/key/Nothing HTTP/1.1\r\nHost: k\r\nContent-Length: 0\r\n\r\n")
+        .await
+        .unwrap();
+    let mut first = [0u8; 12];
+    tokio::io::AsyncReadExt::read_exact(&mut h1, &mut first)
+        .await
+        .unwrap();
+    assert_eq!(&first, b"HTTP/1.1 404");
+    // Both connections idle now, and open.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let t0 = std::time::Instant::now();
+    server.stop();
+    let took = t0.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "SIGTERM to exit took {took:?}"
+    );
+    // The HTTP/1.1 connection got the rest of its answer, then the close.
+    let rest = answer(&mut h1).await;
+    assert!(rest.contains("application/json"), "{rest}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
