@@ -194,9 +194,17 @@ impl WriterSender {
         match &self.wal {
             Some(wal) => {
                 let synced = Arc::new(Synced::default());
-                // Only fails after shutdown, when nothing is accepted any more; the message
-                // and its `Ack` are dropped then, which releases the waiters.
-                let _ = wal.send(WalMsg::Events(events, Ack(synced.clone())));
+                if let Err(e) = wal.send(WalMsg::Events(events, Ack(synced.clone()))) {
+                    // The activation log's thread is gone (stopped, or died): the group goes
+                    // straight to the writer, stored but not crash-safe, as after a failed
+                    // log write, instead of being dropped. Its `Ack` drops here and releases
+                    // the waiters. After shutdown the writer is gone too.
+                    if let WalMsg::Events(events, _ack) = e.into_inner() {
+                        self.stats.wal_failures.fetch_add(1, Ordering::Relaxed);
+                        self.stats.wal_healthy.store(false, Ordering::Relaxed);
+                        let _ = self.events.send(Msg::Events(events, None));
+                    }
+                }
                 Durable(Some(synced))
             }
             None => {
@@ -319,6 +327,10 @@ impl Drop for Writer {
 /// commit: the groups that arrive during a sync share the next one), forwards them to the
 /// writer and answers the handlers; deletes what the writer made safe.
 fn run_wal(mut wal: Wal, rx: Receiver<WalMsg>, writer: Sender<Msg>, stats: Arc<WriterStats>) {
+    let _leftovers = Leftovers {
+        rx: &rx,
+        writer: &writer,
+    };
     let mut stopping = false;
     let mut disconnected = false;
     while !stopping && !disconnected {
@@ -348,10 +360,66 @@ fn run_wal(mut wal: Wal, rx: Receiver<WalMsg>, writer: Sender<Msg>, stats: Arc<W
     }
 }
 
+/// Groups taken from the channel and not yet forwarded. Dropped with groups still in it (the
+/// activation-log thread panicking), it forwards them to the writer unsynced, so that a
+/// change already answered for, or about to be, still reaches the store.
+struct Held<'a> {
+    msgs: Vec<WalMsg>,
+    writer: &'a Sender<Msg>,
+    stats: &'a WriterStats,
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        for m in self.msgs.drain(..) {
+            if matches!(m, WalMsg::Events(..)) {
+                self.stats.wal_failures.fetch_add(1, Ordering::Relaxed);
+                self.stats.wal_healthy.store(false, Ordering::Relaxed);
+            }
+            forward_unsynced(m, self.writer);
+        }
+    }
+}
+
+/// Hands a message to the writer without the activation log: a group as not crash-safe (no
+/// sequence number), its `Ack` released once it is on its way.
+fn forward_unsynced(m: WalMsg, writer: &Sender<Msg>) {
+    match m {
+        WalMsg::Events(events, _ack) => {
+            let _ = writer.send(Msg::Events(events, None));
+        }
+        WalMsg::Flush(ack) => {
+            let _ = writer.send(Msg::Flush(ack));
+        }
+        WalMsg::Stop => {}
+    }
+}
+
+/// Owned by the activation-log thread: when it ends, by a stop or a panic, whatever is still
+/// queued for it goes to the writer instead of being dropped with the channel.
+struct Leftovers<'a> {
+    rx: &'a Receiver<WalMsg>,
+    writer: &'a Sender<Msg>,
+}
+
+impl Drop for Leftovers<'_> {
+    fn drop(&mut self) {
+        for m in self.rx.try_iter() {
+            forward_unsynced(m, self.writer);
+        }
+    }
+}
+
 /// Appends `held`'s groups with one sync, forwards them (and flushes) to the writer in order,
 /// and acknowledges them. Returns whether a stop was among them.
 fn sync_held(wal: &mut Wal, held: Vec<WalMsg>, writer: &Sender<Msg>, stats: &WriterStats) -> bool {
+    let mut held = Held {
+        msgs: held,
+        writer,
+        stats,
+    };
     let groups: Vec<&[StoreEvent]> = held
+        .msgs
         .iter()
         .filter_map(|m| match m {
             WalMsg::Events(e, _) => Some(e.as_slice()),
@@ -379,7 +447,7 @@ fn sync_held(wal: &mut Wal, held: Vec<WalMsg>, writer: &Sender<Msg>, stats: &Wri
     };
     let mut seqs = seqs.into_iter();
     let mut stopping = false;
-    for m in held {
+    for m in std::mem::take(&mut held.msgs) {
         match m {
             WalMsg::Events(events, ack) => {
                 let _ = writer.send(Msg::Events(events, seqs.next()));
@@ -875,6 +943,83 @@ mod tests {
             "the flush after them"
         );
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The groups an activation-log thread would drop by dying (held mid-sync, or still
+    /// queued) and the changes sent after it is gone all reach the writer, unsynced, in
+    /// order, and release their waiters.
+    #[test]
+    fn without_the_activation_log_thread_changes_still_reach_the_writer() {
+        let gid = 7;
+        let (etx, erx) = unbounded();
+        let forwarded = |erx: &Receiver<Msg>| -> Vec<String> {
+            erx.try_iter()
+                .map(|m| match m {
+                    Msg::Events(events, None) => match &events[..] {
+                        [StoreEvent::MachineUpsert { machine, .. }] => machine.machine_code.clone(),
+                        _ => panic!("one upsert per group"),
+                    },
+                    _ => panic!("an unsynced group expected"),
+                })
+                .collect()
+        };
+        let group = |name: &str| -> (Arc<Synced>, WalMsg) {
+            let s = Arc::new(Synced::default());
+            (s.clone(), WalMsg::Events(vec![upsert(gid, name)], Ack(s)))
+        };
+
+        // Held mid-sync when the thread panics.
+        let (s1, m1) = group("held-1");
+        let (s2, m2) = group("held-2");
+        let stats = WriterStats {
+            wal_healthy: AtomicBool::new(true),
+            ..WriterStats::default()
+        };
+        let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _held = Held {
+                msgs: vec![m1, m2],
+                writer: &etx,
+                stats: &stats,
+            };
+            panic!("the activation log's thread dies");
+        }));
+        assert!(unwound.is_err());
+        assert_eq!(forwarded(&erx), ["held-1", "held-2"]);
+        assert!(s1.done.load(Ordering::Acquire) && s2.done.load(Ordering::Acquire));
+        assert_eq!(stats.wal_failures.load(Ordering::Relaxed), 2);
+        assert!(!stats.wal_healthy.load(Ordering::Relaxed));
+
+        // Still queued when it ends.
+        let (tx, rx) = unbounded();
+        let (s3, m3) = group("queued");
+        tx.send(m3).unwrap();
+        drop(Leftovers {
+            rx: &rx,
+            writer: &etx,
+        });
+        assert_eq!(forwarded(&erx), ["queued"]);
+        assert!(s3.done.load(Ordering::Acquire));
+
+        // Sent after it is gone.
+        drop(rx);
+        let (ltx, _lrx) = bounded(1);
+        let sender = WriterSender {
+            events: etx,
+            wal: Some(tx),
+            logs: ltx,
+            stats: Arc::new(WriterStats {
+                wal_healthy: AtomicBool::new(true),
+                ..WriterStats::default()
+            }),
+        };
+        let durable = sender.changes(vec![upsert(gid, "late")]);
+        assert!(durable.is_done(), "its waiters are released");
+        assert_eq!(forwarded(&erx), ["late"]);
+        assert_eq!(sender.stats.wal_failures.load(Ordering::Relaxed), 1);
+        assert!(
+            !sender.stats.wal_healthy.load(Ordering::Relaxed),
+            "the node turns unready"
+        );
     }
 
     /// Small batches flushed often, so that the tests' few changes reach the store quickly.
