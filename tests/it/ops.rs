@@ -97,11 +97,11 @@ async fn metrics_count_real_traffic_and_health_endpoints_answer() {
 }
 
 /// The drain closes idle keep-alive connections at once (HTTP/1.1 and HTTP/2) instead of
-/// waiting out `server.drain_timeout_ms` (20 s): SIGTERM to exit takes well under that.
+/// waiting out `server.drain_timeout_ms` (60 s here): SIGTERM to exit takes well under that.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_closes_idle_keep_alive_connections_at_once() {
     let dir = TempDir::new("idle-drain");
-    let mut server = Server::start(&dir.0, &[]);
+    let mut server = Server::start(&dir.0, &[("KEYGATE_SERVER__DRAIN_TIMEOUT_MS", "60000")]);
     let mut h2 = server.connect(Protocol::Http2).await;
     assert_eq!(h2.post("/api/key/Nothing", "").await.unwrap().status, 404);
     let mut h1 = raw_tls(&server).await;
