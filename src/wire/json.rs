@@ -12,7 +12,18 @@ pub fn write_newtonsoft_string(out: &mut Vec<u8>, s: &str) {
     let mut start = 0;
     let mut i = 0;
     while i < bytes.len() {
-        let b = bytes[i];
+        // Eight bytes at a time to the next byte that may start an escape.
+        while let Some(word) = bytes.get(i..i + 8) {
+            let found = escape_starts(u64::from_le_bytes(word.try_into().unwrap_or_default()));
+            if found != 0 {
+                i += found.trailing_zeros() as usize / 8;
+                break;
+            }
+            i += 8;
+        }
+        let Some(&b) = bytes.get(i) else {
+            break;
+        };
         let (esc, len): (Option<&[u8]>, usize) = match b {
             b'"' => (Some(b"\\\""), 1),
             b'\\' => (Some(b"\\\\"), 1),
@@ -46,6 +57,20 @@ pub fn write_newtonsoft_string(out: &mut Vec<u8>, s: &str) {
     }
     out.extend_from_slice(&bytes[start..]);
     out.push(b'"');
+}
+
+/// The top bit of each byte of the result is set exactly where `word` (little-endian) has a
+/// byte that may start an escape: a C0 control, `"`, `\`, or the lead bytes 0xC2 and 0xE2.
+fn escape_starts(word: u64) -> u64 {
+    const LOW7: u64 = 0x7f7f_7f7f_7f7f_7f7f;
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    // Exact zero-byte test (no false positives after a true zero).
+    let zero_bytes = |w: u64| !(((w & LOW7) + LOW7) | w | LOW7);
+    zero_bytes(word & (ONES * 0xe0))
+        | zero_bytes(word ^ (ONES * u64::from(b'"')))
+        | zero_bytes(word ^ (ONES * u64::from(b'\\')))
+        | zero_bytes(word ^ (ONES * 0xc2))
+        | zero_bytes(word ^ (ONES * 0xe2))
 }
 
 /// Plain JSON string for envelopes (messages, keys); the same escaping serves.
