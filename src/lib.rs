@@ -25,6 +25,7 @@ pub mod request;
 pub mod signing;
 pub mod state;
 pub mod store;
+mod swar;
 #[doc(hidden)]
 pub mod testkit;
 pub mod tls;

@@ -138,13 +138,8 @@ fn plain_pairs<'a>(text: &'a str, mut each: impl FnMut(Cow<'a, str>, Cow<'a, str
 /// Calls `f` with the index of every `&` and `=` in the eight bytes of `word` (little-endian),
 /// in order.
 fn for_each_delimiter(word: u64, mut f: impl FnMut(usize)) {
-    const LOW7: u64 = 0x7f7f_7f7f_7f7f_7f7f;
-    const ONES: u64 = 0x0101_0101_0101_0101;
-    // The top bit of each byte of the result is set exactly where `w` has a zero byte (the
-    // exact form: no false positives after a true zero, unlike the shorter `(w - ONES) & !w`).
-    let zero_bytes = |w: u64| !(((w & LOW7) + LOW7) | w | LOW7);
-    let mut found =
-        zero_bytes(word ^ (ONES * u64::from(b'&'))) | zero_bytes(word ^ (ONES * u64::from(b'=')));
+    use crate::swar::{splat, zero_bytes};
+    let mut found = zero_bytes(word ^ splat(b'&')) | zero_bytes(word ^ splat(b'='));
     while found != 0 {
         f(found.trailing_zeros() as usize / 8);
         found &= found - 1;

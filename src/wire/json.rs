@@ -62,15 +62,13 @@ pub fn write_newtonsoft_string(out: &mut Vec<u8>, s: &str) {
 /// The top bit of each byte of the result is set exactly where `word` (little-endian) has a
 /// byte that may start an escape: a C0 control, `"`, `\`, or the lead bytes 0xC2 and 0xE2.
 fn escape_starts(word: u64) -> u64 {
-    const LOW7: u64 = 0x7f7f_7f7f_7f7f_7f7f;
-    const ONES: u64 = 0x0101_0101_0101_0101;
-    // Exact zero-byte test (no false positives after a true zero).
-    let zero_bytes = |w: u64| !(((w & LOW7) + LOW7) | w | LOW7);
-    zero_bytes(word & (ONES * 0xe0))
-        | zero_bytes(word ^ (ONES * u64::from(b'"')))
-        | zero_bytes(word ^ (ONES * u64::from(b'\\')))
-        | zero_bytes(word ^ (ONES * 0xc2))
-        | zero_bytes(word ^ (ONES * 0xe2))
+    use crate::swar::{splat, zero_bytes};
+    // A C0 control is a byte with none of its top three bits set.
+    zero_bytes(word & splat(0xe0))
+        | zero_bytes(word ^ splat(b'"'))
+        | zero_bytes(word ^ splat(b'\\'))
+        | zero_bytes(word ^ splat(0xc2))
+        | zero_bytes(word ^ splat(0xe2))
 }
 
 /// Plain JSON string for envelopes (messages, keys); the same escaping serves.
