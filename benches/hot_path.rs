@@ -124,6 +124,33 @@ fn python_body(f: &Fixture, machine: &str) -> String {
     )
 }
 
+/// Benches encoding `lic`'s ModelVersion 3 JSON listing `machines`; returns the JSON.
+fn bench_encode(
+    c: &mut Criterion,
+    name: &str,
+    lic: &domain::License,
+    machines: &[&Machine],
+) -> Vec<u8> {
+    let mut json = Vec::new();
+    c.bench_function(name, |b| {
+        b.iter(|| {
+            json.clear();
+            wire::encode_license(
+                &LicenseView {
+                    license: lic,
+                    machines,
+                    model_version: 3,
+                    mask: Mask(0),
+                    sign_date: 1_800_000_000,
+                },
+                &mut json,
+            );
+            black_box(json.len())
+        })
+    });
+    json
+}
+
 fn benches(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -188,23 +215,7 @@ fn benches(c: &mut Criterion) {
         b.iter(|| domain::activate(black_box(&lic), black_box(&input)))
     });
     let machines: Vec<&Machine> = lic.machines.iter().collect();
-    let mut json = Vec::new();
-    c.bench_function("encode_license_mv3", |b| {
-        b.iter(|| {
-            json.clear();
-            wire::encode_license(
-                &LicenseView {
-                    license: &lic,
-                    machines: &machines,
-                    model_version: 3,
-                    mask: Mask(0),
-                    sign_date: 1_800_000_000,
-                },
-                &mut json,
-            );
-            black_box(json.len())
-        })
-    });
+    let json = bench_encode(c, "encode_license_mv3", &lic, &machines);
     // A license with 25 machines, as new-machine answers list by the end of bench.sh's
     // 1,000-key run: the escaping of machine codes and addresses dominates.
     let many: Vec<Machine> = (0..25)
@@ -216,23 +227,7 @@ fn benches(c: &mut Criterion) {
         })
         .collect();
     let many: Vec<&Machine> = many.iter().collect();
-    let mut long_json = Vec::new();
-    c.bench_function("encode_license_mv3_25_machines", |b| {
-        b.iter(|| {
-            long_json.clear();
-            wire::encode_license(
-                &LicenseView {
-                    license: &lic,
-                    machines: &many,
-                    model_version: 3,
-                    mask: Mask(0),
-                    sign_date: 1_800_000_000,
-                },
-                &mut long_json,
-            );
-            black_box(long_json.len())
-        })
-    });
+    bench_encode(c, "encode_license_mv3_25_machines", &lic, &many);
     let signer = f.ctx.state.signer(1).unwrap();
     c.bench_function("sign_rsa2048_sha256", |b| {
         b.iter(|| signer.sign_sha256(black_box(&json)).unwrap())
