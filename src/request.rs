@@ -70,10 +70,9 @@ pub const MAX_FIELD_LEN: usize = 1024;
 
 /// `application/x-www-form-urlencoded` pairs, exactly as `form_urlencoded::parse` yields them,
 /// handed to `each` in order. What the SDKs send is mostly plain (valid UTF-8, no `%`, no
-/// `+`): then every name and value is borrowed as it is, and the delimiters are found in one
-/// vectorised pass (`memchr`) over the whole input rather than a few short searches per pair,
-/// which cost more in setting up than in searching. Input with `%` or `+` is split the same way
-/// piece by piece, and only the pieces that have them go through the general decoder. The
+/// `+`, which one `memchr2` pass over the whole input tells): then every name and value is
+/// borrowed as it is (`plain_pairs`). Input with `%` or `+` is split at each `&` with
+/// `memchr`, and only the pieces that have them go through the general decoder. The
 /// input is checked for UTF-8 once: the delimiters are ASCII, so every piece of valid UTF-8
 /// split at them is valid too.
 fn parse_into<'a>(input: &'a [u8], mut each: impl FnMut(Cow<'a, str>, Cow<'a, str>)) {
@@ -101,7 +100,7 @@ fn parse_into<'a>(input: &'a [u8], mut each: impl FnMut(Cow<'a, str>, Cow<'a, st
 
 /// The pairs of `text`, which has no `%` and no `+`: split at each `&`, and each piece at its
 /// first `=` (a piece without one is a name with an empty value); empty pieces are skipped.
-/// The delimiters are found eight bytes at a time (`delimiters`): pairs are short, and a
+/// The delimiters are found eight bytes at a time (`for_each_delimiter`): pairs are short, and a
 /// `memchr` search per delimiter costs more in setting up than in searching.
 fn plain_pairs<'a>(text: &'a str, mut each: impl FnMut(Cow<'a, str>, Cow<'a, str>)) {
     let bytes = text.as_bytes();

@@ -97,6 +97,16 @@ pub struct WriterStats {
     pub wal_syncs: AtomicU64,
 }
 
+impl WriterStats {
+    /// `groups` change groups the activation log did not make crash-safe: counted, and the
+    /// node unready until the log writes again.
+    fn wal_failed(&self, groups: usize) {
+        self.wal_failures
+            .fetch_add(groups as u64, Ordering::Relaxed);
+        self.wal_healthy.store(false, Ordering::Relaxed);
+    }
+}
+
 enum Msg {
     /// A group of changes and its activation-log number, if the log is on.
     Events(Vec<StoreEvent>, Option<u64>),
@@ -196,14 +206,9 @@ impl WriterSender {
                 let synced = Arc::new(Synced::default());
                 if let Err(e) = wal.send(WalMsg::Events(events, Ack(synced.clone()))) {
                     // The activation log's thread is gone (stopped, or died): the group goes
-                    // straight to the writer, stored but not crash-safe, as after a failed
-                    // log write, instead of being dropped. Its `Ack` drops here and releases
-                    // the waiters. After shutdown the writer is gone too.
-                    if let WalMsg::Events(events, _ack) = e.into_inner() {
-                        self.stats.wal_failures.fetch_add(1, Ordering::Relaxed);
-                        self.stats.wal_healthy.store(false, Ordering::Relaxed);
-                        let _ = self.events.send(Msg::Events(events, None));
-                    }
+                    // straight to the writer instead of being dropped. After shutdown the
+                    // writer is gone too.
+                    forward_unsynced(e.into_inner(), &self.events, &self.stats);
                 }
                 Durable(Some(synced))
             }
@@ -330,6 +335,7 @@ fn run_wal(mut wal: Wal, rx: Receiver<WalMsg>, writer: Sender<Msg>, stats: Arc<W
     let _leftovers = Leftovers {
         rx: &rx,
         writer: &writer,
+        stats: &stats,
     };
     let mut stopping = false;
     let mut disconnected = false;
@@ -372,20 +378,18 @@ struct Held<'a> {
 impl Drop for Held<'_> {
     fn drop(&mut self) {
         for m in self.msgs.drain(..) {
-            if matches!(m, WalMsg::Events(..)) {
-                self.stats.wal_failures.fetch_add(1, Ordering::Relaxed);
-                self.stats.wal_healthy.store(false, Ordering::Relaxed);
-            }
-            forward_unsynced(m, self.writer);
+            forward_unsynced(m, self.writer, self.stats);
         }
     }
 }
 
 /// Hands a message to the writer without the activation log: a group as not crash-safe (no
-/// sequence number), its `Ack` released once it is on its way.
-fn forward_unsynced(m: WalMsg, writer: &Sender<Msg>) {
+/// sequence number), counted as a log failure as after a failed write (which also makes the
+/// node unready), its `Ack` released once it is on its way.
+fn forward_unsynced(m: WalMsg, writer: &Sender<Msg>, stats: &WriterStats) {
     match m {
         WalMsg::Events(events, _ack) => {
+            stats.wal_failed(1);
             let _ = writer.send(Msg::Events(events, None));
         }
         WalMsg::Flush(ack) => {
@@ -400,12 +404,13 @@ fn forward_unsynced(m: WalMsg, writer: &Sender<Msg>) {
 struct Leftovers<'a> {
     rx: &'a Receiver<WalMsg>,
     writer: &'a Sender<Msg>,
+    stats: &'a WriterStats,
 }
 
 impl Drop for Leftovers<'_> {
     fn drop(&mut self) {
         for m in self.rx.try_iter() {
-            forward_unsynced(m, self.writer);
+            forward_unsynced(m, self.writer, self.stats);
         }
     }
 }
@@ -436,10 +441,7 @@ fn sync_held(wal: &mut Wal, held: Vec<WalMsg>, writer: &Sender<Msg>, stats: &Wri
                 s
             }
             Err(e) => {
-                stats
-                    .wal_failures
-                    .fetch_add(groups.len() as u64, Ordering::Relaxed);
-                stats.wal_healthy.store(false, Ordering::Relaxed);
+                stats.wal_failed(groups.len());
                 tracing::error!(error = %e, "activation log write failed; changes are not crash-safe");
                 Vec::new()
             }
@@ -996,9 +998,11 @@ mod tests {
         drop(Leftovers {
             rx: &rx,
             writer: &etx,
+            stats: &stats,
         });
         assert_eq!(forwarded(&erx), ["queued"]);
         assert!(s3.done.load(Ordering::Acquire));
+        assert_eq!(stats.wal_failures.load(Ordering::Relaxed), 3);
 
         // Sent after it is gone.
         drop(rx);

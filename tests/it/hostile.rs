@@ -296,9 +296,8 @@ async fn slow_and_broken_clients_are_cut_off() {
     s.write_all(b"POST /api/key/activate HTTP/1.1\r\nHost: x\r\n")
         .await
         .unwrap();
-    let mut buf = Vec::new();
-    let r = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
-    assert!(r.is_ok(), "a stalled header was not cut off within 5 s");
+    // `answer` asserts the close comes within 5 s.
+    answer(&mut s).await;
 
     // Plain TCP that never starts TLS, and plaintext HTTP on the TLS port: closed, no answer.
     let mut idle = tokio::net::TcpStream::connect(server.addr).await.unwrap();
