@@ -106,14 +106,16 @@ async fn floating_leases_persist_and_expired_ones_are_pruned_from_the_store() {
             activate_form(&seed, &key, m)
         )
     };
-    for (m, secs) in [("short", 1), ("long", 600)] {
+    for (m, secs) in [("short", 3), ("long", 600)] {
         let r = conn
             .post("/api/key/Activate", &lease(m, secs))
             .await
             .unwrap();
         assert_eq!(r.status, 200, "{}", r.text());
     }
-    // Both seats are taken until the one-second lease has run out (whole seconds, so wait 2).
+    // Both seats are taken until the three-second lease has run out. Times are whole seconds:
+    // with a one-second lease, a third call in the next second (a few milliseconds later
+    // across a second boundary) already found it expired, so CI sometimes saw 200 here.
     let r = conn
         .post("/api/key/Activate", &lease("third", 600))
         .await
@@ -122,7 +124,7 @@ async fn floating_leases_persist_and_expired_ones_are_pruned_from_the_store() {
         r.json().unwrap()["message"],
         "Cannot activate the new device as the limit has been reached."
     );
-    tokio::time::sleep(Duration::from_millis(2100)).await;
+    tokio::time::sleep(Duration::from_millis(4100)).await;
     let r = conn
         .post("/api/key/Activate", &lease("third", 600))
         .await
