@@ -102,7 +102,7 @@ pub enum StoreError {
 
 pub type Result<T> = std::result::Result<T, StoreError>;
 
-const SQLITE_MIGRATIONS: [(i64, &str); 10] = [
+const SQLITE_MIGRATIONS: [(i64, &str); 11] = [
     (1, include_str!("store/migrations/0001_init.sql")),
     (2, include_str!("store/migrations/0002_audit.sql")),
     (3, include_str!("store/migrations/0003_change_detail.sql")),
@@ -122,10 +122,11 @@ const SQLITE_MIGRATIONS: [(i64, &str); 10] = [
         10,
         include_str!("store/migrations/0010_request_log_spans.sql"),
     ),
+    (11, include_str!("store/migrations/0011_activation_seq.sql")),
 ];
 
 /// PostgreSQL started at SQLite's version 6, as one script.
-const POSTGRES_MIGRATIONS: [(i64, &str); 5] = [
+const POSTGRES_MIGRATIONS: [(i64, &str); 6] = [
     (1, include_str!("store/migrations/postgres/0001_init.sql")),
     (
         2,
@@ -142,6 +143,10 @@ const POSTGRES_MIGRATIONS: [(i64, &str); 5] = [
     (
         5,
         include_str!("store/migrations/postgres/0005_request_log_spans.sql"),
+    ),
+    (
+        6,
+        include_str!("store/migrations/postgres/0006_activation_seq.sql"),
     ),
 ];
 
@@ -2283,34 +2288,77 @@ mod tests {
         f(&mut Store::connect_postgres(&pg.url()).unwrap());
     }
 
-    /// The activation upsert is compiled once, not on every execution with new values (see
-    /// `Store::open`: SQLite's plan stability guarantee).
-    #[test]
-    fn the_activation_upsert_is_not_compiled_again_per_machine() {
-        let dir = std::env::temp_dir().join(format!("keygate-qpsg-{}", std::process::id()));
+    /// Runs `f` with the activation upsert prepared on a fresh SQLite store (foreign keys
+    /// off, so that machines need no license rows).
+    fn with_sqlite_upsert(
+        name: &str,
+        f: impl FnOnce(&rusqlite::Connection, &mut rusqlite::Statement<'_>),
+    ) {
+        let dir = std::env::temp_dir().join(format!("keygate-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let store = Store::open(&dir.join("k.db")).unwrap();
         let Db::Sqlite(conn) = &store.db else {
             unreachable!("a SQLite store")
         };
         conn.execute_batch("PRAGMA foreign_keys = OFF").unwrap();
-        let mut st = conn.prepare(UPSERT_MACHINE).unwrap();
-        for i in 0..20 {
-            st.execute(rusqlite::params![
-                i % 3,
-                0,
-                format!("m{i}"),
-                0,
-                "",
-                "",
-                0,
-                "",
-                0
-            ])
-            .unwrap();
-        }
-        assert_eq!(st.get_status(rusqlite::StatementStatus::RePrepare), 0);
+        f(conn, &mut conn.prepare(UPSERT_MACHINE).unwrap());
+        drop(store);
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The activation upsert is compiled once, not on every execution with new values (see
+    /// `Store::open`: SQLite's plan stability guarantee).
+    #[test]
+    fn the_activation_upsert_is_not_compiled_again_per_machine() {
+        with_sqlite_upsert("qpsg", |_, st| {
+            for i in 0..20 {
+                st.execute(rusqlite::params![
+                    i % 3,
+                    0,
+                    format!("m{i}"),
+                    0,
+                    "",
+                    "",
+                    0,
+                    "",
+                    0
+                ])
+                .unwrap();
+            }
+            assert_eq!(st.get_status(rusqlite::StatementStatus::RePrepare), 0);
+        });
+    }
+
+    /// A new machine's `seq` comes from one index seek, not from reading every machine of
+    /// its license: on a license with 2,000 machines the upsert takes as many virtual-machine
+    /// steps as on a license with 2 (64 and 64; without `activations_seq`, 12,055 and 67).
+    #[test]
+    fn numbering_a_new_machine_does_not_read_its_licenses_machines() {
+        with_sqlite_upsert("seq", |conn, st| {
+            let mut upsert = |gid: i64, code: &str| {
+                st.reset_status(rusqlite::StatementStatus::VmStep);
+                st.execute(rusqlite::params![gid, 0, code, 0, "ip", "proxy", 1, "", 0])
+                    .unwrap();
+                st.get_status(rusqlite::StatementStatus::VmStep)
+            };
+            for i in 0..2000 {
+                upsert(1, &format!("big-{i}"));
+                upsert(2 + i % 1000, &format!("small-{i}"));
+            }
+            let (big, small) = (upsert(1, "big-new"), upsert(2, "small-new"));
+            assert!(
+                big <= small + 10,
+                "{big} steps on a license with 2,000 machines, {small} on one with 2"
+            );
+            let seq: i64 = conn
+                .query_row(
+                    "SELECT seq FROM activations WHERE key_global_id = 1 AND machine_code = 'big-new'",
+                    [],
+                    |r| r.get(0),
+                )
+                .unwrap();
+            assert_eq!(seq, 2001, "numbered after the license's last machine");
+        });
     }
 
     /// Batches of every size class (full 32-row statements plus single rows) round-trip
@@ -2534,7 +2582,10 @@ mod tests {
             }
         }
         let mut store = Store::open(&path).unwrap();
-        assert_eq!(store.schema_version().unwrap(), 10);
+        assert_eq!(
+            store.schema_version().unwrap(),
+            SQLITE_MIGRATIONS.last().unwrap().0
+        );
         store
             .write_batch(&[], &(600..650).map(walk_row).collect::<Vec<_>>())
             .unwrap();
