@@ -319,12 +319,13 @@ mod tests {
 
     #[test]
     fn entries_expire_within_the_ttl() {
-        let c = ResponseCache::new(Duration::from_millis(40), 1 << 20);
+        // 300 ms, so that a test thread preempted between insert and get still hits.
+        let c = ResponseCache::new(Duration::from_millis(300), 1 << 20);
         let s = signer();
         let p = Probe::new(s.clone(), shape(1, "m"));
         c.insert(p.to_key(), Bytes::from_static(b"body"));
         assert!(c.get(&p).is_some());
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(310));
         assert_eq!(c.get(&p), None);
     }
 

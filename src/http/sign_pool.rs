@@ -147,13 +147,14 @@ mod tests {
             !backlog.load(Ordering::Relaxed),
             "one job alone is no backlog"
         );
-        // Three slow jobs at once: the second is taken with the third waiting behind it.
+        // Three slow jobs at once: the second is taken with the third waiting behind it
+        // (50 ms each, so that the test thread preempted between queueing them still is).
         let tasks: Vec<_> = (0..3)
             .map(|_| {
                 let (pool, backlog) = (pool.clone(), backlog.clone());
                 tokio::spawn(async move {
                     pool.run(move || {
-                        std::thread::sleep(std::time::Duration::from_millis(5));
+                        std::thread::sleep(std::time::Duration::from_millis(50));
                         backlog.load(Ordering::Relaxed)
                     })
                     .await

@@ -1120,8 +1120,13 @@ mod tests {
         tx.changes(vec![upsert(gid, "before")]).wait().await;
         assert_eq!(health.ready(), Ok(()));
 
-        // Its directory gone, the log fails when it next starts a segment.
-        std::fs::remove_dir_all(&wal_dir).unwrap();
+        // Its directory gone, the log fails when it next starts a segment. (Retried: the
+        // thread preparing the next segment may create its file during the removal.)
+        let started = Instant::now();
+        while let Err(e) = std::fs::remove_dir_all(&wal_dir) {
+            assert!(started.elapsed() < Duration::from_secs(10), "{e}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
         let mut sent = 1;
         while failures() == 0 && sent < 60 {
             let d = tx.changes(vec![upsert(gid, &format!("m{sent}"))]);

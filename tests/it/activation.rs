@@ -394,8 +394,10 @@ async fn repeated_answers_come_from_the_cache_until_the_license_changes() {
     // A floating lease that runs out leaves the answer without any change to the license: the
     // next GetKey must not come from the cache that still listed it.
     let getkey = format!("{}&ModelVersion=3", activate_form(&seed, &key, ""));
+    // Three seconds: a lease ends on a whole second, so with one second a GetKey a few
+    // milliseconds later could cross its end (the floating-lease test's race, 902b0b8).
     let lease = format!(
-        "{}&FloatingTimeInterval=1",
+        "{}&FloatingTimeInterval=3",
         activate_form(&seed, &key, "f1")
     );
     ok(&mut conn, lease).await;
@@ -407,7 +409,7 @@ async fn repeated_answers_come_from_the_cache_until_the_license_changes() {
         "{}",
         license_text(&listed)
     );
-    tokio::time::sleep(Duration::from_millis(2100)).await;
+    tokio::time::sleep(Duration::from_millis(3100)).await;
     let expired = conn.post("/api/key/GetKey", &getkey).await.unwrap().text();
     assert!(
         !license_text(&expired).contains("floating:f1"),

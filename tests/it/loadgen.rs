@@ -15,7 +15,23 @@ async fn every_scenario_runs_against_a_real_node() {
     let mut server = Server::start(&dir.0, &[]);
     let vars = seed::seed(Path::new(BIN), &dir.0, 3).unwrap();
     assert_eq!(vars.keys.len(), 3);
-    tokio::time::sleep(Duration::from_millis(300)).await; // the node's change-feed poll
+    // The node takes the seeded keys from its change-feed poll: wait until it serves each.
+    let mut conn = server.connect(Protocol::Http1).await;
+    for key in &vars.keys {
+        let form = format!(
+            "token={}&ProductId={}&Key={key}&Sign=false",
+            vars.token, vars.product
+        );
+        let mut served = false;
+        for _ in 0..400 {
+            served = conn.post("/api/key/GetKey", &form).await.unwrap().status == 200;
+            if served {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        assert!(served, "seeded key {key} not served within 10 s");
+    }
     let file = scenario::load(include_str!("../../loadtest/scenarios.toml")).unwrap();
     let mut rows = Vec::new();
     for (name, s) in &file.scenario {
