@@ -76,6 +76,7 @@ fn fixture(cached: bool) -> Fixture {
             log_queue_rows: 1 << 20,
             retention_days: None,
             inactive_tenant_days: None,
+            idle_priority: false,
         },
     );
     let ctx = Arc::new(Ctx {

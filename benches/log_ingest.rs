@@ -89,6 +89,7 @@ fn main() {
             log_queue_rows: 100_000,
             retention_days: None,
             inactive_tenant_days: None,
+            idle_priority: false,
         },
     );
     let tx = writer.sender();

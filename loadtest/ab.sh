@@ -7,7 +7,8 @@
 #   loadtest/ab.sh BIN_A BIN_B [rounds, default 6] [seconds per round, default 4]
 # Environment: SCENARIO (default reactivate), KEYS (default 100; the new-machine figures use
 # 10000), ENV_A / ENV_B (extra KEY=value settings for one side, e.g.
-# ENV_B=KEYGATE_STORE__ACTIVATION_LOG=false), CONNECTIONS (default 16).
+# ENV_B=KEYGATE_STORE__ACTIVATION_LOG=false), CONNECTIONS (default 16), RATE (open loop at this
+# many requests per second, for latency at a fixed rate; default closed loop).
 # Needs taskset and python3; the binaries are copied, so a rebuild during the run is harmless.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -61,4 +62,4 @@ sleep 1
 # shellcheck disable=SC2086
 taskset -c 1 "$lt" compare --a "$addr_a" --b "$addr_b" --label-a A --label-b B --scenario "$scenario" \
     --ca "$work/seed/tls/cert.pem" $seed_args --duration-secs "$secs" --warmup-secs 2 \
-    --connections "${CONNECTIONS:-16}" --rounds "$rounds" --pid-a "$pid_a" --pid-b "$pid_b"
+    --connections "${CONNECTIONS:-16}" --rounds "$rounds" --pid-a "$pid_a" --pid-b "$pid_b" ${RATE:+--rate "$RATE"}

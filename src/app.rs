@@ -68,26 +68,9 @@ fn follow_signing_backlog(backlog: &AtomicBool) {
 /// on (`server.worker_batch_scheduling`): re-activation 1.17 over six interleaved rounds
 /// (single runs 0.85–1.30), new machines 0.97–1.09, p99 no worse.
 fn set_batch_scheduling(batch: bool) {
-    use thread_priority::{
-        set_thread_priority_and_policy, thread_native_id, NormalThreadSchedulePolicy,
-        ThreadPriority, ThreadPriorityValue, ThreadSchedulePolicy,
-    };
-    // The crate also sets the nice value, from a 0–99 scale mapped onto 19..-20: 48 is nice 0,
-    // the default (the unit test below checks it).
-    let result = ThreadPriorityValue::try_from(48u8)
-        .map_err(|_| thread_priority::Error::Priority("48 is a valid value"))
-        .and_then(|p| {
-            set_thread_priority_and_policy(
-                thread_native_id(),
-                ThreadPriority::Crossplatform(p),
-                ThreadSchedulePolicy::Normal(if batch {
-                    NormalThreadSchedulePolicy::Batch
-                } else {
-                    NormalThreadSchedulePolicy::Other
-                }),
-            )
-        });
-    if let Err(e) = result {
+    use crate::sched::Policy;
+    let policy = if batch { Policy::Batch } else { Policy::Other };
+    if let Err(e) = crate::sched::set_current(policy) {
         tracing::warn!(error = ?e, batch, "could not set a worker thread's scheduling policy");
     }
 }
@@ -215,6 +198,7 @@ async fn serve(cfg: Config, signing_backlog: Arc<AtomicBool>) -> anyhow::Result<
                 .then_some(cfg.privacy.log_retention_days),
             inactive_tenant_days: (cfg.privacy.inactive_tenant_days > 0)
                 .then_some(cfg.privacy.inactive_tenant_days),
+            idle_priority: cfg.store.writer_idle_priority,
         },
     );
     let sync = Sync::spawn(
@@ -503,16 +487,7 @@ async fn wait_for_signal(signals: Signals, resolver: &CertResolver) {
 
 #[cfg(test)]
 mod tests {
-    /// The policy field of `/proc/thread-self/stat` (41st) and the nice value (19th).
-    fn policy_and_nice() -> (i64, i64) {
-        let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
-        // Fields after the command name, which is in parentheses and may hold spaces.
-        let rest: Vec<i64> = stat[stat.rfind(')').unwrap() + 2..]
-            .split(' ')
-            .map(|f| f.trim().parse().unwrap_or(-1))
-            .collect();
-        (rest[41 - 3], rest[19 - 3])
-    }
+    use crate::sched::policy_and_nice;
 
     #[test]
     fn batch_scheduling_changes_the_policy_and_keeps_nice_0() {

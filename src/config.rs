@@ -192,6 +192,11 @@ pub struct StoreCfg {
     pub flush_interval_ms: u64,
     /// Request-log rows waiting for the writer; more are counted as dropped.
     pub log_queue_rows: usize,
+    /// Run the store writer under Linux `SCHED_IDLE` while it keeps up, back under the normal
+    /// policy once rows pile up: a request never waits for the writer's time slice on a core
+    /// they share. Needs `CAP_SYS_NICE` or an `RLIMIT_NICE` of 20 to return to normal (root
+    /// outside containers has it); without it the writer keeps the normal policy.
+    pub writer_idle_priority: bool,
 }
 
 impl Default for Config {
@@ -272,6 +277,7 @@ impl Default for StoreCfg {
             batch_bytes: 1 << 20,
             flush_interval_ms: 200,
             log_queue_rows: 100_000,
+            writer_idle_priority: true,
         }
     }
 }

@@ -22,6 +22,7 @@ pub mod http;
 pub mod metrics;
 pub mod privacy;
 pub mod request;
+pub mod sched;
 pub mod signing;
 pub mod state;
 pub mod store;

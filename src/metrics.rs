@@ -38,6 +38,8 @@ pub const LOG_ROWS_SPOOLED_TOTAL: &str = "keygate_log_rows_spooled_total";
 pub const LOG_ROWS_REPLAYED_TOTAL: &str = "keygate_log_rows_replayed_total";
 pub const STORE_EVENTS_SPOOLED_TOTAL: &str = "keygate_store_events_spooled_total";
 pub const SPOOL_BATCHES: &str = "keygate_spool_batches";
+pub const STORE_WRITER_IDLE: &str = "keygate_store_writer_idle";
+pub const STORE_WRITER_RAISED_TOTAL: &str = "keygate_store_writer_raised_total";
 pub const STORE_UP: &str = "keygate_store_up";
 pub const SHARED_CONFLICTS_TOTAL: &str = "keygate_redis_cas_conflicts_total";
 pub const SHARED_UNAVAILABLE_TOTAL: &str = "keygate_redis_unavailable_total";
@@ -237,9 +239,12 @@ pub fn writer_stats(s: &crate::store::writer::WriterStats) {
         (STORE_EVENTS_SPOOLED_TOTAL, &s.events_spooled),
         (WAL_SYNCS_TOTAL, &s.wal_syncs),
         (WAL_FAILURES_TOTAL, &s.wal_failures),
+        (STORE_WRITER_RAISED_TOTAL, &s.writer_raised),
     ] {
         metrics::counter!(name).absolute(v.load(Relaxed));
     }
     metrics::gauge!(SPOOL_BATCHES).set(s.spool_batches.load(Relaxed) as f64);
     metrics::gauge!(STORE_UP).set(if s.store_up.load(Relaxed) { 1.0 } else { 0.0 });
+    let idle = s.writer_idle.load(Relaxed);
+    metrics::gauge!(STORE_WRITER_IDLE).set(if idle { 1.0 } else { 0.0 });
 }

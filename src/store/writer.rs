@@ -33,6 +33,8 @@ pub struct BatchPolicy {
     pub retention_days: Option<u64>,
     /// The inactive-tenant rule (`Store::clean_inactive_tenants`); `None`: off.
     pub inactive_tenant_days: Option<u64>,
+    /// Run the writer under Linux `SCHED_IDLE` while it keeps up (`Priority`).
+    pub idle_priority: bool,
 }
 
 /// Makes the store's commits durable and then lets the activation log delete what they
@@ -95,6 +97,11 @@ pub struct WriterStats {
     pub wal_healthy: AtomicBool,
     /// Syncs of the activation log (each covers every group waiting at the time).
     pub wal_syncs: AtomicU64,
+    /// The writer thread's id (Linux), and whether it runs under `SCHED_IDLE` now.
+    pub writer_tid: AtomicU64,
+    pub writer_idle: AtomicBool,
+    /// Times it left `SCHED_IDLE` because work piled up or someone waited for a flush.
+    pub writer_raised: AtomicU64,
 }
 
 impl WriterStats {
@@ -625,6 +632,89 @@ impl Sink {
     }
 }
 
+/// Change groups waiting in the channel that count as falling behind.
+const GROUPS_BEHIND: usize = 256;
+
+/// Whether the writer should run under `SCHED_IDLE` now: not while someone waits for a flush
+/// or once more than two batches' rows (or `GROUPS_BEHIND` change groups) wait; again once
+/// less than one batch does. In between it keeps its current policy, so it does not switch at
+/// every pass around one threshold.
+fn wants_idle(was_idle: bool, rows: usize, groups: usize, waited_on: bool, batch: usize) -> bool {
+    if waited_on || rows >= 2 * batch || groups >= GROUPS_BEHIND {
+        false
+    } else if rows < batch && groups < GROUPS_BEHIND / 2 {
+        true
+    } else {
+        was_idle
+    }
+}
+
+/// The writer thread's CPU priority (`store.writer_idle_priority`, Linux). While it keeps up,
+/// it runs under `SCHED_IDLE`: on a core it shares with the async workers, a worker woken by a
+/// request preempts it at once, instead of waiting out the time slice of a transaction in
+/// progress (a 256-row slice takes about a millisecond). Its stretches of work then add
+/// nothing to the answers' latency. When work piles up (`wants_idle`) it returns to
+/// `SCHED_OTHER` and takes its fair share until it has caught up: requests that keep the core
+/// busy leave it a sliver of the CPU under `SCHED_IDLE`, enough to notice its backlog.
+/// Only used where the thread can leave `SCHED_IDLE` again (`sched::can_leave_idle`).
+struct Priority {
+    enabled: bool,
+    idle: bool,
+}
+
+impl Priority {
+    fn start(wanted: bool, stats: &WriterStats) -> Priority {
+        if let Ok(me) = std::fs::read_link("/proc/thread-self") {
+            // "<pid>/task/<tid>"
+            let tid = me.file_name().and_then(|t| t.to_str()?.parse().ok());
+            stats.writer_tid.store(tid.unwrap_or(0), Ordering::Relaxed);
+        }
+        let enabled = wanted && crate::sched::can_leave_idle();
+        if wanted && !enabled {
+            tracing::info!(
+                "the store writer keeps the normal priority: leaving SCHED_IDLE again needs \
+                 CAP_SYS_NICE or an RLIMIT_NICE of 20 (store.writer_idle_priority)"
+            );
+        }
+        Priority {
+            enabled,
+            idle: false,
+        }
+    }
+
+    fn follow(
+        &mut self,
+        rows: usize,
+        groups: usize,
+        waited_on: bool,
+        batch: usize,
+        stats: &WriterStats,
+    ) {
+        if !self.enabled {
+            return;
+        }
+        let idle = wants_idle(self.idle, rows, groups, waited_on, batch);
+        if idle == self.idle {
+            return;
+        }
+        use crate::sched::Policy;
+        match crate::sched::set_current(if idle { Policy::Idle } else { Policy::Other }) {
+            Ok(()) => {
+                self.idle = idle;
+                stats.writer_idle.store(idle, Ordering::Relaxed);
+                if !idle {
+                    stats.writer_raised.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Err(e) => {
+                // Not retried: a thread that cannot change its policy keeps the one it has.
+                tracing::warn!(error = ?e, idle, "could not change the store writer's priority");
+                self.enabled = false;
+            }
+        }
+    }
+}
+
 fn run(
     mut sink: Sink,
     policy: BatchPolicy,
@@ -648,6 +738,7 @@ fn run(
     // the thread at once.
     let tick = policy.flush_interval.min(Duration::from_millis(20));
     let mut retention_due = Instant::now();
+    let mut priority = Priority::start(policy.idle_priority, &stats);
     loop {
         if stats.wal_wants_durable.swap(false, Ordering::Relaxed) {
             make_durable(&mut sink.store, &stats);
@@ -711,6 +802,13 @@ fn run(
                 p.push_log(r);
             }
         }
+        priority.follow(
+            logs.len() + p.len(),
+            events.len(),
+            !p.acks.is_empty() || stopping,
+            policy.batch_rows,
+            &stats,
+        );
         let due = p.len() >= policy.batch_rows
             || p.log_bytes >= policy.batch_bytes
             || !p.acks.is_empty()
@@ -1035,7 +1133,97 @@ mod tests {
             log_queue_rows: 100,
             retention_days: None,
             inactive_tenant_days: None,
+            idle_priority: false,
         }
+    }
+
+    /// The writer idles while it keeps up, is raised from two batches or a waiting flush on,
+    /// and in between keeps what it has.
+    #[test]
+    fn the_writer_idles_only_while_it_keeps_up() {
+        let b = 100;
+        for (was_idle, rows, groups, waited_on, idle) in [
+            (false, 0, 0, false, true),
+            (true, 99, 127, false, true),
+            (false, 150, 0, false, false),
+            (true, 150, 0, false, true),
+            (true, 199, 0, false, true),
+            (true, 200, 0, false, false),
+            (false, 0, 200, false, false),
+            (true, 0, 200, false, true),
+            (true, 0, GROUPS_BEHIND, false, false),
+            (true, 0, 0, true, false),
+        ] {
+            assert_eq!(
+                wants_idle(was_idle, rows, groups, waited_on, b),
+                idle,
+                "was idle {was_idle}, {rows} rows, {groups} groups, waited on {waited_on}"
+            );
+        }
+    }
+
+    /// A pile of rows raises the writer from `SCHED_IDLE` (the thread's real policy, read
+    /// from /proc); it writes every row and returns to `SCHED_IDLE` once caught up. Where the
+    /// thread could not return to the normal policy, it never leaves it.
+    #[test]
+    fn a_pile_of_rows_raises_the_writer_until_it_has_caught_up() {
+        let (dir, store, _) = store_with_a_key("writer-idle");
+        let journal = Journal::open(&dir.join("spool")).unwrap();
+        let policy = BatchPolicy {
+            idle_priority: true,
+            log_queue_rows: 10_000,
+            ..small_batches()
+        };
+        let writer = Writer::spawn(store, journal, None, policy);
+        let tx = writer.sender();
+        let stats = tx.stats();
+        let can = crate::sched::can_leave_idle();
+        let expected = if can { 5 } else { 0 };
+        let writer_policy = || {
+            let tid = stats.writer_tid.load(Ordering::Relaxed);
+            crate::sched::policy_and_nice_of(&format!("/proc/self/task/{tid}/stat")).0
+        };
+        let eventually = |what: &str, f: &dyn Fn() -> bool| {
+            let started = Instant::now();
+            while !f() {
+                assert!(started.elapsed() < Duration::from_secs(10), "{what}");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        };
+        eventually("the writer's first policy", &|| {
+            stats.writer_tid.load(Ordering::Relaxed) != 0 && writer_policy() == expected
+        });
+        assert_eq!(stats.writer_raised.load(Ordering::Relaxed), 0);
+
+        // 5,000 rows at once: 50 batches.
+        for i in 0..5000 {
+            tx.log(LogRow {
+                tenant_id: Some(1),
+                product_id: Some(1),
+                key_id: Some(1),
+                client_ip: "203.0.113.7".into(),
+                proxy_ip: "".into(),
+                time: 1_800_000_000,
+                machine_code: format!("m{i}"),
+                friendly_name: String::new(),
+                state: 2010,
+                floating_expires: 0,
+            });
+        }
+        eventually("every row written", &|| {
+            stats.log_written.load(Ordering::Relaxed) == 5000
+        });
+        let raised = stats.writer_raised.load(Ordering::Relaxed);
+        if can {
+            assert!(raised >= 1, "raised {raised} times");
+        } else {
+            assert_eq!(raised, 0);
+        }
+        eventually("back to its idle policy", &|| writer_policy() == expected);
+        assert_eq!(stats.writer_idle.load(Ordering::Relaxed), can);
+        assert_eq!(stats.log_dropped.load(Ordering::Relaxed), 0);
+        writer.shutdown();
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// Every group is synced before its answer leaves and reaches the store; full segments
