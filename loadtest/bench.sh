@@ -231,8 +231,12 @@ s = {
   "openssl_rsa2048_sign_per_s_before": before, "openssl_rsa2048_sign_per_s_between": between,
   "openssl_rsa2048_sign_per_s_after": after,
   "new_machine_rps": new, "openssl_rsa2048_sign_per_s": sign_s, "new_machine_over_openssl": new / sign_s,
+  "openssl_rsa2048_us_per_sign": 1e6 / sign_s,
   "new_machine_few_keys_rps": new_few, "new_machine_few_keys_over_openssl": new_few / sign_s_few,
   "new_machine_keygate_cpu_us": j("new-machines.json")["runs"][0]["server_cpu_us_per_request"],
+  # Where a new machine's CPU went, by thread (the signing thread against openssl's 1e6 / rate).
+  **{f"new_machine_cpu_us_{name}": us for name, us in
+     (j("new-machines.json")["runs"][0].get("server_threads_cpu_us_per_request") or {}).items() if us >= 0.05},
   "new_connection_keygate_rps": conns["runs"][1]["throughput_rps"], "new_connection_static_rps": conns["runs"][0]["throughput_rps"],
   "new_connection_ratio": conns["summary"]["throughput_ratio_b_over_a"],
   "new_connection_cpu_static_over_keygate": conns["summary"]["server_cpu_per_request_ratio_a_over_b"],

@@ -52,6 +52,17 @@ pub fn table(rows: &[(String, &Outcome)]) -> String {
                 load * 100.0
             ));
         }
+        if let Some(threads) = o.server_threads_cpu_per_request_us() {
+            let busy: Vec<String> = threads
+                .iter()
+                .filter(|(_, us)| **us >= 0.05)
+                .map(|(name, us)| format!("{name} {us:.2}"))
+                .collect();
+            s.push_str(&format!(
+                "{label}: by thread, µs per request: {}\n",
+                busy.join(", ")
+            ));
+        }
     }
     s
 }
@@ -71,6 +82,7 @@ pub fn to_json(label: &str, o: &Outcome) -> serde_json::Value {
         "transport_errors": o.transport_errors,
         "generator_cpu_cores": o.generator_load(),
         "server_cpu_us_per_request": o.server_cpu_per_request_us(),
+        "server_threads_cpu_us_per_request": o.server_threads_cpu_per_request_us(),
         "server_cpu_cores": o.server_load(),
     })
 }

@@ -55,6 +55,9 @@ pub struct Outcome {
     pub generator_cpu: Duration,
     /// CPU time the target's process (`Options::server_pid`) used during the measured time.
     pub server_cpu: Option<Duration>,
+    /// The same by thread name (threads of one name added up; one that ended during the
+    /// window is left out): where the target's CPU went.
+    pub server_threads_cpu: Option<BTreeMap<String, Duration>>,
 }
 
 impl Outcome {
@@ -71,6 +74,17 @@ impl Outcome {
     pub fn server_cpu_per_request_us(&self) -> Option<f64> {
         let cpu = self.server_cpu?;
         (self.requests > 0).then(|| cpu.as_secs_f64() * 1e6 / self.requests as f64)
+    }
+
+    /// Each named thread's CPU time per answered request, in microseconds.
+    pub fn server_threads_cpu_per_request_us(&self) -> Option<BTreeMap<String, f64>> {
+        let threads = self.server_threads_cpu.as_ref()?;
+        (self.requests > 0).then(|| {
+            threads
+                .iter()
+                .map(|(name, cpu)| (name.clone(), cpu.as_secs_f64() * 1e6 / self.requests as f64))
+                .collect()
+        })
     }
 
     /// The target's CPU use as a share of one core.
@@ -101,6 +115,7 @@ impl Outcome {
             latency: Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds"),
             generator_cpu: Duration::ZERO,
             server_cpu: None,
+            server_threads_cpu: None,
         }
     }
 
@@ -109,6 +124,12 @@ impl Outcome {
         let mut total = Outcome::empty();
         // The target's CPU only if every run measured it.
         total.server_cpu = runs.iter().map(|r| r.server_cpu).sum();
+        total.server_threads_cpu = runs.iter().try_fold(BTreeMap::new(), |mut all, r| {
+            for (name, cpu) in r.server_threads_cpu.as_ref()? {
+                *all.entry(name.clone()).or_default() += *cpu;
+            }
+            Some(all)
+        });
         for r in runs {
             total.merge(r);
             total.elapsed += r.elapsed;
@@ -226,11 +247,15 @@ pub async fn run(o: &Options, scenario: &Scenario, vars: &Vars) -> anyhow::Resul
     let cpu = tokio::spawn(async move {
         tokio::time::sleep_until(measure_from).await;
         let (before, server_before) = (process_cpu(), pid.and_then(pid_cpu));
+        let threads_before = pid.and_then(threads_cpu);
         tokio::time::sleep_until(end).await;
         let server = server_before
             .zip(pid.and_then(pid_cpu))
             .map(|(b, a)| a.saturating_sub(b));
-        (process_cpu().saturating_sub(before), server)
+        let threads = threads_before
+            .zip(pid.and_then(threads_cpu))
+            .map(|(b, a)| threads_delta(&b, &a));
+        (process_cpu().saturating_sub(before), server, threads)
     });
     let scenario = Arc::new(scenario.clone());
     let vars = Arc::new(vars.clone());
@@ -249,7 +274,11 @@ pub async fn run(o: &Options, scenario: &Scenario, vars: &Vars) -> anyhow::Resul
         total_outcome.merge(&t.await??);
     }
     total_outcome.elapsed = o.duration;
-    (total_outcome.generator_cpu, total_outcome.server_cpu) = cpu.await?;
+    (
+        total_outcome.generator_cpu,
+        total_outcome.server_cpu,
+        total_outcome.server_threads_cpu,
+    ) = cpu.await?;
     if pid.is_some() && total_outcome.server_cpu.is_none() {
         anyhow::bail!("cannot read the CPU time of process {pid:?} from /proc");
     }
@@ -263,6 +292,49 @@ fn pid_cpu(pid: u32) -> Option<Duration> {
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     let ticks = stat_cpu_ticks(&stat)?;
     (hz > 0).then(|| Duration::from_secs_f64(ticks as f64 / hz as f64))
+}
+
+/// Each thread of process `pid`: its id, name and CPU time so far (from /proc).
+fn threads_cpu(pid: u32) -> Option<BTreeMap<u64, (String, Duration)>> {
+    // SAFETY: sysconf only reads a constant.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if hz <= 0 {
+        return None;
+    }
+    let mut all = BTreeMap::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let path = entry.ok()?.path();
+        let Some(tid) = path.file_name().and_then(|t| t.to_str()?.parse().ok()) else {
+            continue;
+        };
+        // A thread may end between listing and reading.
+        let Ok(stat) = std::fs::read_to_string(path.join("stat")) else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let Some(ticks) = stat_cpu_ticks(&stat) else {
+            continue;
+        };
+        let cpu = Duration::from_secs_f64(ticks as f64 / hz as f64);
+        all.insert(tid, (stat[open + 1..close].to_owned(), cpu));
+    }
+    Some(all)
+}
+
+/// CPU time used between two `threads_cpu` readings, added up by thread name. A thread that
+/// started in between counts from zero; one that ended is left out.
+fn threads_delta(
+    before: &BTreeMap<u64, (String, Duration)>,
+    after: &BTreeMap<u64, (String, Duration)>,
+) -> BTreeMap<String, Duration> {
+    let mut by_name = BTreeMap::<String, Duration>::new();
+    for (tid, (name, cpu)) in after {
+        let earlier = before.get(tid).map_or(Duration::ZERO, |(_, c)| *c);
+        *by_name.entry(name.clone()).or_default() += cpu.saturating_sub(earlier);
+    }
+    by_name
 }
 
 /// utime + stime (clock ticks) from a /proc/<pid>/stat line. The command name, in
@@ -393,5 +465,61 @@ mod tests {
         assert_eq!(both.server_cpu_per_request_us(), Some(4000.0));
         assert_eq!(both.server_load(), Some(0.4));
         assert_eq!(Outcome::sum(&[run(Some(500)), run(None)]).server_cpu, None);
+    }
+
+    /// Per-thread CPU: a named thread that spins shows under its name, threads of one name
+    /// add up, one started in between counts from zero and one that ended is left out.
+    #[test]
+    fn thread_cpu_is_read_by_name_and_differenced() {
+        let pid = std::process::id();
+        let before = threads_cpu(pid).expect("own /proc/<pid>/task");
+        std::thread::Builder::new()
+            .name("lt-spinner".into())
+            .spawn(|| {
+                let t = std::time::Instant::now();
+                let mut x = 0u64;
+                while t.elapsed() < Duration::from_millis(60) {
+                    x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+                }
+                std::hint::black_box(x);
+                // Still alive when read below.
+                std::thread::park_timeout(Duration::from_millis(500));
+            })
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        let after = threads_cpu(pid).unwrap();
+        let delta = threads_delta(&before, &after);
+        assert!(
+            delta.get("lt-spinner").is_some_and(|c| !c.is_zero()),
+            "{delta:?}"
+        );
+
+        let ms = Duration::from_millis;
+        let b = BTreeMap::from([(1, ("w".to_owned(), ms(10))), (2, ("gone".into(), ms(5)))]);
+        let a = BTreeMap::from([
+            (1, ("w".to_owned(), ms(30))),
+            (3, ("w".into(), ms(7))),
+            (4, ("new".into(), ms(2))),
+        ]);
+        let d = threads_delta(&b, &a);
+        assert_eq!(
+            d,
+            BTreeMap::from([("w".into(), ms(27)), ("new".into(), ms(2))])
+        );
+        let run = |t: Option<BTreeMap<String, Duration>>| Outcome {
+            requests: 1000,
+            server_threads_cpu: t,
+            ..Outcome::empty()
+        };
+        let sum = Outcome::sum(&[run(Some(d.clone())), run(Some(d.clone()))]);
+        assert_eq!(
+            sum.server_threads_cpu_per_request_us().unwrap()["w"],
+            27.0,
+            "54 ms over 2,000 requests"
+        );
+        assert_eq!(
+            Outcome::sum(&[run(Some(d)), run(None)]).server_threads_cpu,
+            None
+        );
     }
 }
