@@ -195,7 +195,7 @@ static2=$(start "$work/static2.log" "static server on " "$lt" static-server --ce
 "$lt" compare --a "$static2" --b "$free" --label-a static --label-b keygate --scenario reactivate "${common[@]}" \
     --rounds 2 --json "$out/reactivate-vs-static-2cores.json"
 
-python3 - "$out" <<'PY'
+DAMON_PAUSED=${#paused_damon[@]} python3 - "$out" <<'PY'
 import json, re, sys, os
 out = sys.argv[1]
 j = lambda f: json.load(open(os.path.join(out, f)))
@@ -260,7 +260,8 @@ if nginx:
       "new_connection_tls13_over_nginx_tls12": cn["runs"][1]["throughput_rps"] / t12["runs"][0]["throughput_rps"],
       "new_connection_generator_cpu_max": max(r["generator_cpu_cores"] for f in (cn, t12) for r in f["runs"]),
     })
-s["damon_paused"] = os.environ.get("PAUSE_DAMON") == "1"
+# kdamonds actually paused for the run (0 without PAUSE_DAMON=1, or without root).
+s["damon_paused"] = int(os.environ.get("DAMON_PAUSED", "0"))
 json.dump(s, open(os.path.join(out, "summary.json"), "w"), indent=2)
 for k, v in s.items():
     print(f"{k:36} {v:,.3f}")

@@ -193,8 +193,8 @@ pub struct StoreCfg {
     /// Request-log rows waiting for the writer; more are counted as dropped.
     pub log_queue_rows: usize,
     /// Run the store writer under Linux `SCHED_IDLE` while it keeps up, back under the normal
-    /// policy once rows pile up: a request never waits for the writer's time slice on a core
-    /// they share. Needs `CAP_SYS_NICE` or an `RLIMIT_NICE` of 20 to return to normal (root
+    /// policy once rows pile up: a request woken on a core they share preempts it at once
+    /// instead of waiting for its time slice. Needs `CAP_SYS_NICE` or an `RLIMIT_NICE` of 20 to return to normal (root
     /// outside containers has it); without it the writer keeps the normal policy.
     pub writer_idle_priority: bool,
 }

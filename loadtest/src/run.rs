@@ -473,21 +473,33 @@ mod tests {
     fn thread_cpu_is_read_by_name_and_differenced() {
         let pid = std::process::id();
         let before = threads_cpu(pid).expect("own /proc/<pid>/task");
-        std::thread::Builder::new()
+        let (spun_tx, spun) = std::sync::mpsc::channel();
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let spinner = std::thread::Builder::new()
             .name("lt-spinner".into())
-            .spawn(|| {
-                let t = std::time::Instant::now();
-                let mut x = 0u64;
-                while t.elapsed() < Duration::from_millis(60) {
-                    x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+            .spawn(move || {
+                // Until /proc shows CPU time for this thread (10 ms ticks, and a loaded machine
+                // may give it little), then alive until it has been read.
+                let own = || {
+                    std::fs::read_to_string("/proc/thread-self/stat")
+                        .ok()
+                        .and_then(|s| stat_cpu_ticks(&s))
+                };
+                let (mut x, started) = (0u64, std::time::Instant::now());
+                while own().is_none_or(|t| t < 2) && started.elapsed() < Duration::from_secs(10) {
+                    for _ in 0..100_000 {
+                        x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+                    }
                 }
                 std::hint::black_box(x);
-                // Still alive when read below.
-                std::thread::park_timeout(Duration::from_millis(500));
+                spun_tx.send(()).unwrap();
+                let _ = released.recv();
             })
             .unwrap();
-        std::thread::sleep(Duration::from_millis(100));
+        spun.recv().unwrap();
         let after = threads_cpu(pid).unwrap();
+        drop(release);
+        spinner.join().unwrap();
         let delta = threads_delta(&before, &after);
         assert!(
             delta.get("lt-spinner").is_some_and(|c| !c.is_zero()),

@@ -97,8 +97,9 @@ pub struct WriterStats {
     pub wal_healthy: AtomicBool,
     /// Syncs of the activation log (each covers every group waiting at the time).
     pub wal_syncs: AtomicU64,
-    /// The writer thread's id (Linux), and whether it runs under `SCHED_IDLE` now.
+    /// The writer thread's id, so that its real policy can be read from `/proc` (tests).
     pub writer_tid: AtomicU64,
+    /// Whether the writer runs under `SCHED_IDLE` now (`keygate_store_writer_idle`).
     pub writer_idle: AtomicBool,
     /// Times it left `SCHED_IDLE` because work piled up or someone waited for a flush.
     pub writer_raised: AtomicU64,
@@ -636,9 +637,9 @@ impl Sink {
 const GROUPS_BEHIND: usize = 256;
 
 /// Whether the writer should run under `SCHED_IDLE` now: not while someone waits for a flush
-/// or once more than two batches' rows (or `GROUPS_BEHIND` change groups) wait; again once
-/// less than one batch does. In between it keeps its current policy, so it does not switch at
-/// every pass around one threshold.
+/// or once two batches' rows (or `GROUPS_BEHIND` change groups) wait; again once less than one
+/// batch and half as many groups do. In between it keeps its current policy, so it does not
+/// switch at every pass around one threshold.
 fn wants_idle(was_idle: bool, rows: usize, groups: usize, waited_on: bool, batch: usize) -> bool {
     if waited_on || rows >= 2 * batch || groups >= GROUPS_BEHIND {
         false
@@ -660,6 +661,7 @@ fn wants_idle(was_idle: bool, rows: usize, groups: usize, waited_on: bool, batch
 struct Priority {
     enabled: bool,
     idle: bool,
+    warned: bool,
 }
 
 impl Priority {
@@ -679,6 +681,7 @@ impl Priority {
         Priority {
             enabled,
             idle: false,
+            warned: false,
         }
     }
 
@@ -706,10 +709,18 @@ impl Priority {
                     stats.writer_raised.fetch_add(1, Ordering::Relaxed);
                 }
             }
-            Err(e) => {
-                // Not retried: a thread that cannot change its policy keeps the one it has.
-                tracing::warn!(error = ?e, idle, "could not change the store writer's priority");
+            // Could not idle: stay normal for good.
+            Err(e) if idle => {
+                tracing::warn!(error = ?e, "could not put the store writer under SCHED_IDLE");
                 self.enabled = false;
+            }
+            // Could not leave SCHED_IDLE (the probe said it could): tried again on every pass,
+            // said once.
+            Err(e) => {
+                if !self.warned {
+                    tracing::error!(error = ?e, "could not raise the store writer from SCHED_IDLE");
+                    self.warned = true;
+                }
             }
         }
     }
@@ -745,6 +756,8 @@ fn run(
         }
         if Instant::now() >= retention_due {
             retention_due = Instant::now() + RETENTION_EVERY;
+            // Raised for it: its updates hold the store's write lock, which others wait for.
+            priority.follow(0, 0, true, policy.batch_rows, &stats);
             retention(
                 &mut sink.store,
                 policy.retention_days,
@@ -802,10 +815,11 @@ fn run(
                 p.push_log(r);
             }
         }
+        // A spool to replay counts as a backlog: the replay runs through it in one go.
         priority.follow(
             logs.len() + p.len(),
             events.len(),
-            !p.acks.is_empty() || stopping,
+            !p.acks.is_empty() || stopping || !sink.journal.is_empty(),
             policy.batch_rows,
             &stats,
         );

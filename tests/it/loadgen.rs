@@ -82,9 +82,17 @@ async fn every_scenario_runs_against_a_real_node() {
     }
     let refs: Vec<(String, &run::Outcome)> = rows.iter().map(|(l, o)| (l.clone(), o)).collect();
     let table = report::table(&refs);
-    // A header, a line per run, and a line for the run that measured the node's CPU.
-    assert_eq!(table.lines().count(), refs.len() + 2, "{table}");
+    // A header, a line per run, and two for the run that measured the node's CPU (in all,
+    // and by thread).
+    assert_eq!(table.lines().count(), refs.len() + 3, "{table}");
     assert_eq!(table.matches("server CPU").count(), 1, "{table}");
+    assert_eq!(table.matches("by thread").count(), 1, "{table}");
+    let (label, watched) = refs
+        .iter()
+        .find(|(_, o)| o.server_cpu.is_some())
+        .expect("the run that measured the node's CPU");
+    let threads = &report::to_json(label, watched)["server_threads_cpu_us_per_request"];
+    assert!(threads["tokio-rt-worker"].is_number(), "{threads}");
     let json = report::to_json(&refs[0].0, refs[0].1);
     assert!(json["throughput_rps"].as_f64().unwrap() > 0.0);
     assert!(
