@@ -16,16 +16,20 @@ pub enum Policy {
 
 /// Puts the calling thread under `policy` at nice 0.
 pub fn set_current(policy: Policy) -> Result<(), thread_priority::Error> {
+    set(thread_priority::thread_native_id(), policy)
+}
+
+fn set(thread: thread_priority::ThreadId, policy: Policy) -> Result<(), thread_priority::Error> {
     use thread_priority::{
-        set_thread_priority_and_policy, thread_native_id, NormalThreadSchedulePolicy,
-        ThreadPriority, ThreadPriorityValue, ThreadSchedulePolicy,
+        set_thread_priority_and_policy, NormalThreadSchedulePolicy, ThreadPriority,
+        ThreadPriorityValue, ThreadSchedulePolicy,
     };
     // The crate also sets the nice value, from a 0–99 scale mapped onto 19..-20: 48 is nice 0,
     // the default (the tests below check it).
     let nice_0 = ThreadPriorityValue::try_from(48u8)
         .map_err(|_| thread_priority::Error::Priority("48 is a valid value"))?;
     set_thread_priority_and_policy(
-        thread_native_id(),
+        thread,
         ThreadPriority::Crossplatform(nice_0),
         ThreadSchedulePolicy::Normal(match policy {
             Policy::Other => NormalThreadSchedulePolicy::Other,
@@ -33,6 +37,18 @@ pub fn set_current(policy: Policy) -> Result<(), thread_priority::Error> {
             Policy::Idle => NormalThreadSchedulePolicy::Idle,
         }),
     )
+}
+
+/// The calling thread's handle, for `set_thread`.
+pub fn current_thread() -> u64 {
+    thread_priority::thread_native_id() as u64
+}
+
+/// Puts another thread of this process (`current_thread` there) under `policy`. The crate
+/// also sets the nice value of the calling thread (it calls `setpriority` for the caller) to
+/// 0, which Keygate's threads have anyway.
+pub fn set_thread(thread: u64, policy: Policy) -> Result<(), thread_priority::Error> {
+    set(thread as thread_priority::ThreadId, policy)
 }
 
 /// Whether a thread of this process may leave `SCHED_IDLE` again. Linux treats `SCHED_IDLE`

@@ -103,9 +103,39 @@ pub struct WriterStats {
     pub writer_idle: AtomicBool,
     /// Times it left `SCHED_IDLE` because work piled up or someone waited for a flush.
     pub writer_raised: AtomicU64,
+    /// The writer thread (`pthread_t`), when it last passed the top of its loop (`now_ms`),
+    /// how long it may go without one under `SCHED_IDLE` (its flush interval), and whether a
+    /// request handler raised it since (`nudge_if_starved`).
+    writer_pthread: AtomicU64,
+    writer_pass_ms: AtomicU64,
+    starved_after_ms: AtomicU64,
+    raised_from_outside: AtomicBool,
+}
+
+/// Milliseconds since the first call in this process: a clock the handlers and the writer
+/// share through atomics.
+fn now_ms() -> u64 {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64
 }
 
 impl WriterStats {
+    /// Called by request handlers while the writer is under `SCHED_IDLE`: if it has not come
+    /// round its loop for a flush interval, something else is keeping its core busy and it
+    /// would wait for a sliver of time (about a second) to notice; the handler raises it to
+    /// the normal policy instead, once. So rows wait about a flush interval at most, as
+    /// without `SCHED_IDLE`, and a `kill -9` loses no more.
+    fn nudge_if_starved(&self) {
+        let pass = self.writer_pass_ms.load(Ordering::Relaxed);
+        let starved = now_ms().saturating_sub(pass) > self.starved_after_ms.load(Ordering::Relaxed);
+        if starved && !self.raised_from_outside.swap(true, Ordering::Relaxed) {
+            let thread = self.writer_pthread.load(Ordering::Relaxed);
+            if let Err(e) = crate::sched::set_thread(thread, crate::sched::Policy::Other) {
+                tracing::warn!(error = ?e, "could not raise the starved store writer");
+            }
+        }
+    }
+
     /// `groups` change groups the activation log did not make crash-safe: counted, and the
     /// node unready until the log writes again.
     fn wal_failed(&self, groups: usize) {
@@ -235,6 +265,9 @@ impl WriterSender {
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
                 self.stats.log_dropped.fetch_add(1, Ordering::Relaxed);
             }
+        }
+        if self.stats.writer_idle.load(Ordering::Relaxed) {
+            self.stats.nudge_if_starved();
         }
     }
 
@@ -665,12 +698,19 @@ struct Priority {
 }
 
 impl Priority {
-    fn start(wanted: bool, stats: &WriterStats) -> Priority {
+    fn start(wanted: bool, flush_interval: Duration, stats: &WriterStats) -> Priority {
         if let Ok(me) = std::fs::read_link("/proc/thread-self") {
             // "<pid>/task/<tid>"
             let tid = me.file_name().and_then(|t| t.to_str()?.parse().ok());
             stats.writer_tid.store(tid.unwrap_or(0), Ordering::Relaxed);
         }
+        stats
+            .writer_pthread
+            .store(crate::sched::current_thread(), Ordering::Relaxed);
+        stats
+            .starved_after_ms
+            .store(flush_interval.as_millis().max(1) as u64, Ordering::Relaxed);
+        stats.writer_pass_ms.store(now_ms(), Ordering::Relaxed);
         let enabled = wanted && crate::sched::can_leave_idle();
         if wanted && !enabled {
             tracing::info!(
@@ -695,6 +735,13 @@ impl Priority {
     ) {
         if !self.enabled {
             return;
+        }
+        stats.writer_pass_ms.store(now_ms(), Ordering::Relaxed);
+        if stats.raised_from_outside.swap(false, Ordering::Relaxed) && self.idle {
+            // A handler found it starved and raised it (`nudge_if_starved`).
+            self.idle = false;
+            stats.writer_idle.store(false, Ordering::Relaxed);
+            stats.writer_raised.fetch_add(1, Ordering::Relaxed);
         }
         let idle = wants_idle(self.idle, rows, groups, waited_on, batch);
         if idle == self.idle {
@@ -749,7 +796,7 @@ fn run(
     // the thread at once.
     let tick = policy.flush_interval.min(Duration::from_millis(20));
     let mut retention_due = Instant::now();
-    let mut priority = Priority::start(policy.idle_priority, &stats);
+    let mut priority = Priority::start(policy.idle_priority, policy.flush_interval, &stats);
     loop {
         if stats.wal_wants_durable.swap(false, Ordering::Relaxed) {
             make_durable(&mut sink.store, &stats);
@@ -1238,6 +1285,63 @@ mod tests {
         assert_eq!(stats.log_dropped.load(Ordering::Relaxed), 0);
         writer.shutdown();
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A request handler raises a writer that has not come round its loop for a flush interval
+    /// under `SCHED_IDLE` (the thread's real policy, from /proc), once, and the writer counts it
+    /// on its next pass. A stand-in thread plays the writer.
+    #[test]
+    fn a_handler_raises_a_starved_writer_once() {
+        let can = crate::sched::can_leave_idle();
+        let stats = Arc::new(WriterStats::default());
+        let (to_writer, commands) = std::sync::mpsc::channel::<bool>();
+        let (to_test, answers) = std::sync::mpsc::channel::<(u64, u64)>();
+        let writer = std::thread::spawn(move || {
+            let tid = std::fs::read_link("/proc/thread-self").unwrap();
+            let tid = tid.file_name().unwrap().to_str().unwrap().parse().unwrap();
+            crate::sched::set_current(crate::sched::Policy::Idle).unwrap();
+            to_test.send((crate::sched::current_thread(), tid)).unwrap();
+            // `true`: go idle again.
+            while let Ok(idle) = commands.recv() {
+                if idle {
+                    crate::sched::set_current(crate::sched::Policy::Idle).unwrap();
+                }
+                to_test.send((0, 0)).unwrap();
+            }
+        });
+        let (pthread, tid) = answers.recv().unwrap();
+        let policy = || crate::sched::policy_and_nice_of(&format!("/proc/self/task/{tid}/stat")).0;
+        stats.writer_pthread.store(pthread, Ordering::Relaxed);
+        stats.starved_after_ms.store(50, Ordering::Relaxed);
+        stats.writer_pass_ms.store(now_ms(), Ordering::Relaxed);
+        stats.writer_idle.store(true, Ordering::Relaxed);
+        stats.nudge_if_starved();
+        assert_eq!(policy(), 5, "it came round 0 ms ago: left alone");
+        std::thread::sleep(Duration::from_millis(80));
+        stats.nudge_if_starved();
+        assert!(stats.raised_from_outside.load(Ordering::Relaxed));
+        assert_eq!(policy(), if can { 0 } else { 5 }, "starved: raised");
+        to_writer.send(true).unwrap();
+        answers.recv().unwrap();
+        stats.nudge_if_starved();
+        assert_eq!(policy(), 5, "once until the writer has seen it");
+        drop(to_writer);
+        writer.join().unwrap();
+
+        // The writer's next pass takes note: no longer idle, one more raise.
+        std::thread::spawn(move || {
+            let mut p = Priority {
+                enabled: true,
+                idle: true,
+                warned: false,
+            };
+            p.follow(500, 0, false, 100, &stats);
+            assert!(!stats.raised_from_outside.load(Ordering::Relaxed));
+            assert_eq!(stats.writer_raised.load(Ordering::Relaxed), 1);
+            assert!(!p.idle && !stats.writer_idle.load(Ordering::Relaxed));
+        })
+        .join()
+        .unwrap();
     }
 
     /// Every group is synced before its answer leaves and reaches the store; full segments
