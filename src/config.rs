@@ -194,8 +194,9 @@ pub struct StoreCfg {
     pub log_queue_rows: usize,
     /// Run the store writer under Linux `SCHED_IDLE` while it keeps up, back under the normal
     /// policy once rows pile up: a request woken on a core they share preempts it at once
-    /// instead of waiting for its time slice. Needs `CAP_SYS_NICE` or an `RLIMIT_NICE` of 20 to return to normal (root
-    /// outside containers has it); without it the writer keeps the normal policy.
+    /// instead of waiting for its time slice. Needs `CAP_SYS_NICE` or an `RLIMIT_NICE` of 20
+    /// to return to normal (root outside containers has it); without it the writer keeps the
+    /// normal policy.
     pub writer_idle_priority: bool,
 }
 

@@ -39,6 +39,13 @@ fn set(thread: thread_priority::ThreadId, policy: Policy) -> Result<(), thread_p
     )
 }
 
+/// The calling thread's id as Linux numbers it (`/proc/self/task/<tid>`), from the
+/// `/proc/thread-self` link ("<pid>/task/<tid>").
+pub fn current_tid() -> Option<u64> {
+    let link = std::fs::read_link("/proc/thread-self").ok()?;
+    link.file_name()?.to_str()?.parse().ok()
+}
+
 /// The calling thread's handle, for `set_thread`.
 pub fn current_thread() -> u64 {
     thread_priority::thread_native_id() as u64
@@ -107,11 +114,9 @@ mod tests {
                 .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
                 .unwrap();
             let sys_nice = cap_eff & (1 << 23) != 0;
-            assert!(
-                !sys_nice || can_leave_idle(),
-                "CAP_SYS_NICE, yet no way back"
-            );
-            if can_leave_idle() {
+            let can = can_leave_idle();
+            assert!(!sys_nice || can, "CAP_SYS_NICE, yet no way back");
+            if can {
                 set_current(Policy::Idle).unwrap();
                 assert_eq!(policy_and_nice().0, 5, "SCHED_IDLE is 5");
                 set_current(Policy::Other).unwrap();

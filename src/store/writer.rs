@@ -699,11 +699,8 @@ struct Priority {
 
 impl Priority {
     fn start(wanted: bool, flush_interval: Duration, stats: &WriterStats) -> Priority {
-        if let Ok(me) = std::fs::read_link("/proc/thread-self") {
-            // "<pid>/task/<tid>"
-            let tid = me.file_name().and_then(|t| t.to_str()?.parse().ok());
-            stats.writer_tid.store(tid.unwrap_or(0), Ordering::Relaxed);
-        }
+        let tid = crate::sched::current_tid().unwrap_or(0);
+        stats.writer_tid.store(tid, Ordering::Relaxed);
         stats
             .writer_pthread
             .store(crate::sched::current_thread(), Ordering::Relaxed);
@@ -1297,8 +1294,7 @@ mod tests {
         let (to_writer, commands) = std::sync::mpsc::channel::<bool>();
         let (to_test, answers) = std::sync::mpsc::channel::<(u64, u64)>();
         let writer = std::thread::spawn(move || {
-            let tid = std::fs::read_link("/proc/thread-self").unwrap();
-            let tid = tid.file_name().unwrap().to_str().unwrap().parse().unwrap();
+            let tid = crate::sched::current_tid().unwrap();
             crate::sched::set_current(crate::sched::Policy::Idle).unwrap();
             to_test.send((crate::sched::current_thread(), tid)).unwrap();
             // `true`: go idle again.
