@@ -288,19 +288,19 @@ pub async fn run(o: &Options, scenario: &Scenario, vars: &Vars) -> anyhow::Resul
 /// User plus system CPU time of process `pid` so far (all its threads, from /proc).
 fn pid_cpu(pid: u32) -> Option<Duration> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat_cpu(&stat)
+}
+
+/// utime + stime from a /proc `stat` line, as a duration.
+fn stat_cpu(stat: &str) -> Option<Duration> {
     // SAFETY: sysconf only reads a constant.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    let ticks = stat_cpu_ticks(&stat)?;
+    let ticks = stat_cpu_ticks(stat)?;
     (hz > 0).then(|| Duration::from_secs_f64(ticks as f64 / hz as f64))
 }
 
 /// Each thread of process `pid`: its id, name and CPU time so far (from /proc).
 fn threads_cpu(pid: u32) -> Option<BTreeMap<u64, (String, Duration)>> {
-    // SAFETY: sysconf only reads a constant.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if hz <= 0 {
-        return None;
-    }
     let mut all = BTreeMap::new();
     for entry in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
         let path = entry.ok()?.path();
@@ -314,10 +314,9 @@ fn threads_cpu(pid: u32) -> Option<BTreeMap<u64, (String, Duration)>> {
         let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
             continue;
         };
-        let Some(ticks) = stat_cpu_ticks(&stat) else {
+        let Some(cpu) = stat_cpu(&stat) else {
             continue;
         };
-        let cpu = Duration::from_secs_f64(ticks as f64 / hz as f64);
         all.insert(tid, (stat[open + 1..close].to_owned(), cpu));
     }
     Some(all)
