@@ -196,8 +196,8 @@ pub struct StoreCfg {
     /// policy once rows pile up: a request woken on a core they share preempts it at once
     /// instead of waiting for its time slice. Needs `CAP_SYS_NICE` or an `RLIMIT_NICE` of 20
     /// to return to normal (root outside containers has it); without it the writer keeps the
-    /// normal policy. Off by default: on a loaded node it lets request-log rows wait longer,
-    /// so a `kill -9` can lose more than one flush interval of them (ARCHITECTURE.md).
+    /// normal policy. Request handlers raise a writer whose rows are overdue, so rows still
+    /// wait about a flush interval at most (ARCHITECTURE.md).
     pub writer_idle_priority: bool,
 }
 
@@ -279,7 +279,7 @@ impl Default for StoreCfg {
             batch_bytes: 1 << 20,
             flush_interval_ms: 200,
             log_queue_rows: 100_000,
-            writer_idle_priority: false,
+            writer_idle_priority: true,
         }
     }
 }

@@ -104,13 +104,19 @@ pub struct WriterStats {
     /// Times it left `SCHED_IDLE` because work piled up or someone waited for a flush.
     pub writer_raised: AtomicU64,
     /// The writer thread (`pthread_t`), when it last passed the top of its loop (`now_ms`),
-    /// how long it may go without one under `SCHED_IDLE` (its flush interval), and whether a
-    /// request handler raised it since (`nudge_if_starved`).
+    /// how long it may go without one under `SCHED_IDLE` (its flush interval), when the rows
+    /// it holds are due to be written (`u64::MAX`: none held), and whether a request handler
+    /// raised it since (`nudge_if_starved`).
     writer_pthread: AtomicU64,
     writer_pass_ms: AtomicU64,
     starved_after_ms: AtomicU64,
+    flush_due_ms: AtomicU64,
     raised_from_outside: AtomicBool,
 }
+
+/// How late a flush may be before a handler raises the idle writer: a wake-up under
+/// `SCHED_IDLE` on a busy core is late by a few milliseconds without anything being wrong.
+const OVERDUE_MS: u64 = 20;
 
 /// Milliseconds since the first call in this process: a clock the handlers and the writer
 /// share through atomics.
@@ -120,14 +126,20 @@ fn now_ms() -> u64 {
 }
 
 impl WriterStats {
-    /// Called by request handlers while the writer is under `SCHED_IDLE`: if it has not come
-    /// round its loop for a flush interval, something else is keeping its core busy and it
-    /// would wait for a sliver of time (about a second) to notice; the handler raises it to
-    /// the normal policy instead, once. So rows wait about a flush interval at most, as
-    /// without `SCHED_IDLE`, and a `kill -9` loses no more.
+    /// Called by request handlers while the writer is under `SCHED_IDLE`: if the rows it holds
+    /// are overdue, or it has not come round its loop (to collect new ones) for a flush
+    /// interval, something else is keeping its core busy and it would wait for a sliver of
+    /// time (about a second) to notice; the handler raises it to the normal policy instead,
+    /// once, and the writer flushes at once and stays raised until it has (`Priority::follow`).
+    /// So rows wait about a flush interval at most, as without `SCHED_IDLE`, and a `kill -9`
+    /// loses no more.
     fn nudge_if_starved(&self) {
+        let now = now_ms();
         let pass = self.writer_pass_ms.load(Ordering::Relaxed);
-        let starved = now_ms().saturating_sub(pass) > self.starved_after_ms.load(Ordering::Relaxed);
+        let due = self.flush_due_ms.load(Ordering::Relaxed);
+        let overdue = now > due.saturating_add(OVERDUE_MS);
+        let starved =
+            overdue || now.saturating_sub(pass) > self.starved_after_ms.load(Ordering::Relaxed);
         if starved && !self.raised_from_outside.swap(true, Ordering::Relaxed) {
             let thread = self.writer_pthread.load(Ordering::Relaxed);
             if let Err(e) = crate::sched::set_thread(thread, crate::sched::Policy::Other) {
@@ -708,6 +720,7 @@ impl Priority {
             .starved_after_ms
             .store(flush_interval.as_millis().max(1) as u64, Ordering::Relaxed);
         stats.writer_pass_ms.store(now_ms(), Ordering::Relaxed);
+        stats.flush_due_ms.store(u64::MAX, Ordering::Relaxed);
         let enabled = wanted && crate::sched::can_leave_idle();
         if wanted && !enabled {
             tracing::info!(
@@ -722,6 +735,9 @@ impl Priority {
         }
     }
 
+    /// Sets the policy for this pass; returns whether a handler raised the writer since the
+    /// last one (`nudge_if_starved`): it then flushes now, and keeps the normal policy for
+    /// this pass, since under `SCHED_IDLE` the flush's own wake-ups would starve as well.
     fn follow(
         &mut self,
         rows: usize,
@@ -729,20 +745,20 @@ impl Priority {
         waited_on: bool,
         batch: usize,
         stats: &WriterStats,
-    ) {
+    ) -> bool {
         if !self.enabled {
-            return;
+            return false;
         }
         stats.writer_pass_ms.store(now_ms(), Ordering::Relaxed);
-        if stats.raised_from_outside.swap(false, Ordering::Relaxed) && self.idle {
-            // A handler found it starved and raised it (`nudge_if_starved`).
+        let nudged = stats.raised_from_outside.swap(false, Ordering::Relaxed) && self.idle;
+        if nudged {
             self.idle = false;
             stats.writer_idle.store(false, Ordering::Relaxed);
             stats.writer_raised.fetch_add(1, Ordering::Relaxed);
         }
-        let idle = wants_idle(self.idle, rows, groups, waited_on, batch);
+        let idle = wants_idle(self.idle, rows, groups, waited_on || nudged, batch);
         if idle == self.idle {
-            return;
+            return nudged;
         }
         use crate::sched::Policy;
         match crate::sched::set_current(if idle { Policy::Idle } else { Policy::Other }) {
@@ -766,6 +782,18 @@ impl Priority {
                     self.warned = true;
                 }
             }
+        }
+        nudged
+    }
+
+    /// Tells the handlers when the rows held now are due (`nudge_if_starved`).
+    fn publish_due(&self, since: Option<Instant>, interval: Duration, stats: &WriterStats) {
+        if self.enabled {
+            let due = since.map_or(u64::MAX, |t| {
+                now_ms().saturating_sub(t.elapsed().as_millis() as u64)
+                    + interval.as_millis() as u64
+            });
+            stats.flush_due_ms.store(due, Ordering::Relaxed);
         }
     }
 }
@@ -798,10 +826,12 @@ fn run(
         if stats.wal_wants_durable.swap(false, Ordering::Relaxed) {
             make_durable(&mut sink.store, &stats);
         }
+        // A handler raised the writer: it flushes on this pass.
+        let mut nudged = false;
         if Instant::now() >= retention_due {
             retention_due = Instant::now() + RETENTION_EVERY;
             // Raised for it: its updates hold the store's write lock, which others wait for.
-            priority.follow(0, 0, true, policy.batch_rows, &stats);
+            nudged = priority.follow(0, 0, true, policy.batch_rows, &stats);
             retention(
                 &mut sink.store,
                 policy.retention_days,
@@ -860,14 +890,15 @@ fn run(
             }
         }
         // A spool to replay counts as a backlog: the replay runs through it in one go.
-        priority.follow(
+        nudged |= priority.follow(
             logs.len() + p.len(),
             events.len(),
             !p.acks.is_empty() || stopping || !sink.journal.is_empty(),
             policy.batch_rows,
             &stats,
         );
-        let due = p.len() >= policy.batch_rows
+        let due = nudged
+            || p.len() >= policy.batch_rows
             || p.log_bytes >= policy.batch_bytes
             || !p.acks.is_empty()
             || p.since
@@ -877,6 +908,7 @@ fn run(
         } else if !sink.journal.is_empty() {
             sink.replay(&stats);
         }
+        priority.publish_due(p.since, policy.flush_interval, &stats);
         if stopping {
             return;
         }
@@ -1310,6 +1342,7 @@ mod tests {
         stats.writer_pthread.store(pthread, Ordering::Relaxed);
         stats.starved_after_ms.store(50, Ordering::Relaxed);
         stats.writer_pass_ms.store(now_ms(), Ordering::Relaxed);
+        stats.flush_due_ms.store(u64::MAX, Ordering::Relaxed);
         stats.writer_idle.store(true, Ordering::Relaxed);
         stats.nudge_if_starved();
         assert_eq!(policy(), 5, "it came round 0 ms ago: left alone");
@@ -1321,20 +1354,38 @@ mod tests {
         answers.recv().unwrap();
         stats.nudge_if_starved();
         assert_eq!(policy(), 5, "once until the writer has seen it");
+
+        // Rows held past their flush: raised although it came round just now.
+        stats.raised_from_outside.store(false, Ordering::Relaxed);
+        stats.starved_after_ms.store(60_000, Ordering::Relaxed);
+        stats.flush_due_ms.store(now_ms() + 200, Ordering::Relaxed);
+        stats.nudge_if_starved();
+        assert_eq!(policy(), 5, "its rows are not due yet");
+        std::thread::sleep(Duration::from_millis(250));
+        stats.writer_pass_ms.store(now_ms(), Ordering::Relaxed);
+        stats.nudge_if_starved();
+        assert_eq!(policy(), if can { 0 } else { 5 }, "overdue: raised");
         drop(to_writer);
         writer.join().unwrap();
 
-        // The writer's next pass takes note: no longer idle, one more raise.
+        // The writer's next pass takes note: no longer idle, one more raise, a flush now
+        // under the normal policy although few rows wait; idle again on the pass after.
+        stats.raised_from_outside.store(true, Ordering::Relaxed);
         std::thread::spawn(move || {
             let mut p = Priority {
                 enabled: true,
                 idle: true,
                 warned: false,
             };
-            p.follow(500, 0, false, 100, &stats);
+            assert!(p.follow(1, 0, false, 100, &stats), "flush now");
             assert!(!stats.raised_from_outside.load(Ordering::Relaxed));
             assert_eq!(stats.writer_raised.load(Ordering::Relaxed), 1);
             assert!(!p.idle && !stats.writer_idle.load(Ordering::Relaxed));
+            let tid = crate::sched::current_tid().unwrap();
+            let policy = crate::sched::policy_and_nice_of(&format!("/proc/self/task/{tid}/stat")).0;
+            assert_eq!(policy, 0, "normal for the flush");
+            assert!(!p.follow(1, 0, false, 100, &stats));
+            assert!(p.idle && stats.writer_idle.load(Ordering::Relaxed));
         })
         .join()
         .unwrap();
