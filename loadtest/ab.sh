@@ -64,10 +64,11 @@ taskset -c 1 "$lt" compare --a "$addr_a" --b "$addr_b" --label-a A --label-b B -
     --ca "$work/seed/tls/cert.pem" $seed_args --duration-secs "$secs" --warmup-secs 2 \
     --connections "${CONNECTIONS:-16}" --rounds "$rounds" --pid-a "$pid_a" --pid-b "$pid_b" ${RATE:+--rate "$RATE"}
 
-# How often each node's store writer left SCHED_IDLE (store.writer_idle_priority): a count
-# that grows with every round means handlers kept raising it at this load.
+# How often each node's store writer left SCHED_IDLE (store.writer_idle_priority), because
+# rows piled up or a handler found it late: a count that grows with every round means it could
+# not keep up under SCHED_IDLE at this load.
 for side in a b; do
     admin=$(address "$work/$side.log" "keygate admin on http://")
-    echo "$(echo "$side" | tr ab AB): store writer raised $(curl -s "http://$admin/metrics" |
-        awk '/^keygate_store_writer_raised_total/ {print $2}') times"
+    raised=$(curl -s "http://$admin/metrics" | awk '/^keygate_store_writer_raised_total/ {print $2}')
+    echo "$(echo "$side" | tr ab AB): store writer raised ${raised:-?} times"
 done

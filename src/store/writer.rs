@@ -750,16 +750,39 @@ impl Priority {
             return false;
         }
         stats.writer_pass_ms.store(now_ms(), Ordering::Relaxed);
-        let nudged = stats.raised_from_outside.swap(false, Ordering::Relaxed) && self.idle;
+        let mut nudged = stats.raised_from_outside.swap(false, Ordering::Relaxed) && self.idle;
         if nudged {
-            self.idle = false;
-            stats.writer_idle.store(false, Ordering::Relaxed);
-            stats.writer_raised.fetch_add(1, Ordering::Relaxed);
+            self.raise_nudged(stats);
         }
         let idle = wants_idle(self.idle, rows, groups, waited_on || nudged, batch);
-        if idle == self.idle {
-            return nudged;
+        if idle != self.idle {
+            self.switch(idle, stats);
         }
+        // A handler that still saw the writer idle may have raised it between the swap above
+        // and the switch: its flag would otherwise hold off every later raise until the
+        // writer's next pass, which under SCHED_IDLE on a busy core is a second away.
+        if self.idle && stats.raised_from_outside.swap(false, Ordering::Relaxed) {
+            self.raise_nudged(stats);
+            nudged = true;
+        }
+        nudged
+    }
+
+    /// Takes note of a handler's raise, and makes sure of it: the handler's own call may have
+    /// failed, or not have landed yet.
+    fn raise_nudged(&mut self, stats: &WriterStats) {
+        if let Err(e) = crate::sched::set_current(crate::sched::Policy::Other) {
+            if !self.warned {
+                tracing::error!(error = ?e, "could not raise the store writer from SCHED_IDLE");
+                self.warned = true;
+            }
+        }
+        self.idle = false;
+        stats.writer_idle.store(false, Ordering::Relaxed);
+        stats.writer_raised.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn switch(&mut self, idle: bool, stats: &WriterStats) {
         use crate::sched::Policy;
         match crate::sched::set_current(if idle { Policy::Idle } else { Policy::Other }) {
             Ok(()) => {
@@ -783,7 +806,6 @@ impl Priority {
                 }
             }
         }
-        nudged
     }
 
     /// Tells the handlers when the rows held now are due (`nudge_if_starved`).
@@ -893,7 +915,7 @@ fn run(
         nudged |= priority.follow(
             logs.len() + p.len(),
             events.len(),
-            !p.acks.is_empty() || stopping || !sink.journal.is_empty(),
+            nudged || !p.acks.is_empty() || stopping || !sink.journal.is_empty(),
             policy.batch_rows,
             &stats,
         );
@@ -904,12 +926,17 @@ fn run(
             || p.since
                 .is_some_and(|t| t.elapsed() >= policy.flush_interval);
         if (due || stopping) && (p.len() > 0 || !p.acks.is_empty()) {
+            // While the flush runs (PostgreSQL round trips, slices with yields between them)
+            // its rows are not late: only a flush that takes a whole interval is.
+            priority.publish_due(Some(Instant::now()), policy.flush_interval, &stats);
             flush(&mut sink, &mut p, &stats, stopping);
         } else if !sink.journal.is_empty() {
             sink.replay(&stats);
         }
         priority.publish_due(p.since, policy.flush_interval, &stats);
         if stopping {
+            // No handler raises a thread that is gone, even if the last raise failed.
+            stats.writer_idle.store(false, Ordering::Relaxed);
             return;
         }
     }
@@ -1316,9 +1343,10 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
-    /// A request handler raises a writer that has not come round its loop for a flush interval
-    /// under `SCHED_IDLE` (the thread's real policy, from /proc), once, and the writer counts it
-    /// on its next pass. A stand-in thread plays the writer.
+    /// A request handler raises a writer under `SCHED_IDLE` (the thread's real policy, from
+    /// /proc) that has not come round its loop for a flush interval, or whose rows are overdue,
+    /// once; the writer's next pass counts it, makes sure of it, flushes under the normal policy
+    /// and idles again on the pass after. A stand-in thread plays the writer.
     #[test]
     fn a_handler_raises_a_starved_writer_once() {
         let can = crate::sched::can_leave_idle();
@@ -1340,13 +1368,13 @@ mod tests {
         let (pthread, tid) = answers.recv().unwrap();
         let policy = || crate::sched::policy_and_nice_of(&format!("/proc/self/task/{tid}/stat")).0;
         stats.writer_pthread.store(pthread, Ordering::Relaxed);
-        stats.starved_after_ms.store(50, Ordering::Relaxed);
+        stats.starved_after_ms.store(500, Ordering::Relaxed);
         stats.writer_pass_ms.store(now_ms(), Ordering::Relaxed);
         stats.flush_due_ms.store(u64::MAX, Ordering::Relaxed);
         stats.writer_idle.store(true, Ordering::Relaxed);
         stats.nudge_if_starved();
         assert_eq!(policy(), 5, "it came round 0 ms ago: left alone");
-        std::thread::sleep(Duration::from_millis(80));
+        std::thread::sleep(Duration::from_millis(600));
         stats.nudge_if_starved();
         assert!(stats.raised_from_outside.load(Ordering::Relaxed));
         assert_eq!(policy(), if can { 0 } else { 5 }, "starved: raised");
@@ -1368,24 +1396,29 @@ mod tests {
         drop(to_writer);
         writer.join().unwrap();
 
-        // The writer's next pass takes note: no longer idle, one more raise, a flush now
-        // under the normal policy although few rows wait; idle again on the pass after.
-        stats.raised_from_outside.store(true, Ordering::Relaxed);
+        // The writer's next pass takes note, and makes sure of the raise (here the handler's
+        // call did not land): the normal policy, one raise counted, a flush now although few
+        // rows wait; idle again on the pass after.
         std::thread::spawn(move || {
+            let tid = crate::sched::current_tid().unwrap();
+            let policy =
+                || crate::sched::policy_and_nice_of(&format!("/proc/self/task/{tid}/stat")).0;
+            crate::sched::set_current(crate::sched::Policy::Idle).unwrap();
             let mut p = Priority {
                 enabled: true,
                 idle: true,
                 warned: false,
             };
+            stats.writer_idle.store(true, Ordering::Relaxed);
+            stats.raised_from_outside.store(true, Ordering::Relaxed);
             assert!(p.follow(1, 0, false, 100, &stats), "flush now");
             assert!(!stats.raised_from_outside.load(Ordering::Relaxed));
             assert_eq!(stats.writer_raised.load(Ordering::Relaxed), 1);
             assert!(!p.idle && !stats.writer_idle.load(Ordering::Relaxed));
-            let tid = crate::sched::current_tid().unwrap();
-            let policy = crate::sched::policy_and_nice_of(&format!("/proc/self/task/{tid}/stat")).0;
-            assert_eq!(policy, 0, "normal for the flush");
+            assert_eq!(policy(), if can { 0 } else { 5 }, "normal for the flush");
             assert!(!p.follow(1, 0, false, 100, &stats));
             assert!(p.idle && stats.writer_idle.load(Ordering::Relaxed));
+            assert_eq!(policy(), 5);
         })
         .join()
         .unwrap();
