@@ -6,6 +6,10 @@
 #   loadtest/bench.sh [seconds per measurement, default 10]
 # Needs: a Rust toolchain, taskset, curl, openssl, python3; nginx (optional: a second baseline,
 # `apt-get install nginx-light`). Writes loadtest/results/<time>/.
+# REDIS=1: the same figures in distributed mode: a throw-away redis-server (append-only, fsync
+# always) on the generator's core, as a Redis of its own would be elsewhere, and every node and
+# CLI call pointed at it (KEYGATE_REDIS__URL). Needs redis-server (`apt-get install
+# redis-server`). Results go to loadtest/results/<time>-redis/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-10}
@@ -14,7 +18,7 @@ load_cpu=${LOAD_CPU:-1}
 cargo build --release --locked --workspace --bins
 kg=$PWD/target/release/keygate
 lt=$PWD/target/release/keygate-loadtest
-out=$PWD/loadtest/results/$(date -u +%Y%m%dT%H%M%SZ)
+out=$PWD/loadtest/results/$(date -u +%Y%m%dT%H%M%SZ)${REDIS:+-redis}
 mkdir -p "$out"
 work=$(mktemp -d)
 pids=()
@@ -36,9 +40,26 @@ cleanup() {
     for st in "${paused_damon[@]}"; do echo on >"$st" || true; done
     for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
     pkill -f -- "$work" 2>/dev/null || true
+    if [ -n "${redis_pid:-}" ]; then kill "$redis_pid" 2>/dev/null || true; fi
     rm -rf "$work"
 }
 trap cleanup EXIT
+
+# Distributed mode. The server's command line does not name the work directory, so section 6's
+# sweep of the pinned servers leaves it running; it goes at exit.
+redis_pid=""
+if [ "${REDIS:-}" = 1 ]; then
+    command -v redis-server >/dev/null || { echo "REDIS=1 needs redis-server (apt-get install redis-server)" >&2; exit 1; }
+    rport=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    mkdir -p "$work/redis"
+    (cd "$work/redis" && exec taskset -c "$load_cpu" redis-server --port "$rport" --bind 127.0.0.1 --dir . \
+        --appendonly yes --appendfsync always --save "" >redis.log 2>&1) &
+    redis_pid=$!
+    for _ in $(seq 100); do redis-cli -p "$rport" ping 2>/dev/null | grep -q PONG && break; sleep 0.1; done
+    redis-cli -p "$rport" ping | grep -q PONG || { echo "redis-server did not start:" >&2; cat "$work/redis/redis.log" >&2; exit 1; }
+    export KEYGATE_REDIS__URL=redis://127.0.0.1:$rport/
+    echo "distributed mode: every node and CLI call on $KEYGATE_REDIS__URL"
+fi
 
 # Starts a process in the background and waits for the line with its address ($2 = pattern).
 # Its process id goes to $1.pid (taskset and env exec the server, so it is the server's).
@@ -262,6 +283,8 @@ if nginx:
     })
 # kdamonds actually paused for the run (0 without PAUSE_DAMON=1, or without root).
 s["damon_paused"] = int(os.environ.get("DAMON_PAUSED", "0"))
+# 1: distributed mode (REDIS=1).
+s["redis"] = int(bool(os.environ.get("KEYGATE_REDIS__URL")))
 json.dump(s, open(os.path.join(out, "summary.json"), "w"), indent=2)
 for k, v in s.items():
     print(f"{k:36} {v:,.3f}")

@@ -162,17 +162,21 @@ async fn serve(cfg: Config, signing_backlog: Arc<AtomicBool>) -> anyhow::Result<
                 })
                 .await??
             };
+            // The license channel's messages wake the stream consumer (`store_changes`).
+            let changed = Arc::new(tokio::sync::Notify::new());
             dist_tasks.push(tokio::spawn(crate::dist::follow(
                 d.clone(),
                 state.clone(),
                 rx,
                 poke_tx,
+                changed.clone(),
                 dist_stop.clone(),
             )));
             dist_tasks.push(tokio::spawn(crate::dist::store_changes(
                 d.clone(),
                 Arc::new(parking_lot::Mutex::new(store)),
                 consumer,
+                changed,
                 dist_stop.clone(),
             )));
             Some(d)

@@ -674,12 +674,14 @@ pub async fn sync_all(dist: &Dist, state: &State) -> Result<usize, DistError> {
 }
 
 /// Follows the license channel: a change made on another node is fetched and installed here
-/// (version fence: never an older one). After a reconnect, everything is synced again.
+/// (version fence: never an older one). After a reconnect, everything is synced again. Every
+/// change, this node's own too, wakes the stream consumer (`changed`).
 pub async fn follow(
     dist: Shared,
     state: Arc<State>,
     mut pushes: tokio::sync::mpsc::UnboundedReceiver<redis::PushInfo>,
     control: crossbeam_channel::Sender<i64>,
+    changed: Arc<tokio::sync::Notify>,
     stop: CancellationToken,
 ) {
     loop {
@@ -718,6 +720,7 @@ pub async fn follow(
         let Some((gid, version)) = parse_push(&push) else {
             continue;
         };
+        changed.notify_one();
         let behind = state
             .license_by_global(gid)
             .is_some_and(|e| e.license.lock().shared_version < version);
@@ -737,18 +740,29 @@ pub async fn follow(
     }
 }
 
+/// Passes over the shard streams are at least this far apart while they find nothing, so a
+/// burst of changes is read in a few passes, not one pass per change.
+const STREAM_PASS_EVERY: Duration = Duration::from_millis(20);
+/// With no change announced on the license channel, the streams are still read this often
+/// (a message can be lost: pub/sub does not keep them).
+const STREAM_IDLE_POLL: Duration = Duration::from_secs(1);
+
 /// Carries the shard streams into the main store: reads entries (first its own unacknowledged
 /// ones, and every few seconds those other consumers left behind), writes each snapshot
-/// version-fenced, and acknowledges only after the commit.
+/// version-fenced, and acknowledges only after the commit. While the streams are empty it
+/// waits for a change on the license channel (`changed`), or a second at most: an idle node
+/// makes one read per shard a second instead of fifty.
 pub async fn store_changes(
     dist: Shared,
     store: Arc<parking_lot::Mutex<crate::store::Store>>,
     consumer: String,
+    changed: Arc<tokio::sync::Notify>,
     stop: CancellationToken,
 ) {
     let mut pending = true;
     let mut claimed_at = std::time::Instant::now();
     while !stop.is_cancelled() {
+        let started = tokio::time::Instant::now();
         let (any, reachable) = store_pass(&dist, &store, &consumer, pending).await;
         crate::metrics::redis_up(reachable);
         if pending && !any {
@@ -769,7 +783,12 @@ pub async fn store_changes(
         if !any {
             tokio::select! {
                 _ = stop.cancelled() => {}
-                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+                _ = changed.notified() => {}
+                _ = tokio::time::sleep(STREAM_IDLE_POLL) => {}
+            }
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                _ = tokio::time::sleep_until(started + STREAM_PASS_EVERY) => {}
             }
         }
     }
