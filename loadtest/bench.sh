@@ -45,12 +45,15 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# A TCP port free on 127.0.0.1 now (for redis-server and nginx, which take a fixed port).
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+
 # Distributed mode. The server's command line does not name the work directory, so section 6's
 # sweep of the pinned servers leaves it running; it goes at exit.
 redis_pid=""
 if [ "${REDIS:-}" = 1 ]; then
     command -v redis-server >/dev/null || { echo "REDIS=1 needs redis-server (apt-get install redis-server)" >&2; exit 1; }
-    rport=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    rport=$(free_port)
     mkdir -p "$work/redis"
     (cd "$work/redis" && exec taskset -c "$load_cpu" redis-server --port "$rport" --bind 127.0.0.1 --dir . \
         --appendonly yes --appendfsync always --save "" >redis.log 2>&1) &
@@ -115,7 +118,7 @@ static_pid=$(cat "$work/static.log.pid")
 nginx_addr=""
 if command -v nginx >/dev/null; then
     mkdir -p "$work/nginx"
-    port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    port=$(free_port)
     body=$(python3 -c 'import sys; print(open(sys.argv[1]).read().replace("\\", "\\\\").replace("'"'"'", "\\'"'"'"))' "$work/body.json")
     cat >"$work/nginx/nginx.conf" <<NGINX
 worker_processes 1;
