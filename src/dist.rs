@@ -10,9 +10,11 @@
 //! every accepted change is one successful compare-and-set on the one hash.
 //!
 //! Known machines are answered from memory without a Redis round trip. Each node consumes
-//! the shard streams (consumer group `kg-store`) into the main store, where a snapshot
-//! replaces the license's activations only if its version is newer than the stored one, so
-//! entries can be applied more than once and by any node.
+//! the shard streams (consumer group `kg-store`) into the main store, one transaction per
+//! read. An entry carries the snapshot and, when the change kept the machine list's order, the
+//! delta: a store holding the version just before applies the delta (the changed rows only);
+//! otherwise the snapshot replaces the license's activations if its version is newer than the
+//! stored one. So entries can be applied more than once, in any split between nodes.
 //!
 //! Keys of one license and its shard's stream share a hash tag, so the script also runs on a
 //! Redis Cluster; this module talks to one Redis server or a cluster's single endpoint today.
@@ -44,12 +46,41 @@ impl Snapshot {
         }
     }
 
+    /// What `l`'s snapshot becomes with `change` (version 0 until committed), copying only
+    /// its machine list.
+    pub fn after(l: &License, change: &crate::domain::decide::Change, now: i64) -> Snapshot {
+        let (mut machines, mut expires) = (l.machines.clone(), l.expires);
+        crate::domain::decide::apply_change(&mut machines, &mut expires, change, now);
+        Snapshot {
+            version: 0,
+            expires: l.trial_activation.then_some(expires),
+            machines,
+        }
+    }
+
     /// Installs this snapshot in `l` if it is newer than what `l` holds (version fence).
     pub fn install(&self, l: &mut License) -> bool {
         if self.version <= l.shared_version {
             return false;
         }
         l.machines.clone_from(&self.machines);
+        self.installed(l)
+    }
+
+    /// `install`, moving the machine list instead of copying it.
+    pub fn install_owned(self, l: &mut License) -> bool {
+        if self.version <= l.shared_version {
+            return false;
+        }
+        l.machines = self.machines;
+        Snapshot {
+            machines: Vec::new(),
+            ..self
+        }
+        .installed(l)
+    }
+
+    fn installed(&self, l: &mut License) -> bool {
         if let Some(e) = self.expires {
             l.expires = e;
         }
@@ -59,45 +90,108 @@ impl Snapshot {
     }
 
     pub fn encode(&self) -> String {
-        let machines: Vec<serde_json::Value> = self
-            .machines
-            .iter()
-            .map(|m| {
-                json!([
-                    m.machine_code,
-                    m.kind.as_i64(),
-                    m.ip,
-                    &*m.proxy_ip,
-                    m.time,
-                    m.friendly_name,
-                    m.floating_expires
-                ])
-            })
-            .collect();
+        let machines: Vec<serde_json::Value> = self.machines.iter().map(machine_json).collect();
         json!({"e": self.expires, "m": machines}).to_string()
     }
 
     pub fn decode(version: u64, text: &str) -> Option<Snapshot> {
         let v: serde_json::Value = serde_json::from_str(text).ok()?;
-        let machines = v["m"]
-            .as_array()?
-            .iter()
-            .map(|m| {
-                Some(Machine {
-                    machine_code: m[0].as_str()?.to_owned(),
-                    kind: MachineKind::from_i64(m[1].as_i64()?),
-                    ip: m[2].as_str()?.to_owned(),
-                    proxy_ip: m[3].as_str()?.into(),
-                    time: m[4].as_i64()?,
-                    friendly_name: m[5].as_str()?.to_owned(),
-                    floating_expires: m[6].as_i64()?,
-                })
-            })
-            .collect::<Option<Vec<_>>>()?;
         Some(Snapshot {
             version,
             expires: v["e"].as_i64(),
-            machines,
+            machines: machines_from_json(&v["m"])?,
+        })
+    }
+}
+
+fn machine_json(m: &Machine) -> serde_json::Value {
+    json!([
+        m.machine_code,
+        m.kind.as_i64(),
+        m.ip,
+        &*m.proxy_ip,
+        m.time,
+        m.friendly_name,
+        m.floating_expires
+    ])
+}
+
+fn machines_from_json(v: &serde_json::Value) -> Option<Vec<Machine>> {
+    v.as_array()?
+        .iter()
+        .map(|m| {
+            Some(Machine {
+                machine_code: m[0].as_str()?.to_owned(),
+                kind: MachineKind::from_i64(m[1].as_i64()?),
+                ip: m[2].as_str()?.to_owned(),
+                proxy_ip: m[3].as_str()?.into(),
+                time: m[4].as_i64()?,
+                friendly_name: m[5].as_str()?.to_owned(),
+                floating_expires: m[6].as_i64()?,
+            })
+        })
+        .collect()
+}
+
+/// What one committed change did to a license's machine list. Its stream entry carries it
+/// beside the whole snapshot: a store holding the version just before applies it, touching
+/// only the rows that changed, instead of rewriting every activation of the license.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Delta {
+    /// `Expires` after the change, for trial-activation keys (as in the snapshot).
+    pub expires: Option<i64>,
+    /// New and changed activations, in the snapshot's order (a new one is last in both).
+    pub upserts: Vec<Machine>,
+    /// Activations that went: (machine code, floating).
+    pub removes: Vec<(String, bool)>,
+}
+
+impl Delta {
+    /// The change from `old` to `next`; `None` when `next` does not keep `old`'s order (only a
+    /// rewrite then puts the store's rows in the snapshot's order).
+    pub fn between(old: &[Machine], next: &Snapshot) -> Option<Delta> {
+        fn key(m: &Machine) -> (bool, &str) {
+            (m.is_floating(), &m.machine_code)
+        }
+        let new = &next.machines;
+        let (mut upserts, mut removes) = (Vec::new(), Vec::new());
+        let mut j = 0;
+        for o in old {
+            match new.get(j) {
+                Some(n) if key(n) == key(o) => {
+                    if n != o {
+                        upserts.push(n.clone());
+                    }
+                    j += 1;
+                }
+                _ if new[j..].iter().any(|n| key(n) == key(o)) => return None,
+                _ => removes.push((o.machine_code.clone(), o.is_floating())),
+            }
+        }
+        upserts.extend_from_slice(&new[j..]);
+        Some(Delta {
+            expires: next.expires,
+            upserts,
+            removes,
+        })
+    }
+
+    pub fn encode(&self) -> String {
+        let upserts: Vec<serde_json::Value> = self.upserts.iter().map(machine_json).collect();
+        json!({"e": self.expires, "u": upserts, "r": self.removes}).to_string()
+    }
+
+    pub fn decode(text: &str) -> Option<Delta> {
+        let v: serde_json::Value = serde_json::from_str(text).ok()?;
+        let removes = v["r"]
+            .as_array()?
+            .iter()
+            .map(|r| Some((r[0].as_str()?.to_owned(), r[1].as_bool()?)))
+            .collect::<Option<Vec<_>>>()?;
+        Some(Delta {
+            expires: v["e"].as_i64(),
+            upserts: machines_from_json(&v["u"])?,
+            removes,
         })
     }
 }
@@ -129,7 +223,8 @@ return 1
 "#;
 
 /// Compare-and-set of one license's snapshot, append to its shard's stream, publish.
-/// KEYS: state hash, shard stream. ARGV: expected version, snapshot, global id, channel.
+/// KEYS: state hash, shard stream. ARGV: expected version, snapshot, global id, channel,
+/// delta (empty: none; the stream entry then carries the snapshot alone).
 const CAS_LUA: &str = r#"
 local v = tonumber(redis.call('HGET', KEYS[1], 'v') or '0')
 if v ~= tonumber(ARGV[1]) then
@@ -137,7 +232,11 @@ if v ~= tonumber(ARGV[1]) then
 end
 local nv = v + 1
 redis.call('HSET', KEYS[1], 'v', nv, 's', ARGV[2])
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', '1000000', '*', 'g', ARGV[3], 'v', nv, 's', ARGV[2])
+if ARGV[5] ~= '' then
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', '1000000', '*', 'g', ARGV[3], 'v', nv, 's', ARGV[2], 'd', ARGV[5])
+else
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', '1000000', '*', 'g', ARGV[3], 'v', nv, 's', ARGV[2])
+end
 redis.call('PUBLISH', ARGV[4], ARGV[3] .. ' ' .. nv)
 return {1, tostring(nv)}
 "#;
@@ -271,7 +370,10 @@ impl Dist {
     }
 
     fn seal(&self, snap: &Snapshot) -> String {
-        let text = snap.encode();
+        self.seal_text(snap.encode())
+    }
+
+    fn seal_text(&self, text: String) -> String {
         match &self.ring {
             Some(r) => r.seal_text(&text),
             None => text,
@@ -279,13 +381,22 @@ impl Dist {
     }
 
     fn open(&self, version: u64, stored: &str) -> Option<Snapshot> {
+        Snapshot::decode(version, &self.open_text(stored)?)
+    }
+
+    fn open_text(&self, stored: &str) -> Option<String> {
         match crate::store::cipher::open_text(self.ring.as_deref(), stored.to_owned()) {
-            Ok(text) => Snapshot::decode(version, &text),
+            Ok(text) => Some(text),
             Err(e) => {
                 tracing::error!(error = %e, "a snapshot in redis cannot be opened");
                 None
             }
         }
+    }
+
+    /// The whole snapshot of a stream entry (decoded only when its delta cannot be used).
+    pub fn entry_snapshot(&self, c: &StreamChange) -> Option<Snapshot> {
+        self.open(c.version, &c.snapshot)
     }
 
     pub fn shards(&self) -> u64 {
@@ -304,8 +415,15 @@ impl Dist {
         format!("kg:{{s{shard}}}:changes")
     }
 
-    /// Commits `next` as the license's new snapshot if Redis still holds `expected`.
-    pub async fn cas(&self, gid: i64, expected: u64, next: &Snapshot) -> Result<Cas, DistError> {
+    /// Commits `next` as the license's new snapshot if Redis still holds `expected`; `delta`
+    /// (what changed from `expected`, if known) goes into the stream entry with it.
+    pub async fn cas(
+        &self,
+        gid: i64,
+        expected: u64,
+        next: &Snapshot,
+        delta: Option<&Delta>,
+    ) -> Result<Cas, DistError> {
         let mut conn = self.conn.clone();
         let started = std::time::Instant::now();
         let reply: Result<Value, _> = self
@@ -316,6 +434,7 @@ impl Dist {
             .arg(self.seal(next))
             .arg(gid)
             .arg(CHANNEL)
+            .arg(delta.map_or(String::new(), |d| self.seal_text(d.encode())))
             .invoke_async(&mut conn)
             .await;
         crate::metrics::redis_round_trip(started.elapsed(), reply.is_ok());
@@ -399,8 +518,9 @@ impl Dist {
     }
 
     /// Up to `count` entries of a shard for `consumer`: its own pending ones when `pending`,
-    /// else new ones. Each is (entry id, global id and snapshot); the second is `None` for an
-    /// entry that cannot be used (trimmed or damaged), which is still to be acknowledged.
+    /// else new ones. Each is (entry id, the change); the second is `None` for an entry that
+    /// cannot be used (trimmed or damaged), which is still to be acknowledged. Snapshots are
+    /// left sealed and encoded: most entries are applied by their delta.
     pub async fn read(
         &self,
         shard: u64,
@@ -450,6 +570,7 @@ impl Dist {
                 let mut g = None;
                 let mut v = None;
                 let mut s = None;
+                let mut d = None;
                 for pair in fields.chunks(2) {
                     match (
                         pair.first().and_then(text).as_deref(),
@@ -458,11 +579,18 @@ impl Dist {
                         (Some("g"), val) => g = val.and_then(|x| x.parse::<i64>().ok()),
                         (Some("v"), val) => v = val.and_then(|x| x.parse::<u64>().ok()),
                         (Some("s"), val) => s = val,
+                        (Some("d"), val) => d = val,
                         _ => {}
                     }
                 }
                 let decoded = match (g, v, s) {
-                    (Some(g), Some(v), Some(s)) => self.open(v, &s).map(|snap| (g, snap)),
+                    (Some(gid), Some(version), Some(snapshot)) => Some(StreamChange {
+                        gid,
+                        version,
+                        // An undecodable delta only costs the snapshot's rewrite.
+                        delta: d.and_then(|d| Delta::decode(&self.open_text(&d)?)),
+                        snapshot,
+                    }),
                     _ => None,
                 };
                 if decoded.is_none() {
@@ -645,7 +773,8 @@ impl Dist {
                 machines,
                 ..snap.clone()
             };
-            if let Cas::Done(_) = self.cas(gid, snap.version, &next).await? {
+            let delta = Delta::between(&snap.machines, &next);
+            if let Cas::Done(_) = self.cas(gid, snap.version, &next, delta.as_ref()).await? {
                 return Ok(true);
             }
         }
@@ -656,7 +785,18 @@ impl Dist {
 }
 
 /// One stream entry: its id, and the license change it carries if it could be read.
-pub type Entry = (String, Option<(i64, Snapshot)>);
+pub type Entry = (String, Option<StreamChange>);
+
+/// A license change as its stream entry carries it.
+#[derive(Debug)]
+pub struct StreamChange {
+    pub gid: i64,
+    pub version: u64,
+    /// What changed from `version - 1` (entries written before deltas have none).
+    pub delta: Option<Delta>,
+    /// The whole snapshot, sealed and encoded as stored (`Dist::entry_snapshot`).
+    snapshot: String,
+}
 
 /// Brings every license this node holds up to what Redis holds (at start, and after a
 /// reconnect, when pub/sub messages may have been missed). Returns how many were newer.
@@ -763,11 +903,16 @@ pub async fn store_changes(
     let mut claimed_at = std::time::Instant::now();
     while !stop.is_cancelled() {
         let started = tokio::time::Instant::now();
-        let (any, reachable) = store_pass(&dist, &store, &consumer, pending).await;
+        let Pass {
+            any,
+            reachable,
+            again,
+        } = store_pass(&dist, &store, &consumer, pending).await;
         crate::metrics::redis_up(reachable);
         if pending && !any {
             pending = false;
         }
+        pending |= again;
         if claimed_at.elapsed() > Duration::from_secs(5) {
             claimed_at = std::time::Instant::now();
             for shard in 0..dist.shards() {
@@ -794,23 +939,25 @@ pub async fn store_changes(
     }
     // Shutting down: carry what the streams hold now into the store before leaving (bounded,
     // and only while Redis answers), so a stopped node leaves the store up to date.
+    // First this consumer's pending entries, if any are known to wait.
+    let mut pass_pending = pending;
     for _ in 0..64 {
-        let (any, reachable) = store_pass(&dist, &store, &consumer, false).await;
-        if !any || !reachable {
+        let pass = store_pass(&dist, &store, &consumer, pass_pending).await;
+        if !pass.reachable || (!pass.any && !pass_pending) {
             break;
         }
+        pass_pending = pass.again;
     }
 }
 
-/// One read of every shard stream into the store. Returns (entries found, Redis answered).
+/// One read of every shard stream into the store.
 async fn store_pass(
-    dist: &Dist,
+    dist: &Shared,
     store: &Arc<parking_lot::Mutex<crate::store::Store>>,
     consumer: &str,
     pending: bool,
-) -> (bool, bool) {
-    let mut any = false;
-    let mut reachable = true;
+) -> Pass {
+    let (mut any, mut reachable, mut again) = (false, true, false);
     for shard in 0..dist.shards() {
         let entries = match dist.read(shard, consumer, pending, 256).await {
             Ok(e) => e,
@@ -826,42 +973,66 @@ async fn store_pass(
         }
         any = true;
         let ids: Vec<String> = entries.iter().map(|(id, _)| id.clone()).collect();
-        let store = store.clone();
+        let (store, d) = (store.clone(), dist.clone());
         let written = tokio::task::spawn_blocking(move || {
+            let dist = d;
+            // By license (stable: each license's versions stay in order), so that nodes
+            // storing at the same time lock license rows in one order.
+            let mut changes: Vec<&StreamChange> =
+                entries.iter().filter_map(|(_, c)| c.as_ref()).collect();
+            changes.sort_by_key(|c| c.gid);
+            let shared: Vec<crate::store::SharedEntry<'_>> = changes
+                .iter()
+                .map(|c| crate::store::SharedEntry {
+                    gid: c.gid,
+                    version: c.version,
+                    delta: c.delta.as_ref(),
+                })
+                .collect();
             let mut s = store.lock();
             s.reconnect_if_broken()?;
-            let mut n = 0;
-            for (_, change) in &entries {
-                if let Some((gid, snap)) = change {
-                    n += usize::from(s.apply_shared_snapshot(
-                        *gid,
-                        snap.version,
-                        snap.expires,
-                        &snap.machines,
-                    )?);
-                }
-            }
-            Ok::<_, crate::store::StoreError>(n)
+            s.apply_shared_entries(&shared, |i| dist.entry_snapshot(changes[i]))
         })
         .await;
         match written {
-            Ok(Ok(n)) => {
-                crate::metrics::shared_stored(n);
+            Ok(Ok((by_delta, whole))) => {
+                crate::metrics::shared_stored(by_delta, whole);
                 if let Err(e) = dist.ack(shard, &ids).await {
-                    // Unacknowledged entries come back; writing them again is harmless.
+                    // Unacknowledged entries are read again on the next pass (this consumer's
+                    // pending ones); writing them again is harmless.
                     tracing::warn!(error = %e, "acknowledging stream entries failed");
+                    again = true;
                 } else if let Err(e) = dist.trim(shard).await {
                     tracing::debug!(error = %e, "trimming a change stream failed");
                 }
             }
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "writing stream entries to the main store failed");
+                again = true;
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
-            Err(e) => tracing::error!(error = %e, "the store task failed"),
+            Err(e) => {
+                tracing::error!(error = %e, "the store task failed");
+                again = true;
+            }
         }
     }
-    (any, reachable)
+    Pass {
+        any,
+        reachable,
+        again,
+    }
+}
+
+/// What one pass over the shard streams found.
+struct Pass {
+    /// Entries were read.
+    any: bool,
+    /// Redis answered every read.
+    reachable: bool,
+    /// Entries read were not stored or not acknowledged: read this consumer's pending
+    /// entries again (else they would wait for a claim, 30 s on).
+    again: bool,
 }
 
 /// Parses a channel message `<global id> <version>`.
@@ -952,5 +1123,61 @@ mod tests {
         let newer = Snapshot { version: 4, ..s };
         assert!(newer.install(&mut l));
         assert_eq!((l.machines.len(), l.expires, l.shared_version), (1, 77, 4));
+    }
+
+    /// The delta names exactly what changed, keeps the snapshot's order for new machines,
+    /// and is `None` when the order changed (only a rewrite reproduces that).
+    #[test]
+    fn a_delta_is_what_changed_between_two_machine_lists() {
+        let m = |code: &str, kind: MachineKind, ip: &str| Machine {
+            machine_code: code.into(),
+            kind,
+            ip: ip.into(),
+            proxy_ip: "10.0.0.1".into(),
+            time: 1,
+            friendly_name: String::new(),
+            floating_expires: 0,
+        };
+        let (a, b, c) = (
+            m("a", MachineKind::NodeLocked, "1"),
+            m("b", MachineKind::NodeLocked, "1"),
+            m("c", MachineKind::NodeLocked, "1"),
+        );
+        let fa = m("a", MachineKind::Floating, "1");
+        let next = |machines: Vec<Machine>| Snapshot {
+            version: 0,
+            expires: Some(9),
+            machines,
+        };
+        let delta = |old: &[Machine], new: Vec<Machine>| Delta::between(old, &next(new));
+        let old = vec![a.clone(), b.clone()];
+        // Unchanged: an empty delta (it still carries `Expires`).
+        let same = delta(&old, old.clone()).unwrap();
+        assert_eq!(
+            (same.upserts.len(), same.removes.len(), same.expires),
+            (0, 0, Some(9))
+        );
+        // Appended, and the floating seat of the same code is another machine.
+        let d = delta(&old, vec![a.clone(), b.clone(), c.clone(), fa.clone()]).unwrap();
+        assert_eq!(d.upserts, vec![c.clone(), fa.clone()]);
+        assert!(d.removes.is_empty());
+        // Changed in place, and removed.
+        let a2 = m("a", MachineKind::NodeLocked, "2");
+        let d = delta(&old, vec![a2.clone()]).unwrap();
+        assert_eq!(d.upserts, vec![a2]);
+        assert_eq!(d.removes, vec![("b".to_owned(), false)]);
+        let d = delta(
+            &[a.clone(), fa.clone(), b.clone()],
+            vec![a.clone(), b.clone()],
+        )
+        .unwrap();
+        assert_eq!(d.removes, vec![("a".to_owned(), true)]);
+        assert!(d.upserts.is_empty());
+        // Reordered: no delta.
+        assert_eq!(delta(&old, vec![b.clone(), a.clone()]), None);
+        assert_eq!(delta(&old, vec![b.clone(), c.clone(), a.clone()]), None);
+        // Round trip through the stream's encoding.
+        let d = delta(&[a.clone(), fa], vec![a, b, c]).unwrap();
+        assert_eq!(Delta::decode(&d.encode()), Some(d));
     }
 }

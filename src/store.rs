@@ -1677,36 +1677,34 @@ impl Store {
         })
     }
 
-    /// Distributed mode: replaces a key's activations (and, for a trial-activation key, its
-    /// `Expires`) with a snapshot from Redis, if `version` is newer than the one stored.
-    /// Returns false when it was not (an older or repeated stream entry).
-    pub fn apply_shared_snapshot(
+    /// Distributed mode: stores one read of the change streams, in one transaction. Each
+    /// entry goes in by its delta when the store holds the version just before it (only the
+    /// rows that changed are written), else by its whole snapshot (`snapshot(i)`, decoded only
+    /// then) if it is newer than the stored version; an older or repeated entry changes
+    /// nothing. Entries are taken in the order given, which keeps each license's versions in
+    /// order; callers sort by license so that concurrent readers lock rows in one order.
+    /// Returns how many went in by delta and by snapshot.
+    pub fn apply_shared_entries(
         &mut self,
-        gid: i64,
-        version: u64,
-        expires: Option<i64>,
-        machines: &[Machine],
-    ) -> Result<bool> {
+        entries: &[SharedEntry<'_>],
+        snapshot: impl Fn(usize) -> Option<crate::dist::Snapshot>,
+    ) -> Result<(usize, usize)> {
         let seal = &self.seal;
         self.db.transaction(|db| {
-            let newer = db.exec(
-                "UPDATE license_keys SET shared_version = ?1 WHERE global_id = ?2 AND shared_version < ?1",
-                vals![version as i64, gid],
-            )?;
-            if newer == 0 {
-                return Ok(false);
+            let (mut by_delta, mut whole) = (0, 0);
+            for (i, e) in entries.iter().enumerate() {
+                if let Some(d) = e.delta {
+                    if shared_delta(db, seal, e.gid, e.version, d)? {
+                        by_delta += 1;
+                        continue;
+                    }
+                }
+                match snapshot(i) {
+                    Some(s) => whole += usize::from(shared_snapshot(db, seal, e.gid, &s)?),
+                    None => tracing::error!(gid = e.gid, "an unusable stream entry; skipped"),
+                }
             }
-            if let Some(e) = expires {
-                db.exec(
-                    "UPDATE license_keys SET expires = ?1 WHERE global_id = ?2",
-                    vals![e, gid],
-                )?;
-            }
-            db.exec("DELETE FROM activations WHERE key_global_id = ?1", vals![gid])?;
-            for m in machines {
-                upsert_machine(db, seal, gid, m)?;
-            }
-            Ok(true)
+            Ok((by_delta, whole))
         })
     }
 
@@ -1774,18 +1772,7 @@ fn write_event(db: &mut Db, seal: &Seal, e: &StoreEvent) -> Result<()> {
             key_global_id,
             machine_code,
             floating,
-        } => {
-            let forms = seal.forms(machine_code);
-            let mut args: Vec<db::Value> = vals![*key_global_id, *floating].to_vec();
-            let cond = any_of("machine_code", forms.len(), 3);
-            args.extend(forms);
-            db.exec(
-                &format!(
-                    "DELETE FROM activations WHERE key_global_id = ?1 AND floating = ?2 AND {cond}"
-                ),
-                &args,
-            )?;
-        }
+        } => remove_machine(db, seal, *key_global_id, machine_code, *floating)?,
         StoreEvent::FloatingExpired { key_global_id, now } => {
             db.exec(
                 "DELETE FROM activations WHERE key_global_id = ?1 AND floating = 1 AND floating_expires <= ?2",
@@ -2152,6 +2139,87 @@ const UPSERT_MACHINE: &str = "INSERT INTO activations (key_global_id, floating, 
      ON CONFLICT (key_global_id, floating, machine_code) DO UPDATE SET
          kind = excluded.kind, ip = excluded.ip, proxy_ip = excluded.proxy_ip, time = excluded.time,
          friendly_name = excluded.friendly_name, floating_expires = excluded.floating_expires";
+
+/// One stream entry to store (`Store::apply_shared_entries`).
+pub struct SharedEntry<'a> {
+    pub gid: i64,
+    pub version: u64,
+    pub delta: Option<&'a crate::dist::Delta>,
+}
+
+/// Applies `delta` (what made `version`) if the store holds `version - 1`; false if not.
+fn shared_delta(
+    db: &mut Db,
+    seal: &Seal,
+    gid: i64,
+    version: u64,
+    delta: &crate::dist::Delta,
+) -> Result<bool> {
+    let next = db.exec(
+        "UPDATE license_keys SET shared_version = ?1 WHERE global_id = ?2 AND shared_version = ?3",
+        vals![version as i64, gid, version as i64 - 1],
+    )?;
+    if next == 0 {
+        return Ok(false);
+    }
+    if let Some(e) = delta.expires {
+        db.exec(
+            "UPDATE license_keys SET expires = ?1 WHERE global_id = ?2",
+            vals![e, gid],
+        )?;
+    }
+    for (code, floating) in &delta.removes {
+        remove_machine(db, seal, gid, code, *floating)?;
+    }
+    for m in &delta.upserts {
+        upsert_machine(db, seal, gid, m)?;
+    }
+    Ok(true)
+}
+
+/// Replaces a key's activations (and, for a trial-activation key, its `Expires`) with a
+/// snapshot if it is newer than the stored version; false if it is not.
+fn shared_snapshot(
+    db: &mut Db,
+    seal: &Seal,
+    gid: i64,
+    snap: &crate::dist::Snapshot,
+) -> Result<bool> {
+    let newer = db.exec(
+        "UPDATE license_keys SET shared_version = ?1 WHERE global_id = ?2 AND shared_version < ?1",
+        vals![snap.version as i64, gid],
+    )?;
+    if newer == 0 {
+        return Ok(false);
+    }
+    if let Some(e) = snap.expires {
+        db.exec(
+            "UPDATE license_keys SET expires = ?1 WHERE global_id = ?2",
+            vals![e, gid],
+        )?;
+    }
+    db.exec(
+        "DELETE FROM activations WHERE key_global_id = ?1",
+        vals![gid],
+    )?;
+    for m in &snap.machines {
+        upsert_machine(db, seal, gid, m)?;
+    }
+    Ok(true)
+}
+
+/// One activation deleted, in whichever form (sealed or not) it is stored.
+fn remove_machine(db: &mut Db, seal: &Seal, gid: i64, code: &str, floating: bool) -> Result<()> {
+    let forms = seal.forms(code);
+    let mut args: Vec<db::Value> = vals![gid, floating].to_vec();
+    let cond = any_of("machine_code", forms.len(), 3);
+    args.extend(forms);
+    db.exec(
+        &format!("DELETE FROM activations WHERE key_global_id = ?1 AND floating = ?2 AND {cond}"),
+        &args,
+    )?;
+    Ok(())
+}
 
 fn upsert_machine(db: &mut Db, seal: &Seal, gid: i64, m: &Machine) -> Result<()> {
     let code = seal.text(&m.machine_code);
@@ -2754,6 +2822,95 @@ mod tests {
             assert_eq!(machines.len(), 1, "{machines:?}");
             assert_eq!(machines[0].ip, "192.0.2.3");
             assert_eq!(store.erase_machine("mc").unwrap().activations, 1);
+        });
+    }
+
+    /// Distributed mode: a stream entry's delta applies only on the version just before it,
+    /// and the store then holds what the whole snapshot would have put there, in order; an
+    /// entry after a gap falls back to the snapshot, an older one changes nothing.
+    #[test]
+    fn a_shared_delta_applies_on_the_version_before_and_matches_the_snapshot() {
+        on_both_engines("delta", |store| {
+            use crate::dist::{Delta, Snapshot};
+            let t = store.create_tenant("t", b"k", "<x/>", 1).unwrap();
+            let p = store.create_product(t, "p", None, None, 1).unwrap();
+            let (_, gid) = store
+                .create_key(&NewKey {
+                    product_id: p,
+                    key: "K".into(),
+                    max_no_of_machines: 10,
+                    ..Default::default()
+                })
+                .unwrap();
+            let m = |code: &str, kind: MachineKind, ip: &str, lease: i64| Machine {
+                machine_code: code.into(),
+                kind,
+                ip: ip.into(),
+                proxy_ip: "10.0.0.1".into(),
+                time: 1,
+                friendly_name: String::new(),
+                floating_expires: lease,
+            };
+            let snap = |version: u64, machines: Vec<Machine>| Snapshot {
+                version,
+                expires: None,
+                machines,
+            };
+            let held = |store: &mut Store| store.key(gid).unwrap().license.machines;
+            let v1 = snap(1, vec![m("a", MachineKind::NodeLocked, "192.0.2.1", 0)]);
+            let v2 = snap(
+                2,
+                vec![
+                    m("a", MachineKind::NodeLocked, "192.0.2.1", 0),
+                    m("f", MachineKind::Floating, "192.0.2.2", 100),
+                ],
+            );
+            let v3 = snap(
+                3,
+                vec![
+                    m("a", MachineKind::NodeLocked, "192.0.2.9", 0),
+                    m("b", MachineKind::NodeLocked, "192.0.2.3", 0),
+                ],
+            );
+            let d = |old: &Snapshot, new: &Snapshot| Delta::between(&old.machines, new).unwrap();
+            let (d1, d2, d3) = (d(&snap(0, vec![]), &v1), d(&v1, &v2), d(&v2, &v3));
+            let entry = |version: u64, delta| SharedEntry {
+                gid,
+                version,
+                delta,
+            };
+            let all = [v1.clone(), v2.clone(), v3.clone()];
+            let by_version = |entries: &[SharedEntry<'_>], i: usize| {
+                all.iter()
+                    .find(|s| s.version == entries[i].version)
+                    .cloned()
+            };
+            let apply = |store: &mut Store, entries: &[SharedEntry<'_>]| {
+                store
+                    .apply_shared_entries(entries, |i| by_version(entries, i))
+                    .unwrap()
+            };
+            // Version 0 holds no machines: both deltas apply, in one transaction.
+            let batch = [entry(1, Some(&d1)), entry(2, Some(&d2))];
+            assert_eq!(apply(store, &batch), (2, 0));
+            assert_eq!(held(store), v2.machines);
+            // A repeated entry and an older one change nothing, by delta or by snapshot.
+            let batch = [entry(2, Some(&d2)), entry(1, Some(&d1)), entry(1, None)];
+            assert_eq!(apply(store, &batch), (0, 0));
+            assert_eq!(held(store), v2.machines);
+            // Removal, a change in place and a new machine, in the snapshot's order.
+            assert_eq!(apply(store, &[entry(3, Some(&d3))]), (1, 0));
+            assert_eq!(held(store), v3.machines);
+            // A gap (version 5 on 3): the snapshot's rewrite; an entry whose snapshot cannot
+            // be read is skipped, the rest of the read still goes in.
+            let v5 = snap(5, vec![m("c", MachineKind::NodeLocked, "192.0.2.4", 0)]);
+            let d5 = d(&snap(4, vec![]), &v5);
+            let batch = [entry(4, None), entry(5, Some(&d5))];
+            let got = store
+                .apply_shared_entries(&batch, |i| (i == 1).then(|| v5.clone()))
+                .unwrap();
+            assert_eq!(got, (0, 1));
+            assert_eq!(held(store), v5.machines);
         });
     }
 

@@ -193,31 +193,43 @@ pub fn deactivate(lic: &License, machine_code: &str, floating: bool) -> Deactiva
     }
 }
 
+/// `License::apply` on a machine list and `Expires` alone (distributed mode builds the next
+/// snapshot with it, without copying the rest of the license). False for a change that
+/// writes nothing.
+pub fn apply_change(
+    machines: &mut Vec<Machine>,
+    expires: &mut UnixTime,
+    change: &Change,
+    now: UnixTime,
+) -> bool {
+    let (m, new_expires) = match change {
+        Change::None | Change::Transient(_) => return false,
+        Change::Upsert(m) => (m, None),
+        Change::UpsertWithExpiry(m, e) => (m, Some(*e)),
+    };
+    if let Some(e) = new_expires {
+        *expires = e;
+    }
+    if m.is_floating() {
+        machines.retain(|x| !x.is_floating() || x.floating_expires > now);
+    }
+    let same =
+        |x: &&mut Machine| x.is_floating() == m.is_floating() && x.machine_code == m.machine_code;
+    match machines.iter_mut().find(same) {
+        Some(x) => *x = m.clone(),
+        None => machines.push(m.clone()),
+    }
+    true
+}
+
 impl License {
     /// Applies an accepted activation. Expired floating leases are pruned here so a license's
     /// list stays bounded by its seat count (the store prunes the same rows, see
     /// `StoreEvent::FloatingExpired`). A renewed or re-recorded machine keeps its list position,
     /// as its store row keeps its `seq`.
     pub fn apply(&mut self, change: &Change, now: UnixTime) {
-        let (m, expires) = match change {
-            Change::None | Change::Transient(_) => return,
-            Change::Upsert(m) => (m, None),
-            Change::UpsertWithExpiry(m, e) => (m, Some(*e)),
-        };
-        self.version += 1;
-        if let Some(e) = expires {
-            self.expires = e;
-        }
-        if m.is_floating() {
-            self.machines
-                .retain(|x| !x.is_floating() || x.floating_expires > now);
-        }
-        let same = |x: &&mut Machine| {
-            x.is_floating() == m.is_floating() && x.machine_code == m.machine_code
-        };
-        match self.machines.iter_mut().find(same) {
-            Some(x) => *x = m.clone(),
-            None => self.machines.push(m.clone()),
+        if apply_change(&mut self.machines, &mut self.expires, change, now) {
+            self.version += 1;
         }
     }
 
