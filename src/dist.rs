@@ -11,7 +11,7 @@
 //!
 //! Known machines are answered from memory without a Redis round trip. Each node consumes
 //! the shard streams (consumer group `kg-store`) into the main store, one transaction per
-//! read. An entry carries the snapshot and, when the change kept the machine list's order, the
+//! pass over the shards. An entry carries the snapshot and, when the change kept the machine list's order, the
 //! delta: a store holding the version just before applies the delta (the changed rows only);
 //! otherwise the snapshot replaces the license's activations if its version is newer than the
 //! stored one. So entries can be applied more than once, in any split between nodes.
@@ -23,7 +23,6 @@ use crate::domain::{License, Machine, MachineKind};
 use crate::state::State;
 use redis::aio::ConnectionManager;
 use redis::Value;
-use serde_json::json;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -90,47 +89,89 @@ impl Snapshot {
     }
 
     pub fn encode(&self) -> String {
-        let machines: Vec<serde_json::Value> = self.machines.iter().map(machine_json).collect();
-        json!({"e": self.expires, "m": machines}).to_string()
+        let out = SnapshotOut {
+            e: self.expires,
+            m: MachinesOut(&self.machines),
+        };
+        serde_json::to_string(&out).unwrap_or_default()
     }
 
     pub fn decode(version: u64, text: &str) -> Option<Snapshot> {
-        let v: serde_json::Value = serde_json::from_str(text).ok()?;
+        let v: SnapshotIn = serde_json::from_str(text).ok()?;
         Some(Snapshot {
             version,
-            expires: v["e"].as_i64(),
-            machines: machines_from_json(&v["m"])?,
+            expires: v.e,
+            machines: v.m.into_iter().map(MachineIn::into_machine).collect(),
         })
     }
 }
 
-fn machine_json(m: &Machine) -> serde_json::Value {
-    json!([
-        m.machine_code,
-        m.kind.as_i64(),
-        m.ip,
-        &*m.proxy_ip,
-        m.time,
-        m.friendly_name,
-        m.floating_expires
-    ])
+// The encoding of snapshots and deltas in Redis: `{"e": Expires or null, "m": machines}` and
+// `{"e": .., "u": machines, "r": [[machine code, floating], ..]}`, a machine as the array
+// `[code, kind, ip, proxy ip, time, friendly name, floating expires]`. Written and read
+// through these types, not `serde_json::Value`: a new machine encodes one of each.
+
+#[derive(serde::Serialize)]
+struct SnapshotOut<'a> {
+    e: Option<i64>,
+    m: MachinesOut<'a>,
 }
 
-fn machines_from_json(v: &serde_json::Value) -> Option<Vec<Machine>> {
-    v.as_array()?
-        .iter()
-        .map(|m| {
-            Some(Machine {
-                machine_code: m[0].as_str()?.to_owned(),
-                kind: MachineKind::from_i64(m[1].as_i64()?),
-                ip: m[2].as_str()?.to_owned(),
-                proxy_ip: m[3].as_str()?.into(),
-                time: m[4].as_i64()?,
-                friendly_name: m[5].as_str()?.to_owned(),
-                floating_expires: m[6].as_i64()?,
-            })
-        })
-        .collect()
+#[derive(serde::Serialize)]
+struct DeltaOut<'a> {
+    e: Option<i64>,
+    u: MachinesOut<'a>,
+    r: &'a [(String, bool)],
+}
+
+struct MachinesOut<'a>(&'a [Machine]);
+
+impl serde::Serialize for MachinesOut<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.0.iter().map(|m| {
+            (
+                &m.machine_code,
+                m.kind.as_i64(),
+                &m.ip,
+                &*m.proxy_ip,
+                m.time,
+                &m.friendly_name,
+                m.floating_expires,
+            )
+        }))
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct SnapshotIn {
+    e: Option<i64>,
+    m: Vec<MachineIn>,
+}
+
+#[derive(serde::Deserialize)]
+struct DeltaIn {
+    e: Option<i64>,
+    u: Vec<MachineIn>,
+    r: Vec<(String, bool)>,
+}
+
+#[derive(serde::Deserialize)]
+struct MachineIn(String, i64, String, String, i64, String, i64);
+
+impl MachineIn {
+    fn into_machine(self) -> Machine {
+        let MachineIn(machine_code, kind, ip, proxy_ip, time, friendly_name, floating_expires) =
+            self;
+        Machine {
+            machine_code,
+            kind: MachineKind::from_i64(kind),
+            ip,
+            proxy_ip: proxy_ip.into(),
+            time,
+            friendly_name,
+            floating_expires,
+        }
+    }
 }
 
 /// What one committed change did to a license's machine list. Its stream entry carries it
@@ -177,21 +218,20 @@ impl Delta {
     }
 
     pub fn encode(&self) -> String {
-        let upserts: Vec<serde_json::Value> = self.upserts.iter().map(machine_json).collect();
-        json!({"e": self.expires, "u": upserts, "r": self.removes}).to_string()
+        let out = DeltaOut {
+            e: self.expires,
+            u: MachinesOut(&self.upserts),
+            r: &self.removes,
+        };
+        serde_json::to_string(&out).unwrap_or_default()
     }
 
     pub fn decode(text: &str) -> Option<Delta> {
-        let v: serde_json::Value = serde_json::from_str(text).ok()?;
-        let removes = v["r"]
-            .as_array()?
-            .iter()
-            .map(|r| Some((r[0].as_str()?.to_owned(), r[1].as_bool()?)))
-            .collect::<Option<Vec<_>>>()?;
+        let v: DeltaIn = serde_json::from_str(text).ok()?;
         Some(Delta {
-            expires: v["e"].as_i64(),
-            upserts: machines_from_json(&v["u"])?,
-            removes,
+            expires: v.e,
+            upserts: v.u.into_iter().map(MachineIn::into_machine).collect(),
+            removes: v.r,
         })
     }
 }
@@ -957,64 +997,76 @@ async fn store_pass(
     consumer: &str,
     pending: bool,
 ) -> Pass {
-    let (mut any, mut reachable, mut again) = (false, true, false);
+    let (mut reachable, mut again) = (true, false);
+    // Every shard is read first and the lot stored in one transaction: a store page that
+    // several entries change (a license row, an index page) is written once per pass.
+    let mut read: Vec<(u64, Vec<String>)> = Vec::new();
+    let mut entries: Vec<Entry> = Vec::new();
     for shard in 0..dist.shards() {
-        let entries = match dist.read(shard, consumer, pending, 256).await {
-            Ok(e) => e,
+        match dist.read(shard, consumer, pending, 256).await {
+            Ok(e) if e.is_empty() => {}
+            Ok(e) => {
+                read.push((shard, e.iter().map(|(id, _)| id.clone()).collect()));
+                entries.extend(e);
+            }
             Err(e) => {
                 tracing::debug!(error = %e, "reading a change stream failed");
                 reachable = false;
                 tokio::time::sleep(Duration::from_millis(250)).await;
-                continue;
             }
-        };
-        if entries.is_empty() {
-            continue;
         }
-        any = true;
-        let ids: Vec<String> = entries.iter().map(|(id, _)| id.clone()).collect();
-        let (store, d) = (store.clone(), dist.clone());
-        let written = tokio::task::spawn_blocking(move || {
-            let dist = d;
-            // By license (stable: each license's versions stay in order), so that nodes
-            // storing at the same time lock license rows in one order.
-            let mut changes: Vec<&StreamChange> =
-                entries.iter().filter_map(|(_, c)| c.as_ref()).collect();
-            changes.sort_by_key(|c| c.gid);
-            let shared: Vec<crate::store::SharedEntry<'_>> = changes
-                .iter()
-                .map(|c| crate::store::SharedEntry {
-                    gid: c.gid,
-                    version: c.version,
-                    delta: c.delta.as_ref(),
-                })
-                .collect();
-            let mut s = store.lock();
-            s.reconnect_if_broken()?;
-            s.apply_shared_entries(&shared, |i| dist.entry_snapshot(changes[i]))
-        })
-        .await;
-        match written {
-            Ok(Ok((by_delta, whole))) => {
-                crate::metrics::shared_stored(by_delta, whole);
-                if let Err(e) = dist.ack(shard, &ids).await {
+    }
+    let any = !read.is_empty();
+    if !any {
+        return Pass {
+            any,
+            reachable,
+            again,
+        };
+    }
+    let (store, d) = (store.clone(), dist.clone());
+    let written = tokio::task::spawn_blocking(move || {
+        let dist = d;
+        // By license (stable: a license's entries come from one shard, in version order), so
+        // that nodes storing at the same time lock license rows in one order.
+        let mut changes: Vec<&StreamChange> =
+            entries.iter().filter_map(|(_, c)| c.as_ref()).collect();
+        changes.sort_by_key(|c| c.gid);
+        let shared: Vec<crate::store::SharedEntry<'_>> = changes
+            .iter()
+            .map(|c| crate::store::SharedEntry {
+                gid: c.gid,
+                version: c.version,
+                delta: c.delta.as_ref(),
+            })
+            .collect();
+        let mut s = store.lock();
+        s.reconnect_if_broken()?;
+        s.apply_shared_entries(&shared, |i| dist.entry_snapshot(changes[i]))
+    })
+    .await;
+    match written {
+        Ok(Ok((by_delta, whole))) => {
+            crate::metrics::shared_stored(by_delta, whole);
+            for (shard, ids) in &read {
+                if let Err(e) = dist.ack(*shard, ids).await {
                     // Unacknowledged entries are read again on the next pass (this consumer's
                     // pending ones); writing them again is harmless.
                     tracing::warn!(error = %e, "acknowledging stream entries failed");
                     again = true;
-                } else if let Err(e) = dist.trim(shard).await {
+                } else if let Err(e) = dist.trim(*shard).await {
                     tracing::debug!(error = %e, "trimming a change stream failed");
                 }
             }
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "writing stream entries to the main store failed");
-                again = true;
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "the store task failed");
-                again = true;
-            }
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "writing stream entries to the main store failed");
+            again = true;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "the store task failed");
+            again = true;
         }
     }
     Pass {
@@ -1098,6 +1150,12 @@ mod tests {
             machines: vec![m.clone()],
         };
         assert_eq!(Snapshot::decode(3, &s.encode()), Some(s.clone()));
+        // The format in Redis, which nodes of other versions read and write too.
+        let text = r#"{"e":77,"m":[["m\"1",1,"203.0.113.1","10.0.0.1",5,"pc",9]]}"#;
+        assert_eq!(s.encode(), text);
+        assert_eq!(Snapshot::decode(3, text), Some(s.clone()));
+        let none = r#"{"e":null,"m":[]}"#;
+        assert_eq!(Snapshot::decode(1, none).map(|s| s.expires), Some(None));
         let mut l = License {
             product_id: 1,
             id: 1,
