@@ -334,6 +334,14 @@ impl redis::aio::ConnectionLike for Conn {
     }
 }
 
+/// `text`, moving a bulk string's bytes instead of copying them.
+fn into_text(v: Value) -> Option<String> {
+    match v {
+        Value::BulkString(b) => String::from_utf8(b).ok(),
+        other => text(&other),
+    }
+}
+
 fn text(v: &Value) -> Option<String> {
     match v {
         Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
@@ -421,11 +429,11 @@ impl Dist {
     }
 
     fn open(&self, version: u64, stored: &str) -> Option<Snapshot> {
-        Snapshot::decode(version, &self.open_text(stored)?)
+        Snapshot::decode(version, &self.open_text(stored.to_owned())?)
     }
 
-    fn open_text(&self, stored: &str) -> Option<String> {
-        match crate::store::cipher::open_text(self.ring.as_deref(), stored.to_owned()) {
+    fn open_text(&self, stored: String) -> Option<String> {
+        match crate::store::cipher::open_text(self.ring.as_deref(), stored) {
             Ok(text) => Some(text),
             Err(e) => {
                 tracing::error!(error = %e, "a snapshot in redis cannot be opened");
@@ -600,10 +608,12 @@ impl Dist {
             };
             for e in entries {
                 let Value::Array(e) = e else { continue };
-                let Some(id) = e.first().and_then(text) else {
+                // Taken apart by value: a snapshot's text is moved out, not copied.
+                let mut e = e.into_iter();
+                let Some(id) = e.next().and_then(into_text) else {
                     continue;
                 };
-                let Some(Value::Array(fields)) = e.get(1) else {
+                let Some(Value::Array(fields)) = e.next() else {
                     out.push((id, None));
                     continue;
                 };
@@ -611,15 +621,14 @@ impl Dist {
                 let mut v = None;
                 let mut s = None;
                 let mut d = None;
-                for pair in fields.chunks(2) {
-                    match (
-                        pair.first().and_then(text).as_deref(),
-                        pair.get(1).and_then(text),
-                    ) {
-                        (Some("g"), val) => g = val.and_then(|x| x.parse::<i64>().ok()),
-                        (Some("v"), val) => v = val.and_then(|x| x.parse::<u64>().ok()),
-                        (Some("s"), val) => s = val,
-                        (Some("d"), val) => d = val,
+                let mut fields = fields.into_iter();
+                while let (Some(name), Some(val)) = (fields.next(), fields.next()) {
+                    let val = into_text(val);
+                    match into_text(name).as_deref() {
+                        Some("g") => g = val.and_then(|x| x.parse::<i64>().ok()),
+                        Some("v") => v = val.and_then(|x| x.parse::<u64>().ok()),
+                        Some("s") => s = val,
+                        Some("d") => d = val,
                         _ => {}
                     }
                 }
@@ -628,7 +637,7 @@ impl Dist {
                         gid,
                         version,
                         // An undecodable delta only costs the snapshot's rewrite.
-                        delta: d.and_then(|d| Delta::decode(&self.open_text(&d)?)),
+                        delta: d.and_then(|d| Delta::decode(&self.open_text(d)?)),
                         snapshot,
                     }),
                     _ => None,
@@ -901,6 +910,10 @@ pub async fn follow(
             continue;
         };
         changed.notify_one();
+        // This node's own change announces itself before the compare-and-set's reply, which
+        // comes next on the same connection: once the handler it wakes has run, the license
+        // is no longer behind and needs no fetch.
+        tokio::task::yield_now().await;
         let behind = state
             .license_by_global(gid)
             .is_some_and(|e| e.license.lock().shared_version < version);
