@@ -45,22 +45,14 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# A TCP port free on 127.0.0.1 now (for redis-server and nginx, which take a fixed port).
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+# shellcheck source=loadtest/lib.sh
+source loadtest/lib.sh
 
 # Distributed mode. The server's command line does not name the work directory, so section 6's
 # sweep of the pinned servers leaves it running; it goes at exit.
 redis_pid=""
 if [ "${REDIS:-}" = 1 ]; then
-    command -v redis-server >/dev/null || { echo "REDIS=1 needs redis-server (apt-get install redis-server)" >&2; exit 1; }
-    rport=$(free_port)
-    mkdir -p "$work/redis"
-    (cd "$work/redis" && exec taskset -c "$load_cpu" redis-server --port "$rport" --bind 127.0.0.1 --dir . \
-        --appendonly yes --appendfsync always --save "" >redis.log 2>&1) &
-    redis_pid=$!
-    for _ in $(seq 100); do redis-cli -p "$rport" ping 2>/dev/null | grep -q PONG && break; sleep 0.1; done
-    redis-cli -p "$rport" ping | grep -q PONG || { echo "redis-server did not start:" >&2; cat "$work/redis/redis.log" >&2; exit 1; }
-    export KEYGATE_REDIS__URL=redis://127.0.0.1:$rport/
+    start_redis "$work/redis" "$load_cpu"
     echo "distributed mode: every node and CLI call on $KEYGATE_REDIS__URL"
 fi
 

@@ -15,3 +15,23 @@ address() {
     cat "$1" >&2
     exit 1
 }
+
+# A TCP port free on 127.0.0.1 now (for servers that take a fixed port).
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+
+# Distributed mode: starts a throw-away redis-server in directory $1 pinned to core $2
+# (append-only, `appendfsync always`, as a Redis that must not lose an acknowledged change
+# runs), waits for it, sets `redis_pid` and exports KEYGATE_REDIS__URL for every node and CLI
+# call that follows. The caller kills `redis_pid`.
+start_redis() {
+    local dir=$1 cpu=$2 port
+    command -v redis-server >/dev/null || { echo "distributed mode needs redis-server (apt-get install redis-server)" >&2; exit 1; }
+    port=$(free_port)
+    mkdir -p "$dir"
+    (cd "$dir" && exec taskset -c "$cpu" redis-server --port "$port" --bind 127.0.0.1 --dir . \
+        --appendonly yes --appendfsync always --save "" >redis.log 2>&1) &
+    redis_pid=$!
+    for _ in $(seq 100); do redis-cli -p "$port" ping 2>/dev/null | grep -q PONG && break; sleep 0.1; done
+    redis-cli -p "$port" ping | grep -q PONG || { echo "redis-server did not start:" >&2; cat "$dir/redis.log" >&2; exit 1; }
+    export KEYGATE_REDIS__URL=redis://127.0.0.1:$port/
+}
