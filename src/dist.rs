@@ -11,10 +11,9 @@
 //!
 //! Known machines are answered from memory without a Redis round trip. Each node consumes
 //! the shard streams (consumer group `kg-store`) into the main store, one transaction per
-//! pass over the shards. An entry carries the snapshot and, when the change kept the machine list's order, the
-//! delta: a store holding the version just before applies the delta (the changed rows only);
-//! otherwise the snapshot replaces the license's activations if its version is newer than the
-//! stored one. So entries can be applied more than once, in any split between nodes.
+//! pass over the shards, where a snapshot replaces the license's activations only if its
+//! version is newer than the stored one (of several entries of one license in a pass, only the
+//! newest is written), so entries can be applied more than once, in any split between nodes.
 //!
 //! Keys of one license and its shard's stream share a hash tag, so the script also runs on a
 //! Redis Cluster; this module talks to one Redis server or a cluster's single endpoint today.
@@ -106,22 +105,15 @@ impl Snapshot {
     }
 }
 
-// The encoding of snapshots and deltas in Redis: `{"e": Expires or null, "m": machines}` and
-// `{"e": .., "u": machines, "r": [[machine code, floating], ..]}`, a machine as the array
-// `[code, kind, ip, proxy ip, time, friendly name, floating expires]`. Written and read
-// through these types, not `serde_json::Value`: a new machine encodes one of each.
+// The encoding of snapshots in Redis: `{"e": Expires or null, "m": machines}`, a machine as
+// the array `[code, kind, ip, proxy ip, time, friendly name, floating expires]` (a reader
+// ignores further elements, which a later version may add). Written and read through these
+// types, not `serde_json::Value`: every new machine encodes one.
 
 #[derive(serde::Serialize)]
 struct SnapshotOut<'a> {
     e: Option<i64>,
     m: MachinesOut<'a>,
-}
-
-#[derive(serde::Serialize)]
-struct DeltaOut<'a> {
-    e: Option<i64>,
-    u: MachinesOut<'a>,
-    r: &'a [(String, bool)],
 }
 
 struct MachinesOut<'a>(&'a [Machine]);
@@ -148,91 +140,48 @@ struct SnapshotIn {
     m: Vec<MachineIn>,
 }
 
-#[derive(serde::Deserialize)]
-struct DeltaIn {
-    e: Option<i64>,
-    u: Vec<MachineIn>,
-    r: Vec<(String, bool)>,
-}
-
-#[derive(serde::Deserialize)]
-struct MachineIn(String, i64, String, String, i64, String, i64);
+/// A machine's array, read by position; elements after the seventh are skipped.
+struct MachineIn(Machine);
 
 impl MachineIn {
     fn into_machine(self) -> Machine {
-        let MachineIn(machine_code, kind, ip, proxy_ip, time, friendly_name, floating_expires) =
-            self;
-        Machine {
-            machine_code,
-            kind: MachineKind::from_i64(kind),
-            ip,
-            proxy_ip: proxy_ip.into(),
-            time,
-            friendly_name,
-            floating_expires,
-        }
+        self.0
     }
 }
 
-/// What one committed change did to a license's machine list. Its stream entry carries it
-/// beside the whole snapshot: a store holding the version just before applies it, touching
-/// only the rows that changed, instead of rewriting every activation of the license.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Delta {
-    /// `Expires` after the change, for trial-activation keys (as in the snapshot).
-    pub expires: Option<i64>,
-    /// New and changed activations, in the snapshot's order (a new one is last in both).
-    pub upserts: Vec<Machine>,
-    /// Activations that went: (machine code, floating).
-    pub removes: Vec<(String, bool)>,
-}
-
-impl Delta {
-    /// The change from `old` to `next`; `None` when `next` does not keep `old`'s order (only a
-    /// rewrite then puts the store's rows in the snapshot's order).
-    pub fn between(old: &[Machine], next: &Snapshot) -> Option<Delta> {
-        fn key(m: &Machine) -> (bool, &str) {
-            (m.is_floating(), &m.machine_code)
-        }
-        let new = &next.machines;
-        let (mut upserts, mut removes) = (Vec::new(), Vec::new());
-        let mut j = 0;
-        for o in old {
-            match new.get(j) {
-                Some(n) if key(n) == key(o) => {
-                    if n != o {
-                        upserts.push(n.clone());
-                    }
-                    j += 1;
+impl<'de> serde::Deserialize<'de> for MachineIn {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = MachineIn;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a machine array of at least seven elements")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> Result<MachineIn, A::Error> {
+                fn next<'de, T: serde::Deserialize<'de>, A: serde::de::SeqAccess<'de>>(
+                    a: &mut A,
+                    i: usize,
+                ) -> Result<T, A::Error> {
+                    a.next_element()?
+                        .ok_or_else(|| serde::de::Error::invalid_length(i, &"seven elements"))
                 }
-                _ if new[j..].iter().any(|n| key(n) == key(o)) => return None,
-                _ => removes.push((o.machine_code.clone(), o.is_floating())),
+                let m = Machine {
+                    machine_code: next(&mut a, 0)?,
+                    kind: MachineKind::from_i64(next(&mut a, 1)?),
+                    ip: next(&mut a, 2)?,
+                    proxy_ip: next::<String, _>(&mut a, 3)?.into(),
+                    time: next(&mut a, 4)?,
+                    friendly_name: next(&mut a, 5)?,
+                    floating_expires: next(&mut a, 6)?,
+                };
+                while a.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(MachineIn(m))
             }
         }
-        upserts.extend_from_slice(&new[j..]);
-        Some(Delta {
-            expires: next.expires,
-            upserts,
-            removes,
-        })
-    }
-
-    pub fn encode(&self) -> String {
-        let out = DeltaOut {
-            e: self.expires,
-            u: MachinesOut(&self.upserts),
-            r: &self.removes,
-        };
-        serde_json::to_string(&out).unwrap_or_default()
-    }
-
-    pub fn decode(text: &str) -> Option<Delta> {
-        let v: DeltaIn = serde_json::from_str(text).ok()?;
-        Some(Delta {
-            expires: v.e,
-            upserts: v.u.into_iter().map(MachineIn::into_machine).collect(),
-            removes: v.r,
-        })
+        d.deserialize_seq(Visit)
     }
 }
 
@@ -263,8 +212,7 @@ return 1
 "#;
 
 /// Compare-and-set of one license's snapshot, append to its shard's stream, publish.
-/// KEYS: state hash, shard stream. ARGV: expected version, snapshot, global id, channel,
-/// delta (empty: none; the stream entry then carries the snapshot alone).
+/// KEYS: state hash, shard stream. ARGV: expected version, snapshot, global id, channel.
 const CAS_LUA: &str = r#"
 local v = tonumber(redis.call('HGET', KEYS[1], 'v') or '0')
 if v ~= tonumber(ARGV[1]) then
@@ -272,11 +220,7 @@ if v ~= tonumber(ARGV[1]) then
 end
 local nv = v + 1
 redis.call('HSET', KEYS[1], 'v', nv, 's', ARGV[2])
-if ARGV[5] ~= '' then
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', '1000000', '*', 'g', ARGV[3], 'v', nv, 's', ARGV[2], 'd', ARGV[5])
-else
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', '1000000', '*', 'g', ARGV[3], 'v', nv, 's', ARGV[2])
-end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', '1000000', '*', 'g', ARGV[3], 'v', nv, 's', ARGV[2])
 redis.call('PUBLISH', ARGV[4], ARGV[3] .. ' ' .. nv)
 return {1, tostring(nv)}
 "#;
@@ -442,7 +386,7 @@ impl Dist {
         }
     }
 
-    /// The whole snapshot of a stream entry (decoded only when its delta cannot be used).
+    /// The snapshot of a stream entry (decoded only for the entries a pass writes).
     pub fn entry_snapshot(&self, c: &StreamChange) -> Option<Snapshot> {
         self.open(c.version, &c.snapshot)
     }
@@ -463,15 +407,8 @@ impl Dist {
         format!("kg:{{s{shard}}}:changes")
     }
 
-    /// Commits `next` as the license's new snapshot if Redis still holds `expected`; `delta`
-    /// (what changed from `expected`, if known) goes into the stream entry with it.
-    pub async fn cas(
-        &self,
-        gid: i64,
-        expected: u64,
-        next: &Snapshot,
-        delta: Option<&Delta>,
-    ) -> Result<Cas, DistError> {
+    /// Commits `next` as the license's new snapshot if Redis still holds `expected`.
+    pub async fn cas(&self, gid: i64, expected: u64, next: &Snapshot) -> Result<Cas, DistError> {
         let mut conn = self.conn.clone();
         let started = std::time::Instant::now();
         let reply: Result<Value, _> = self
@@ -482,7 +419,6 @@ impl Dist {
             .arg(self.seal(next))
             .arg(gid)
             .arg(CHANNEL)
-            .arg(delta.map_or(String::new(), |d| self.seal_text(d.encode())))
             .invoke_async(&mut conn)
             .await;
         crate::metrics::redis_round_trip(started.elapsed(), reply.is_ok());
@@ -568,7 +504,7 @@ impl Dist {
     /// Up to `count` entries of a shard for `consumer`: its own pending ones when `pending`,
     /// else new ones. Each is (entry id, the change); the second is `None` for an entry that
     /// cannot be used (trimmed or damaged), which is still to be acknowledged. Snapshots are
-    /// left sealed and encoded: most entries are applied by their delta.
+    /// left sealed and encoded: a pass decodes only those it writes.
     pub async fn read(
         &self,
         shard: u64,
@@ -620,7 +556,6 @@ impl Dist {
                 let mut g = None;
                 let mut v = None;
                 let mut s = None;
-                let mut d = None;
                 let mut fields = fields.into_iter();
                 while let (Some(name), Some(val)) = (fields.next(), fields.next()) {
                     let val = into_text(val);
@@ -628,7 +563,6 @@ impl Dist {
                         Some("g") => g = val.and_then(|x| x.parse::<i64>().ok()),
                         Some("v") => v = val.and_then(|x| x.parse::<u64>().ok()),
                         Some("s") => s = val,
-                        Some("d") => d = val,
                         _ => {}
                     }
                 }
@@ -636,8 +570,6 @@ impl Dist {
                     (Some(gid), Some(version), Some(snapshot)) => Some(StreamChange {
                         gid,
                         version,
-                        // An undecodable delta only costs the snapshot's rewrite.
-                        delta: d.and_then(|d| Delta::decode(&self.open_text(d)?)),
                         snapshot,
                     }),
                     _ => None,
@@ -651,7 +583,7 @@ impl Dist {
         Ok(out)
     }
 
-    pub async fn ack(&self, shard: u64, ids: &[String]) -> Result<(), DistError> {
+    pub async fn ack(&self, shard: u64, ids: &[&str]) -> Result<(), DistError> {
         if ids.is_empty() {
             return Ok(());
         }
@@ -822,8 +754,7 @@ impl Dist {
                 machines,
                 ..snap.clone()
             };
-            let delta = Delta::between(&snap.machines, &next);
-            if let Cas::Done(_) = self.cas(gid, snap.version, &next, delta.as_ref()).await? {
+            if let Cas::Done(_) = self.cas(gid, snap.version, &next).await? {
                 return Ok(true);
             }
         }
@@ -841,8 +772,6 @@ pub type Entry = (String, Option<StreamChange>);
 pub struct StreamChange {
     pub gid: i64,
     pub version: u64,
-    /// What changed from `version - 1` (entries written before deltas have none).
-    pub delta: Option<Delta>,
     /// The whole snapshot, sealed and encoded as stored (`Dist::entry_snapshot`).
     snapshot: String,
 }
@@ -962,10 +891,13 @@ pub async fn store_changes(
             again,
         } = store_pass(&dist, &store, &consumer, pending).await;
         crate::metrics::redis_up(reachable);
-        if pending && !any {
+        if again {
+            // Read once more at once; if that fails too, new entries go on and these wait for
+            // the claim below, so entries that cannot be stored do not hold back the rest.
+            pending = !pending;
+        } else if pending && !any {
             pending = false;
         }
-        pending |= again;
         if claimed_at.elapsed() > Duration::from_secs(5) {
             claimed_at = std::time::Instant::now();
             for shard in 0..dist.shards() {
@@ -999,7 +931,7 @@ pub async fn store_changes(
         if !pass.reachable || (!pass.any && !pass_pending) {
             break;
         }
-        pass_pending = pass.again;
+        pass_pending = pass.again && !pass_pending;
     }
 }
 
@@ -1011,15 +943,20 @@ async fn store_pass(
     pending: bool,
 ) -> Pass {
     let (mut reachable, mut again) = (true, false);
-    // Every shard is read first and the lot stored in one transaction: a store page that
-    // several entries change (a license row, an index page) is written once per pass.
-    let mut read: Vec<(u64, Vec<String>)> = Vec::new();
+    // Every shard is read first and the lot stored in one transaction: one commit per pass,
+    // and a license changed several times in the pass is written once.
+    // Per shard read: each entry's id, and its license (`None`: unusable, acknowledged).
+    let mut read: Vec<(u64, Vec<EntryKey>)> = Vec::new();
     let mut entries: Vec<Entry> = Vec::new();
     for shard in 0..dist.shards() {
         match dist.read(shard, consumer, pending, 256).await {
             Ok(e) if e.is_empty() => {}
             Ok(e) => {
-                read.push((shard, e.iter().map(|(id, _)| id.clone()).collect()));
+                let ids = e
+                    .iter()
+                    .map(|(id, c)| (id.clone(), c.as_ref().map(|c| c.gid)))
+                    .collect();
+                read.push((shard, ids));
                 entries.extend(e);
             }
             Err(e) => {
@@ -1040,29 +977,34 @@ async fn store_pass(
     let (store, d) = (store.clone(), dist.clone());
     let written = tokio::task::spawn_blocking(move || {
         let dist = d;
-        // By license (stable: a license's entries come from one shard, in version order), so
-        // that nodes storing at the same time lock license rows in one order.
-        let mut changes: Vec<&StreamChange> =
-            entries.iter().filter_map(|(_, c)| c.as_ref()).collect();
-        changes.sort_by_key(|c| c.gid);
-        let shared: Vec<crate::store::SharedEntry<'_>> = changes
+        let changes: Vec<&StreamChange> = entries.iter().filter_map(|(_, c)| c.as_ref()).collect();
+        let keys: Vec<crate::store::SharedEntry> = changes
             .iter()
             .map(|c| crate::store::SharedEntry {
                 gid: c.gid,
                 version: c.version,
-                delta: c.delta.as_ref(),
             })
             .collect();
         let mut s = store.lock();
         s.reconnect_if_broken()?;
-        s.apply_shared_entries(&shared, |i| dist.entry_snapshot(changes[i]))
+        s.apply_shared_snapshots(&keys, |i| dist.entry_snapshot(changes[i]))
     })
     .await;
     match written {
-        Ok(Ok((by_delta, whole))) => {
-            crate::metrics::shared_stored(by_delta, whole);
+        Ok(Ok(stored)) => {
+            crate::metrics::shared_stored(stored.written);
+            if !stored.failed.is_empty() {
+                // Left unacknowledged: claimed again after `claim_stale`'s idle time, without
+                // holding back the other keys' entries meanwhile.
+                tracing::error!(keys = ?stored.failed, "stream entries of these keys could not be stored");
+            }
             for (shard, ids) in &read {
-                if let Err(e) = dist.ack(*shard, ids).await {
+                let ids: Vec<&str> = ids
+                    .iter()
+                    .filter(|(_, gid)| gid.is_none_or(|g| !stored.failed.contains(&g)))
+                    .map(|(id, _)| id.as_str())
+                    .collect();
+                if let Err(e) = dist.ack(*shard, &ids).await {
                     // Unacknowledged entries are read again on the next pass (this consumer's
                     // pending ones); writing them again is harmless.
                     tracing::warn!(error = %e, "acknowledging stream entries failed");
@@ -1088,6 +1030,9 @@ async fn store_pass(
         again,
     }
 }
+
+/// A stream entry's id and license.
+type EntryKey = (String, Option<i64>);
 
 /// What one pass over the shard streams found.
 struct Pass {
@@ -1169,6 +1114,11 @@ mod tests {
         assert_eq!(Snapshot::decode(3, text), Some(s.clone()));
         let none = r#"{"e":null,"m":[]}"#;
         assert_eq!(Snapshot::decode(1, none).map(|s| s.expires), Some(None));
+        // A later version may add elements to a machine (read past) or fields (ignored).
+        let later = r#"{"e":77,"m":[["m\"1",1,"203.0.113.1","10.0.0.1",5,"pc",9,"x",[1]]],"z":1}"#;
+        assert_eq!(Snapshot::decode(3, later), Some(s.clone()));
+        let short = r#"{"e":77,"m":[["m",1,"203.0.113.1","10.0.0.1",5,"pc"]]}"#;
+        assert_eq!(Snapshot::decode(3, short), None);
         let mut l = License {
             product_id: 1,
             id: 1,
@@ -1194,61 +1144,5 @@ mod tests {
         let newer = Snapshot { version: 4, ..s };
         assert!(newer.install(&mut l));
         assert_eq!((l.machines.len(), l.expires, l.shared_version), (1, 77, 4));
-    }
-
-    /// The delta names exactly what changed, keeps the snapshot's order for new machines,
-    /// and is `None` when the order changed (only a rewrite reproduces that).
-    #[test]
-    fn a_delta_is_what_changed_between_two_machine_lists() {
-        let m = |code: &str, kind: MachineKind, ip: &str| Machine {
-            machine_code: code.into(),
-            kind,
-            ip: ip.into(),
-            proxy_ip: "10.0.0.1".into(),
-            time: 1,
-            friendly_name: String::new(),
-            floating_expires: 0,
-        };
-        let (a, b, c) = (
-            m("a", MachineKind::NodeLocked, "1"),
-            m("b", MachineKind::NodeLocked, "1"),
-            m("c", MachineKind::NodeLocked, "1"),
-        );
-        let fa = m("a", MachineKind::Floating, "1");
-        let next = |machines: Vec<Machine>| Snapshot {
-            version: 0,
-            expires: Some(9),
-            machines,
-        };
-        let delta = |old: &[Machine], new: Vec<Machine>| Delta::between(old, &next(new));
-        let old = vec![a.clone(), b.clone()];
-        // Unchanged: an empty delta (it still carries `Expires`).
-        let same = delta(&old, old.clone()).unwrap();
-        assert_eq!(
-            (same.upserts.len(), same.removes.len(), same.expires),
-            (0, 0, Some(9))
-        );
-        // Appended, and the floating seat of the same code is another machine.
-        let d = delta(&old, vec![a.clone(), b.clone(), c.clone(), fa.clone()]).unwrap();
-        assert_eq!(d.upserts, vec![c.clone(), fa.clone()]);
-        assert!(d.removes.is_empty());
-        // Changed in place, and removed.
-        let a2 = m("a", MachineKind::NodeLocked, "2");
-        let d = delta(&old, vec![a2.clone()]).unwrap();
-        assert_eq!(d.upserts, vec![a2]);
-        assert_eq!(d.removes, vec![("b".to_owned(), false)]);
-        let d = delta(
-            &[a.clone(), fa.clone(), b.clone()],
-            vec![a.clone(), b.clone()],
-        )
-        .unwrap();
-        assert_eq!(d.removes, vec![("a".to_owned(), true)]);
-        assert!(d.upserts.is_empty());
-        // Reordered: no delta.
-        assert_eq!(delta(&old, vec![b.clone(), a.clone()]), None);
-        assert_eq!(delta(&old, vec![b.clone(), c.clone(), a.clone()]), None);
-        // Round trip through the stream's encoding.
-        let d = delta(&[a.clone(), fa], vec![a, b, c]).unwrap();
-        assert_eq!(Delta::decode(&d.encode()), Some(d));
     }
 }

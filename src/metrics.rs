@@ -188,11 +188,10 @@ pub fn shared_applied(source: &'static str, n: usize) {
     metrics::counter!(SHARED_APPLIED_TOTAL, "source" => source).increment(n as u64);
 }
 
-/// Distributed mode: stream entries written to the main store by this node, by their delta
-/// or by rewriting the license's whole snapshot.
-pub fn shared_stored(delta: usize, whole: usize) {
-    metrics::counter!(SHARED_STORED_TOTAL, "how" => "delta").increment(delta as u64);
-    metrics::counter!(SHARED_STORED_TOTAL, "how" => "snapshot").increment(whole as u64);
+/// Distributed mode: stream entries written to the main store by this node (of several
+/// entries of one license in a pass, the newest).
+pub fn shared_stored(n: usize) {
+    metrics::counter!(SHARED_STORED_TOTAL).increment(n as u64);
 }
 
 /// Distributed mode: from a control-plane change's announcement (the CLI, through Redis) to

@@ -1677,35 +1677,61 @@ impl Store {
         })
     }
 
-    /// Distributed mode: stores one read of the change streams, in one transaction. Each
-    /// entry goes in by its delta when the store holds the version just before it (only the
-    /// rows that changed are written), else by its whole snapshot (`snapshot(i)`, decoded only
-    /// then) if it is newer than the stored version; an older or repeated entry changes
-    /// nothing. Entries are taken in the order given, which keeps each license's versions in
-    /// order; callers sort by license so that concurrent readers lock rows in one order.
-    /// Returns how many went in by delta and by snapshot.
-    pub fn apply_shared_entries(
+    /// Distributed mode: stores one pass over the change streams. Of a license's entries only
+    /// the newest that can be read (`snapshot(i)`, decoded only for it) is written: its
+    /// snapshot replaces the license's activations if its version is newer than the stored
+    /// one. Licenses go in global-id order, so nodes storing at the same time lock their rows
+    /// in one order. All in one transaction; if that fails, license by license, so that one
+    /// that cannot be stored does not hold back the rest. An error only if none could be.
+    pub fn apply_shared_snapshots(
         &mut self,
-        entries: &[SharedEntry<'_>],
+        entries: &[SharedEntry],
         snapshot: impl Fn(usize) -> Option<crate::dist::Snapshot>,
-    ) -> Result<(usize, usize)> {
+    ) -> Result<SharedStored> {
+        let mut by_license: std::collections::BTreeMap<i64, Vec<usize>> = Default::default();
+        for (i, e) in entries.iter().enumerate() {
+            by_license.entry(e.gid).or_default().push(i);
+        }
+        let mut picks = Vec::with_capacity(by_license.len());
+        for (gid, mut idx) in by_license {
+            idx.sort_by_key(|&i| std::cmp::Reverse(entries[i].version));
+            match idx.iter().find_map(|&i| snapshot(i)) {
+                Some(s) => picks.push((gid, s)),
+                None => tracing::error!(gid, "no usable stream entry for this key; skipped"),
+            }
+        }
         let seal = &self.seal;
-        self.db.transaction(|db| {
-            let (mut by_delta, mut whole) = (0, 0);
-            for (i, e) in entries.iter().enumerate() {
-                if let Some(d) = e.delta {
-                    if shared_delta(db, seal, e.gid, e.version, d)? {
-                        by_delta += 1;
-                        continue;
-                    }
-                }
-                match snapshot(i) {
-                    Some(s) => whole += usize::from(shared_snapshot(db, seal, e.gid, &s)?),
-                    None => tracing::error!(gid = e.gid, "an unusable stream entry; skipped"),
+        let all = self.db.transaction(|db| {
+            let mut n = 0;
+            for (gid, s) in &picks {
+                n += usize::from(shared_snapshot(db, seal, *gid, s)?);
+            }
+            Ok(n)
+        });
+        let e = match all {
+            Ok(written) => {
+                return Ok(SharedStored {
+                    written,
+                    failed: Vec::new(),
+                })
+            }
+            Err(e) => e,
+        };
+        tracing::warn!(error = %e, "storing stream entries failed; trying key by key");
+        let (mut written, mut failed, mut last) = (0, Vec::new(), e);
+        for (gid, s) in &picks {
+            match self.db.transaction(|db| shared_snapshot(db, seal, *gid, s)) {
+                Ok(w) => written += usize::from(w),
+                Err(e) => {
+                    failed.push(*gid);
+                    last = e;
                 }
             }
-            Ok((by_delta, whole))
-        })
+        }
+        if failed.len() == picks.len() {
+            return Err(last);
+        }
+        Ok(SharedStored { written, failed })
     }
 
     /// Every key's `shared_version` (distributed mode), by global id.
@@ -2140,41 +2166,19 @@ const UPSERT_MACHINE: &str = "INSERT INTO activations (key_global_id, floating, 
          kind = excluded.kind, ip = excluded.ip, proxy_ip = excluded.proxy_ip, time = excluded.time,
          friendly_name = excluded.friendly_name, floating_expires = excluded.floating_expires";
 
-/// One stream entry to store (`Store::apply_shared_entries`).
-pub struct SharedEntry<'a> {
+/// One stream entry to store (`Store::apply_shared_snapshots`).
+pub struct SharedEntry {
     pub gid: i64,
     pub version: u64,
-    pub delta: Option<&'a crate::dist::Delta>,
 }
 
-/// Applies `delta` (what made `version`) if the store holds `version - 1`; false if not.
-fn shared_delta(
-    db: &mut Db,
-    seal: &Seal,
-    gid: i64,
-    version: u64,
-    delta: &crate::dist::Delta,
-) -> Result<bool> {
-    let next = db.exec(
-        "UPDATE license_keys SET shared_version = ?1 WHERE global_id = ?2 AND shared_version = ?3",
-        vals![version as i64, gid, version as i64 - 1],
-    )?;
-    if next == 0 {
-        return Ok(false);
-    }
-    if let Some(e) = delta.expires {
-        db.exec(
-            "UPDATE license_keys SET expires = ?1 WHERE global_id = ?2",
-            vals![e, gid],
-        )?;
-    }
-    for (code, floating) in &delta.removes {
-        remove_machine(db, seal, gid, code, *floating)?;
-    }
-    for m in &delta.upserts {
-        upsert_machine(db, seal, gid, m)?;
-    }
-    Ok(true)
+/// What `Store::apply_shared_snapshots` did.
+#[derive(Debug, PartialEq, Eq)]
+pub struct SharedStored {
+    /// Keys whose activations were replaced (the others' entries were older or repeated).
+    pub written: usize,
+    /// Keys whose write failed: their entries stay unacknowledged.
+    pub failed: Vec<i64>,
 }
 
 /// Replaces a key's activations (and, for a trial-activation key, its `Expires`) with a
@@ -2825,92 +2829,129 @@ mod tests {
         });
     }
 
-    /// Distributed mode: a stream entry's delta applies only on the version just before it,
-    /// and the store then holds what the whole snapshot would have put there, in order; an
-    /// entry after a gap falls back to the snapshot, an older one changes nothing.
+    /// Distributed mode: a pass over the change streams writes each key's newest readable
+    /// entry if it is newer than what the store holds; older and repeated entries change
+    /// nothing, and a key with no readable entry is skipped while the rest still goes in.
     #[test]
-    fn a_shared_delta_applies_on_the_version_before_and_matches_the_snapshot() {
-        on_both_engines("delta", |store| {
-            use crate::dist::{Delta, Snapshot};
+    fn a_pass_of_shared_snapshots_writes_each_keys_newest() {
+        on_both_engines("shared", |store| {
+            use crate::dist::Snapshot;
             let t = store.create_tenant("t", b"k", "<x/>", 1).unwrap();
             let p = store.create_product(t, "p", None, None, 1).unwrap();
-            let (_, gid) = store
-                .create_key(&NewKey {
-                    product_id: p,
-                    key: "K".into(),
-                    max_no_of_machines: 10,
-                    ..Default::default()
-                })
-                .unwrap();
-            let m = |code: &str, kind: MachineKind, ip: &str, lease: i64| Machine {
+            let mut key = |k: &str| {
+                store
+                    .create_key(&NewKey {
+                        product_id: p,
+                        key: k.into(),
+                        max_no_of_machines: 10,
+                        ..Default::default()
+                    })
+                    .unwrap()
+                    .1
+            };
+            let (g1, g2) = (key("K1"), key("K2"));
+            let m = |code: &str, ip: &str| Machine {
                 machine_code: code.into(),
-                kind,
+                kind: MachineKind::NodeLocked,
                 ip: ip.into(),
                 proxy_ip: "10.0.0.1".into(),
                 time: 1,
                 friendly_name: String::new(),
-                floating_expires: lease,
+                floating_expires: 0,
             };
             let snap = |version: u64, machines: Vec<Machine>| Snapshot {
                 version,
                 expires: None,
                 machines,
             };
-            let held = |store: &mut Store| store.key(gid).unwrap().license.machines;
-            let v1 = snap(1, vec![m("a", MachineKind::NodeLocked, "192.0.2.1", 0)]);
-            let v2 = snap(
-                2,
-                vec![
-                    m("a", MachineKind::NodeLocked, "192.0.2.1", 0),
-                    m("f", MachineKind::Floating, "192.0.2.2", 100),
-                ],
-            );
-            let v3 = snap(
-                3,
-                vec![
-                    m("a", MachineKind::NodeLocked, "192.0.2.9", 0),
-                    m("b", MachineKind::NodeLocked, "192.0.2.3", 0),
-                ],
-            );
-            let d = |old: &Snapshot, new: &Snapshot| Delta::between(&old.machines, new).unwrap();
-            let (d1, d2, d3) = (d(&snap(0, vec![]), &v1), d(&v1, &v2), d(&v2, &v3));
-            let entry = |version: u64, delta| SharedEntry {
-                gid,
-                version,
-                delta,
-            };
-            let all = [v1.clone(), v2.clone(), v3.clone()];
-            let by_version = |entries: &[SharedEntry<'_>], i: usize| {
-                all.iter()
-                    .find(|s| s.version == entries[i].version)
-                    .cloned()
-            };
-            let apply = |store: &mut Store, entries: &[SharedEntry<'_>]| {
+            let held = |store: &mut Store, gid: i64| store.key(gid).unwrap().license.machines;
+            let pass = |store: &mut Store, entries: Vec<(i64, Option<Snapshot>)>| {
+                let keys: Vec<SharedEntry> = entries
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (gid, s))| SharedEntry {
+                        gid: *gid,
+                        version: s.as_ref().map_or(100 + i as u64, |s| s.version),
+                    })
+                    .collect();
                 store
-                    .apply_shared_entries(entries, |i| by_version(entries, i))
+                    .apply_shared_snapshots(&keys, |i| entries[i].1.clone())
                     .unwrap()
             };
-            // Version 0 holds no machines: both deltas apply, in one transaction.
-            let batch = [entry(1, Some(&d1)), entry(2, Some(&d2))];
-            assert_eq!(apply(store, &batch), (2, 0));
-            assert_eq!(held(store), v2.machines);
-            // A repeated entry and an older one change nothing, by delta or by snapshot.
-            let batch = [entry(2, Some(&d2)), entry(1, Some(&d1)), entry(1, None)];
-            assert_eq!(apply(store, &batch), (0, 0));
-            assert_eq!(held(store), v2.machines);
-            // Removal, a change in place and a new machine, in the snapshot's order.
-            assert_eq!(apply(store, &[entry(3, Some(&d3))]), (1, 0));
-            assert_eq!(held(store), v3.machines);
-            // A gap (version 5 on 3): the snapshot's rewrite; an entry whose snapshot cannot
-            // be read is skipped, the rest of the read still goes in.
-            let v5 = snap(5, vec![m("c", MachineKind::NodeLocked, "192.0.2.4", 0)]);
-            let d5 = d(&snap(4, vec![]), &v5);
-            let batch = [entry(4, None), entry(5, Some(&d5))];
-            let got = store
-                .apply_shared_entries(&batch, |i| (i == 1).then(|| v5.clone()))
-                .unwrap();
-            assert_eq!(got, (0, 1));
-            assert_eq!(held(store), v5.machines);
+            let written = |n: usize| SharedStored {
+                written: n,
+                failed: Vec::new(),
+            };
+            let v1 = snap(1, vec![m("a", "192.0.2.1")]);
+            let v2 = snap(2, vec![m("a", "192.0.2.1"), m("b", "192.0.2.2")]);
+            let v3 = snap(3, vec![m("b", "192.0.2.2"), m("c", "192.0.2.3")]);
+            // Two entries of one key: only the newer is written; another key alongside.
+            let got = pass(
+                store,
+                vec![
+                    (g1, Some(v1.clone())),
+                    (g2, Some(v1.clone())),
+                    (g1, Some(v2.clone())),
+                ],
+            );
+            assert_eq!(got, written(2));
+            assert_eq!(held(store, g1), v2.machines);
+            assert_eq!(held(store, g2), v1.machines);
+            // Repeated and older entries change nothing.
+            assert_eq!(
+                pass(store, vec![(g1, Some(v2.clone())), (g1, Some(v1))]),
+                written(0)
+            );
+            assert_eq!(held(store, g1), v2.machines);
+            // The newest entry cannot be read: the newest that can is written.
+            assert_eq!(
+                pass(store, vec![(g1, Some(v3.clone())), (g1, None)]),
+                written(1)
+            );
+            assert_eq!(held(store, g1), v3.machines);
+            // A key with no readable entry is skipped; the other key still goes in.
+            let v4 = snap(4, vec![m("d", "192.0.2.4")]);
+            assert_eq!(
+                pass(store, vec![(g2, None), (g1, Some(v4.clone()))]),
+                written(1)
+            );
+            assert_eq!(held(store, g1), v4.machines);
+            assert_eq!(held(store, g2), snap(1, vec![m("a", "192.0.2.1")]).machines);
+            // A key whose write fails (here a trigger refuses it) fails alone: the pass's
+            // transaction is rolled back and the keys are written one by one.
+            let refuse = match &store.db {
+                Db::Sqlite(_) => format!(
+                    "CREATE TRIGGER refuse BEFORE UPDATE OF shared_version ON license_keys
+                     WHEN NEW.global_id = {g2} BEGIN SELECT RAISE(ABORT, 'refused'); END"
+                ),
+                Db::Postgres(_) => format!(
+                    "CREATE FUNCTION refuse() RETURNS trigger AS $$ BEGIN
+                       IF NEW.global_id = {g2} THEN RAISE EXCEPTION 'refused'; END IF;
+                       RETURN NEW; END $$ LANGUAGE plpgsql;
+                     CREATE TRIGGER refuse BEFORE UPDATE ON license_keys
+                       FOR EACH ROW EXECUTE FUNCTION refuse()"
+                ),
+            };
+            store.db.batch(&refuse).unwrap();
+            let v5 = snap(5, vec![m("e", "192.0.2.5")]);
+            let got = pass(store, vec![(g2, Some(v5.clone())), (g1, Some(v5.clone()))]);
+            assert_eq!(
+                got,
+                SharedStored {
+                    written: 1,
+                    failed: vec![g2]
+                }
+            );
+            assert_eq!(held(store, g1), v5.machines);
+            // Nothing can be written: an error.
+            let keys = [SharedEntry {
+                gid: g2,
+                version: 6,
+            }];
+            let v6 = snap(6, vec![]);
+            assert!(store
+                .apply_shared_snapshots(&keys, |_| Some(v6.clone()))
+                .is_err());
         });
     }
 

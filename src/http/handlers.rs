@@ -6,7 +6,7 @@
 use super::error::{ApiError, Failure};
 use super::response_cache::{Probe, ProbeKey, Shape};
 use super::Ctx;
-use crate::dist::{Cas, Delta, Snapshot};
+use crate::dist::{Cas, Snapshot};
 use crate::domain::{
     self, decide::Change, ActivateInput, ActivateOutcome, DeactivateOutcome, License, Machine,
     Mask, Method, Scope, StateCode, DAY_SECONDS,
@@ -355,9 +355,8 @@ async fn activate_decided(
         Refused(domain::decide::Reject),
         /// Distributed mode: become this license's writer on this node, then decide again.
         NeedWriter,
-        /// Distributed mode: commit this snapshot, decided from version `expected`, with what
-        /// changed from it.
-        Commit(StateCode, Change, Snapshot, Option<Delta>, u64),
+        /// Distributed mode: commit this snapshot, decided from version `expected`.
+        Commit(StateCode, Change, Snapshot, u64),
     }
     // A license's global id never changes: read once, not under the lock on every attempt.
     let gid = entry.license.lock().global_id;
@@ -368,9 +367,6 @@ async fn activate_decided(
     // Distributed mode: a limit refusal is checked once against Redis, since a seat freed on
     // another node may not have reached this node's memory yet.
     let mut refreshed = false;
-    // Distributed mode: Redis lost this license, and this node writes its own state back on
-    // top: the store then needs the whole snapshot, not what changed from this node's memory.
-    let mut whole = false;
     let (prepared, code, durable) = loop {
         attempt += 1;
         // Decide under the lock. On one node the change is applied at once; in distributed
@@ -400,8 +396,7 @@ async fn activate_decided(
                             Step::NeedWriter
                         } else {
                             let next = Snapshot::after(&lic, &change, now);
-                            let delta = Delta::between(&lic.machines, &next);
-                            Step::Commit(code, change, next, delta, lic.shared_version)
+                            Step::Commit(code, change, next, lic.shared_version)
                         }
                     } else {
                         lic.apply(&change, now);
@@ -452,17 +447,15 @@ async fn activate_decided(
                 writer = Some(entry.writer.lock().await);
                 attempt = 0;
             }
-            Step::Commit(code, change, next, delta, expected) => {
-                let delta = delta.filter(|_| !whole);
-                match commit_shared(ctx, &entry, gid, expected, next, delta, attempt).await {
-                    Ok(Commit::Done) => {
+            Step::Commit(code, change, next, expected) => {
+                match commit_shared(ctx, &entry, gid, expected, next, attempt).await {
+                    Ok(Some(())) => {
                         let lic = entry.license.lock();
                         let prepared =
                             answer(ctx, &lic, &change, r, &product, &signer, mask, now, log);
                         break (prepared, code, Durable::ready());
                     }
-                    Ok(Commit::Again) => {}
-                    Ok(Commit::AgainWhole) => whole = true,
+                    Ok(None) => {}
                     Err(e) => return Err(fail(e)),
                 }
             }
@@ -481,35 +474,22 @@ async fn activate_decided(
 /// other nodes: on one node, one writer per license at a time).
 const MAX_SHARED_ATTEMPTS: u32 = 64;
 
-/// What a commit in Redis came to.
-enum Commit {
-    /// Committed and installed here.
-    Done,
-    /// Another node (or request) changed the license first; its state is now installed here:
-    /// decide again.
-    Again,
-    /// Redis holds an older version than this node (it lost data): decide again, and commit
-    /// without a delta, which would describe the change from this node's memory, not from
-    /// what Redis and the store hold.
-    AgainWhole,
-}
-
-/// Distributed mode: commits a decided snapshot in Redis.
-#[allow(clippy::too_many_arguments)]
+/// Distributed mode: commits a decided snapshot in Redis. `Some(())`: committed and installed
+/// here; `None`: another node (or request) changed the license first, its state is now
+/// installed here, decide again.
 async fn commit_shared(
     ctx: &Ctx,
     entry: &LicenseEntry,
     gid: i64,
     expected: u64,
     next: Snapshot,
-    delta: Option<Delta>,
     attempt: u32,
-) -> Result<Commit, ApiError> {
+) -> Result<Option<()>, ApiError> {
     let dist = ctx.dist.as_ref().ok_or(ApiError::Internal)?;
-    match dist.cas(gid, expected, &next, delta.as_ref()).await {
+    match dist.cas(gid, expected, &next).await {
         Ok(Cas::Done(v)) => {
             Snapshot { version: v, ..next }.install_owned(&mut entry.license.lock());
-            Ok(Commit::Done)
+            Ok(Some(()))
         }
         Ok(Cas::Conflict(theirs)) => {
             tracing::debug!(
@@ -519,18 +499,16 @@ async fn commit_shared(
                 attempt,
                 "compare-and-set conflict"
             );
-            let lost = {
+            {
                 let mut lic = entry.license.lock();
                 if theirs.version < lic.shared_version {
                     // Redis lost this license (flushed or restored from an older copy): the
                     // next attempt writes this node's state back, on top of what Redis holds.
                     lic.shared_version = theirs.version;
-                    true
                 } else {
                     theirs.install(&mut lic);
-                    false
                 }
-            };
+            }
             crate::metrics::shared_conflict();
             if attempt >= MAX_SHARED_ATTEMPTS {
                 tracing::error!(gid, "gave up after {attempt} compare-and-set conflicts");
@@ -538,11 +516,7 @@ async fn commit_shared(
             }
             // No back-off: the conflict reply carries the winner's state, so the next attempt
             // is as fresh as it can be, and waiting would only hand the race to the others.
-            Ok(if lost {
-                Commit::AgainWhole
-            } else {
-                Commit::Again
-            })
+            Ok(None)
         }
         Err(e) => {
             tracing::warn!(error = %e, "redis unreachable: change refused");
@@ -653,8 +627,6 @@ pub async fn deactivate(ctx: &Ctx, r: DeactivateRequest, log: &mut LogCtx) -> Ou
     // Distributed mode: "never activated" is checked once against Redis, since an activation
     // on another node may not have reached this node's memory yet.
     let mut refreshed = ctx.dist.is_none();
-    // As in `activate`: after Redis lost the license, commit the whole snapshot.
-    let mut whole = false;
     let (code, durable) = loop {
         attempt += 1;
         let decided = {
@@ -675,9 +647,7 @@ pub async fn deactivate(ctx: &Ctx, r: DeactivateRequest, log: &mut LogCtx) -> Ou
                     if ctx.dist.is_some() {
                         let mut next = lic.clone();
                         next.remove_machine(&r.machine_code, r.floating);
-                        let next = Snapshot::of(&next, 0);
-                        let delta = Delta::between(&lic.machines, &next).filter(|_| !whole);
-                        Some((code, next, delta, lic.shared_version))
+                        Some((code, Snapshot::of(&next, 0), lic.shared_version))
                     } else {
                         lic.remove_machine(&r.machine_code, r.floating);
                         let sent = ctx.writer.changes(vec![StoreEvent::MachineRemove {
@@ -690,7 +660,7 @@ pub async fn deactivate(ctx: &Ctx, r: DeactivateRequest, log: &mut LogCtx) -> Ou
                 }
             }
         };
-        let Some((code, next, delta, expected)) = decided else {
+        let Some((code, next, expected)) = decided else {
             refreshed = true;
             if let Some(dist) = &ctx.dist {
                 if let Ok(mut snaps) = dist.fetch(&[gid]).await {
@@ -701,10 +671,9 @@ pub async fn deactivate(ctx: &Ctx, r: DeactivateRequest, log: &mut LogCtx) -> Ou
             }
             continue;
         };
-        match commit_shared(ctx, &entry, gid, expected, next, delta, attempt).await {
-            Ok(Commit::Done) => break (code, Durable::ready()),
-            Ok(Commit::Again) => continue,
-            Ok(Commit::AgainWhole) => whole = true,
+        match commit_shared(ctx, &entry, gid, expected, next, attempt).await {
+            Ok(Some(())) => break (code, Durable::ready()),
+            Ok(None) => continue,
             Err(e) => return Err(fail(e)),
         }
     };
