@@ -889,13 +889,16 @@ pub async fn store_changes(
             any,
             reachable,
             again,
+            stuck,
         } = store_pass(&dist, &store, &consumer, pending).await;
         crate::metrics::redis_up(reachable);
         if again {
             // Read once more at once; if that fails too, new entries go on and these wait for
             // the claim below, so entries that cannot be stored do not hold back the rest.
             pending = !pending;
-        } else if pending && !any {
+        } else if stuck || (pending && !any) {
+            // (Entries of keys that cannot be stored are read again after the next claim,
+            // not in a loop.)
             pending = false;
         }
         if claimed_at.elapsed() > Duration::from_secs(5) {
@@ -942,7 +945,7 @@ async fn store_pass(
     consumer: &str,
     pending: bool,
 ) -> Pass {
-    let (mut reachable, mut again) = (true, false);
+    let (mut reachable, mut again, mut stuck) = (true, false, false);
     // Every shard is read first and the lot stored in one transaction: one commit per pass,
     // and a license changed several times in the pass is written once.
     // Per shard read: each entry's id, and its license (`None`: unusable, acknowledged).
@@ -972,6 +975,7 @@ async fn store_pass(
             any,
             reachable,
             again,
+            stuck,
         };
     }
     let (store, d) = (store.clone(), dist.clone());
@@ -994,9 +998,10 @@ async fn store_pass(
         Ok(Ok(stored)) => {
             crate::metrics::shared_stored(stored.written);
             if !stored.failed.is_empty() {
-                // Left unacknowledged: claimed again after `claim_stale`'s idle time, without
+                // Left unacknowledged: tried again after the next claim (every 5 s), without
                 // holding back the other keys' entries meanwhile.
                 tracing::error!(keys = ?stored.failed, "stream entries of these keys could not be stored");
+                stuck = true;
             }
             for (shard, ids) in &read {
                 let ids: Vec<&str> = ids
@@ -1024,10 +1029,14 @@ async fn store_pass(
             again = true;
         }
     }
+    if stuck {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     Pass {
         any,
         reachable,
         again,
+        stuck,
     }
 }
 
@@ -1043,6 +1052,8 @@ struct Pass {
     /// Entries read were not stored or not acknowledged: read this consumer's pending
     /// entries again (else they would wait for a claim, 30 s on).
     again: bool,
+    /// Some keys' entries could not be stored (the rest were): leave them to the claim.
+    stuck: bool,
 }
 
 /// Parses a channel message `<global id> <version>`.

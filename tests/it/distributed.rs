@@ -818,3 +818,106 @@ async fn floating_seats_are_shared_and_stopped_nodes_leave_the_store_current() {
         "expired f1 gone, f2 stored"
     );
 }
+
+/// Runs SQL on the PostgreSQL main store from outside the node.
+fn pg_batch(url: &str, sql: &str) {
+    let (url, sql) = (url.to_owned(), sql.to_owned());
+    std::thread::spawn(move || {
+        let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+        c.batch_execute(&sql).unwrap();
+    })
+    .join()
+    .unwrap();
+}
+
+/// CPU time (user and system, in clock ticks) of a process so far.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+/// The main store refuses one key's writes (a trigger here): the stream consumer stores the
+/// other keys' changes meanwhile, does not spin on the refused ones, and stores them once
+/// the store takes them again (after its next claim of pending entries, within seconds).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_the_store_refuses_holds_back_no_other_and_goes_in_later() {
+    let pg = TempPostgres::start();
+    let redis = TempRedis::start();
+    let dir = TempDir::new("dist-refuse");
+    use_postgres(&dir.0, &pg.url());
+    add_config(&dir.0, &format!("\n[redis]\nurl = \"{}\"\n", redis.url()));
+    let seed = Seed::new(&dir.0);
+    let (a, b) = (
+        seed.key(&dir.0, &["--max-machines", "10"]),
+        seed.key(&dir.0, &["--max-machines", "10"]),
+    );
+    let (ga, gb) = (seed.global_id(&dir.0, &a), seed.global_id(&dir.0, &b));
+    let pg_url = pg.url();
+    pg_batch(
+        &pg_url,
+        &format!(
+            "CREATE FUNCTION refuse() RETURNS trigger AS $$ BEGIN
+               IF NEW.global_id = {ga} AND NEW.shared_version <> OLD.shared_version THEN
+                 RAISE EXCEPTION 'refused for the test';
+               END IF;
+               RETURN NEW; END $$ LANGUAGE plpgsql;
+             CREATE TRIGGER refuse BEFORE UPDATE ON license_keys
+               FOR EACH ROW EXECUTE FUNCTION refuse()"
+        ),
+    );
+    let node = Server::start(&dir.0, &[]);
+    let codes = |prefix: &str, n: usize| -> BTreeSet<String> {
+        (0..n).map(|i| format!("{prefix}-{i}")).collect()
+    };
+    for i in 0..3 {
+        for (key, prefix) in [(&a, "a"), (&b, "b")] {
+            let (s, body) = activate_status(&node, &seed, key, &format!("{prefix}-{i}")).await;
+            assert_eq!(s, 200, "{body}");
+        }
+    }
+    wait_until("the other key's machines reach the store", || async {
+        store_machines(&pg_url, gb) == codes("b", 3)
+    })
+    .await;
+    assert!(
+        store_machines(&pg_url, ga).is_empty(),
+        "the refused key's rows"
+    );
+    // Later changes of the other key still go in, and the consumer does not spin meanwhile.
+    let before = cpu_ticks(node.pid());
+    assert_eq!(activate_status(&node, &seed, &b, "b-3").await.0, 200);
+    wait_until("a later change of the other key", || async {
+        store_machines(&pg_url, gb) == codes("b", 4)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let used = cpu_ticks(node.pid()) - before;
+    assert!(
+        used < 100,
+        "{used} ticks of CPU in about 2 s: the consumer spins"
+    );
+    assert!(
+        store_machines(&pg_url, ga).is_empty(),
+        "the refused key's rows"
+    );
+    // The store takes the key again: its entries go in at the next retry.
+    pg_batch(&pg_url, "DROP TRIGGER refuse ON license_keys");
+    let started = std::time::Instant::now();
+    while store_machines(&pg_url, ga) != codes("a", 3) {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the refused key's entries never reached the store"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!(
+        "the refused key's entries stored {:?} after the store took them again",
+        started.elapsed()
+    );
+}
