@@ -62,7 +62,7 @@ impl Snapshot {
             return false;
         }
         l.machines.clone_from(&self.machines);
-        self.installed(l)
+        installed(l, self.version, self.expires)
     }
 
     /// `install`, moving the machine list instead of copying it.
@@ -71,20 +71,7 @@ impl Snapshot {
             return false;
         }
         l.machines = self.machines;
-        Snapshot {
-            machines: Vec::new(),
-            ..self
-        }
-        .installed(l)
-    }
-
-    fn installed(&self, l: &mut License) -> bool {
-        if let Some(e) = self.expires {
-            l.expires = e;
-        }
-        l.shared_version = self.version;
-        l.version += 1;
-        true
+        installed(l, self.version, self.expires)
     }
 
     pub fn encode(&self) -> String {
@@ -100,9 +87,19 @@ impl Snapshot {
         Some(Snapshot {
             version,
             expires: v.e,
-            machines: v.m.into_iter().map(MachineIn::into_machine).collect(),
+            machines: v.m.into_iter().map(|m| m.0).collect(),
         })
     }
+}
+
+/// The rest of installing a snapshot whose machines are in place.
+fn installed(l: &mut License, version: u64, expires: Option<i64>) -> bool {
+    if let Some(e) = expires {
+        l.expires = e;
+    }
+    l.shared_version = version;
+    l.version += 1;
+    true
 }
 
 // The encoding of snapshots in Redis: `{"e": Expires or null, "m": machines}`, a machine as
@@ -142,12 +139,6 @@ struct SnapshotIn {
 
 /// A machine's array, read by position; elements after the seventh are skipped.
 struct MachineIn(Machine);
-
-impl MachineIn {
-    fn into_machine(self) -> Machine {
-        self.0
-    }
-}
 
 impl<'de> serde::Deserialize<'de> for MachineIn {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -362,10 +353,7 @@ impl Dist {
     }
 
     fn seal(&self, snap: &Snapshot) -> String {
-        self.seal_text(snap.encode())
-    }
-
-    fn seal_text(&self, text: String) -> String {
+        let text = snap.encode();
         match &self.ring {
             Some(r) => r.seal_text(&text),
             None => text,
@@ -373,12 +361,8 @@ impl Dist {
     }
 
     fn open(&self, version: u64, stored: &str) -> Option<Snapshot> {
-        Snapshot::decode(version, &self.open_text(stored.to_owned())?)
-    }
-
-    fn open_text(&self, stored: String) -> Option<String> {
-        match crate::store::cipher::open_text(self.ring.as_deref(), stored) {
-            Ok(text) => Some(text),
+        match crate::store::cipher::open_text(self.ring.as_deref(), stored.to_owned()) {
+            Ok(text) => Snapshot::decode(version, &text),
             Err(e) => {
                 tracing::error!(error = %e, "a snapshot in redis cannot be opened");
                 None

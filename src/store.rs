@@ -1798,7 +1798,18 @@ fn write_event(db: &mut Db, seal: &Seal, e: &StoreEvent) -> Result<()> {
             key_global_id,
             machine_code,
             floating,
-        } => remove_machine(db, seal, *key_global_id, machine_code, *floating)?,
+        } => {
+            let forms = seal.forms(machine_code);
+            let mut args: Vec<db::Value> = vals![*key_global_id, *floating].to_vec();
+            let cond = any_of("machine_code", forms.len(), 3);
+            args.extend(forms);
+            db.exec(
+                &format!(
+                    "DELETE FROM activations WHERE key_global_id = ?1 AND floating = ?2 AND {cond}"
+                ),
+                &args,
+            )?;
+        }
         StoreEvent::FloatingExpired { key_global_id, now } => {
             db.exec(
                 "DELETE FROM activations WHERE key_global_id = ?1 AND floating = 1 AND floating_expires <= ?2",
@@ -2210,19 +2221,6 @@ fn shared_snapshot(
         upsert_machine(db, seal, gid, m)?;
     }
     Ok(true)
-}
-
-/// One activation deleted, in whichever form (sealed or not) it is stored.
-fn remove_machine(db: &mut Db, seal: &Seal, gid: i64, code: &str, floating: bool) -> Result<()> {
-    let forms = seal.forms(code);
-    let mut args: Vec<db::Value> = vals![gid, floating].to_vec();
-    let cond = any_of("machine_code", forms.len(), 3);
-    args.extend(forms);
-    db.exec(
-        &format!("DELETE FROM activations WHERE key_global_id = ?1 AND floating = ?2 AND {cond}"),
-        &args,
-    )?;
-    Ok(())
 }
 
 fn upsert_machine(db: &mut Db, seal: &Seal, gid: i64, m: &Machine) -> Result<()> {
