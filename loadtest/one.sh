@@ -7,7 +7,8 @@
 #   loadtest/one.sh BIN [keys, default 10000] [seconds, default 8]
 # Environment: SCENARIO (default new-machines), CONNECTIONS (default 64), REDIS=1.
 # Prints one line: throughput, CPU per request (in all and by thread), and the node's counters
-# of activation-log syncs, store-writer raises and stream entries stored (by delta or snapshot).
+# of activation-log syncs, store-writer raises and stream entries stored; with REDIS=1 also the
+# Redis commands sent over the whole run, by command.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=$(realpath "$1")
@@ -42,8 +43,13 @@ taskset -c 1 "$lt" run --target "$addr" --pid "$pid" --scenario "${SCENARIO:-new
     --ca "$work/data/tls/cert.pem" --duration-secs "$secs" --warmup-secs 3 \
     --connections "${CONNECTIONS:-64}" $seed_args --json "$work/run.json" >/dev/null
 curl -s "http://$admin/metrics" >"$work/metrics.txt"
-python3 - "$work/run.json" "$work/metrics.txt" <<'PY'
-import json, sys
+if [ "${REDIS:-}" = 1 ]; then
+    redis-cli -u "$KEYGATE_REDIS__URL" info commandstats >"$work/redis.txt"
+else
+    : >"$work/redis.txt"
+fi
+python3 - "$work/run.json" "$work/metrics.txt" "$work/redis.txt" <<'PY'
+import json, re, sys
 r = json.load(open(sys.argv[1]))["runs"][0]
 threads = r.get("server_threads_cpu_us_per_request") or {}
 counters = [l for l in open(sys.argv[2]) if l.startswith((
@@ -52,4 +58,8 @@ counters = [l for l in open(sys.argv[2]) if l.startswith((
 print(f'{r["throughput_rps"]:.0f} req/s, {r["server_cpu_us_per_request"]:.1f} us CPU per request ('
       + ", ".join(f"{k} {v:.1f}" for k, v in sorted(threads.items()) if v >= 0.5) + "); "
       + "; ".join(l.strip() for l in counters))
+# Redis commands the node sent over the whole run (seeding and warm-up included).
+calls = {m[1]: int(m[2]) for m in re.finditer(r"cmdstat_(\S+?):calls=(\d+)", open(sys.argv[3]).read())}
+if calls:
+    print("redis calls: " + ", ".join(f"{k} {v}" for k, v in sorted(calls.items(), key=lambda kv: -kv[1])))
 PY

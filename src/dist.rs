@@ -485,99 +485,111 @@ impl Dist {
         Ok(())
     }
 
-    /// Up to `count` entries of a shard for `consumer`: its own pending ones when `pending`,
-    /// else new ones. Each is (entry id, the change); the second is `None` for an entry that
-    /// cannot be used (trimmed or damaged), which is still to be acknowledged. Snapshots are
-    /// left sealed and encoded: a pass decodes only those it writes.
-    pub async fn read(
+    /// Up to `count` entries of each shard for `consumer`: its own pending ones when
+    /// `pending`, else new ones, by shard (only shards with entries). Each entry is (entry id,
+    /// the change); the second is `None` for an entry that cannot be used (trimmed or
+    /// damaged), which is still to be acknowledged. Snapshots are left sealed and encoded: a
+    /// pass decodes only those it writes. One command for every shard on one Redis server;
+    /// shard by shard on a cluster, where the streams live in different slots (a shard that
+    /// cannot be read is skipped, and the error returned beside what was read).
+    pub async fn read_all(
         &self,
-        shard: u64,
         consumer: &str,
         pending: bool,
         count: usize,
-    ) -> Result<Vec<Entry>, DistError> {
+    ) -> (Vec<(u64, Vec<Entry>)>, Option<DistError>) {
+        let batches: Vec<Vec<u64>> = match self.conn {
+            Conn::Single(_) => vec![(0..self.shards).collect()],
+            Conn::Cluster(_) => (0..self.shards).map(|s| vec![s]).collect(),
+        };
+        let (mut out, mut failed) = (Vec::new(), None);
+        for shards in batches {
+            match self.read(&shards, consumer, pending, count).await {
+                Ok(read) => out.extend(read),
+                Err(e) => failed = Some(e),
+            }
+        }
+        (out, failed)
+    }
+
+    async fn read(
+        &self,
+        shards: &[u64],
+        consumer: &str,
+        pending: bool,
+        count: usize,
+    ) -> Result<Vec<(u64, Vec<Entry>)>, DistError> {
         let mut conn = self.conn.clone();
-        let reply: Value = redis::cmd("XREADGROUP")
-            .arg("GROUP")
+        let mut cmd = redis::cmd("XREADGROUP");
+        cmd.arg("GROUP")
             .arg(GROUP)
             .arg(consumer)
             .arg("COUNT")
             .arg(count)
-            .arg("STREAMS")
-            .arg(self.stream_key(shard))
-            .arg(if pending { "0" } else { ">" })
-            .query_async(&mut conn)
-            .await?;
-        // RESP3: {stream: [[id, [field, value, ...]], ...]}; RESP2: [[stream, [...]]].
-        let streams: Vec<Value> = match reply {
+            .arg("STREAMS");
+        for &shard in shards {
+            cmd.arg(self.stream_key(shard));
+        }
+        for _ in shards {
+            cmd.arg(if pending { "0" } else { ">" });
+        }
+        let reply: Value = cmd.query_async(&mut conn).await?;
+        // RESP3: {stream: [[id, [field, value, ...]], ...], ...}; RESP2: [[stream, [...]], ...].
+        let streams: Vec<(Value, Value)> = match reply {
             Value::Nil => return Ok(Vec::new()),
-            Value::Map(m) => m.into_iter().map(|(_, v)| v).collect(),
+            Value::Map(m) => m,
             Value::Array(a) => a
                 .into_iter()
                 .filter_map(|s| match s {
-                    Value::Array(mut kv) if kv.len() == 2 => kv.pop(),
+                    Value::Array(mut kv) if kv.len() == 2 => {
+                        let v = kv.pop()?;
+                        Some((kv.pop()?, v))
+                    }
                     _ => None,
                 })
                 .collect(),
             other => return Err(DistError::Reply(format!("{other:?}"))),
         };
         let mut out = Vec::new();
-        for entries in streams {
+        for (name, entries) in streams {
+            let Some(shard) = text(&name).as_deref().and_then(stream_shard) else {
+                return Err(DistError::Reply(format!("an unknown stream {name:?}")));
+            };
             let Value::Array(entries) = entries else {
                 continue;
             };
-            for e in entries {
-                let Value::Array(e) = e else { continue };
-                // Taken apart by value: a snapshot's text is moved out, not copied.
-                let mut e = e.into_iter();
-                let Some(id) = e.next().and_then(into_text) else {
-                    continue;
-                };
-                let Some(Value::Array(fields)) = e.next() else {
-                    out.push((id, None));
-                    continue;
-                };
-                let mut g = None;
-                let mut v = None;
-                let mut s = None;
-                let mut fields = fields.into_iter();
-                while let (Some(name), Some(val)) = (fields.next(), fields.next()) {
-                    let val = into_text(val);
-                    match into_text(name).as_deref() {
-                        Some("g") => g = val.and_then(|x| x.parse::<i64>().ok()),
-                        Some("v") => v = val.and_then(|x| x.parse::<u64>().ok()),
-                        Some("s") => s = val,
-                        _ => {}
-                    }
-                }
-                let decoded = match (g, v, s) {
-                    (Some(gid), Some(version), Some(snapshot)) => Some(StreamChange {
-                        gid,
-                        version,
-                        snapshot,
-                    }),
-                    _ => None,
-                };
-                if decoded.is_none() {
-                    tracing::error!(entry = %id, "an unusable stream entry; skipped");
-                }
-                out.push((id, decoded));
+            let read: Vec<Entry> = entries.into_iter().filter_map(stream_entry).collect();
+            if !read.is_empty() {
+                out.push((shard, read));
             }
         }
         Ok(out)
     }
 
-    pub async fn ack(&self, shard: u64, ids: &[&str]) -> Result<(), DistError> {
-        if ids.is_empty() {
-            return Ok(());
-        }
+    /// Acknowledges entries, by shard: one pipeline on one Redis server, shard by shard on a
+    /// cluster.
+    pub async fn ack(&self, acks: &[(u64, Vec<&str>)]) -> Result<(), DistError> {
+        let acks: Vec<&(u64, Vec<&str>)> = acks.iter().filter(|(_, ids)| !ids.is_empty()).collect();
+        let xack = |shard: u64, ids: &[&str]| {
+            let mut c = redis::cmd("XACK");
+            c.arg(self.stream_key(shard)).arg(GROUP).arg(ids);
+            c
+        };
         let mut conn = self.conn.clone();
-        let _: Value = redis::cmd("XACK")
-            .arg(self.stream_key(shard))
-            .arg(GROUP)
-            .arg(ids)
-            .query_async(&mut conn)
-            .await?;
+        match self.conn {
+            Conn::Single(_) if !acks.is_empty() => {
+                let mut pipe = redis::pipe();
+                for (shard, ids) in &acks {
+                    pipe.add_command(xack(*shard, ids)).ignore();
+                }
+                let _: () = pipe.query_async(&mut conn).await?;
+            }
+            _ => {
+                for (shard, ids) in &acks {
+                    let _: Value = xack(*shard, ids).query_async(&mut conn).await?;
+                }
+            }
+        }
         Ok(())
     }
 
@@ -760,6 +772,45 @@ pub struct StreamChange {
     snapshot: String,
 }
 
+/// The shard of a stream key `kg:{s<shard>}:changes`.
+fn stream_shard(key: &str) -> Option<u64> {
+    key.strip_prefix("kg:{s")?.split_once('}')?.0.parse().ok()
+}
+
+/// One entry of an `XREADGROUP` reply, taken apart by value (a snapshot's text is moved out,
+/// not copied); `None` without an id.
+fn stream_entry(e: Value) -> Option<Entry> {
+    let Value::Array(e) = e else { return None };
+    let mut e = e.into_iter();
+    let id = e.next().and_then(into_text)?;
+    let Some(Value::Array(fields)) = e.next() else {
+        return Some((id, None));
+    };
+    let (mut g, mut v, mut s) = (None, None, None);
+    let mut fields = fields.into_iter();
+    while let (Some(name), Some(val)) = (fields.next(), fields.next()) {
+        let val = into_text(val);
+        match into_text(name).as_deref() {
+            Some("g") => g = val.and_then(|x| x.parse::<i64>().ok()),
+            Some("v") => v = val.and_then(|x| x.parse::<u64>().ok()),
+            Some("s") => s = val,
+            _ => {}
+        }
+    }
+    let decoded = match (g, v, s) {
+        (Some(gid), Some(version), Some(snapshot)) => Some(StreamChange {
+            gid,
+            version,
+            snapshot,
+        }),
+        _ => None,
+    };
+    if decoded.is_none() {
+        tracing::error!(entry = %id, "an unusable stream entry; skipped");
+    }
+    Some((id, decoded))
+}
+
 /// Brings every license this node holds up to what Redis holds (at start, and after a
 /// reconnect, when pub/sub messages may have been missed). Returns how many were newer.
 pub async fn sync_all(dist: &Dist, state: &State) -> Result<usize, DistError> {
@@ -846,18 +897,27 @@ pub async fn follow(
     }
 }
 
-/// Passes over the shard streams are at least this far apart while they find nothing, so a
-/// burst of changes is read in a few passes, not one pass per change.
-const STREAM_PASS_EVERY: Duration = Duration::from_millis(20);
+/// After the streams were empty, a pass waits this long after a change is announced, so a
+/// burst is read in one pass, not one pass per change.
+const STREAM_GATHER: Duration = Duration::from_millis(20);
+/// While changes keep coming, passes start this far apart (unless one read as many entries as
+/// it asks for): one commit of many licenses costs the store far less than many commits of a
+/// few (SQLite writes each commit's changed pages again), and the main store is behind Redis
+/// by this much at most.
+const STREAM_BUSY_EVERY: Duration = Duration::from_millis(200);
+/// Entries read from one shard in one pass, at most.
+const STREAM_READ_COUNT: usize = 256;
 /// With no change announced on the license channel, the streams are still read this often
 /// (a message can be lost: pub/sub does not keep them).
 const STREAM_IDLE_POLL: Duration = Duration::from_secs(1);
+/// Acknowledged entries are trimmed from their streams this often (three commands a shard).
+const STREAM_TRIM_EVERY: Duration = Duration::from_secs(1);
 
 /// Carries the shard streams into the main store: reads entries (first its own unacknowledged
 /// ones, and every few seconds those other consumers left behind), writes each snapshot
 /// version-fenced, and acknowledges only after the commit. While the streams are empty it
 /// waits for a change on the license channel (`changed`), or a second at most: an idle node
-/// makes one read per shard a second instead of fifty.
+/// makes one read a second instead of fifty.
 pub async fn store_changes(
     dist: Shared,
     store: Arc<parking_lot::Mutex<crate::store::Store>>,
@@ -867,20 +927,18 @@ pub async fn store_changes(
 ) {
     let mut pending = true;
     let mut claimed_at = std::time::Instant::now();
+    let mut untrimmed = std::collections::BTreeSet::new();
+    let mut trimmed_at = std::time::Instant::now();
     while !stop.is_cancelled() {
         let started = tokio::time::Instant::now();
-        let Pass {
-            any,
-            reachable,
-            again,
-            stuck,
-        } = store_pass(&dist, &store, &consumer, pending).await;
-        crate::metrics::redis_up(reachable);
-        if again {
+        let pass = store_pass(&dist, &store, &consumer, pending).await;
+        crate::metrics::redis_up(pass.reachable);
+        untrimmed.extend(pass.acked.iter().copied());
+        if pass.again {
             // Read once more at once; if that fails too, new entries go on and these wait for
             // the claim below, so entries that cannot be stored do not hold back the rest.
             pending = !pending;
-        } else if stuck || (pending && !any) {
+        } else if pass.stuck || (pending && !pass.any) {
             // (Entries of keys that cannot be stored are read again after the next claim,
             // not in a loop.)
             pending = false;
@@ -897,15 +955,24 @@ pub async fn store_changes(
                 }
             }
         }
-        if !any {
+        if trimmed_at.elapsed() >= STREAM_TRIM_EVERY {
+            trimmed_at = std::time::Instant::now();
+            trim(&dist, &mut untrimmed).await;
+        }
+        let next = if pass.any {
+            started + STREAM_BUSY_EVERY
+        } else {
             tokio::select! {
                 _ = stop.cancelled() => {}
                 _ = changed.notified() => {}
                 _ = tokio::time::sleep(STREAM_IDLE_POLL) => {}
             }
+            tokio::time::Instant::now() + STREAM_GATHER
+        };
+        if !pass.full {
             tokio::select! {
                 _ = stop.cancelled() => {}
-                _ = tokio::time::sleep_until(started + STREAM_PASS_EVERY) => {}
+                _ = tokio::time::sleep_until(next) => {}
             }
         }
     }
@@ -915,11 +982,25 @@ pub async fn store_changes(
     let mut pass_pending = pending;
     for _ in 0..64 {
         let pass = store_pass(&dist, &store, &consumer, pass_pending).await;
+        untrimmed.extend(pass.acked.iter().copied());
         if !pass.reachable || (!pass.any && !pass_pending) {
             break;
         }
         pass_pending = pass.again && !pass_pending;
     }
+    trim(&dist, &mut untrimmed).await;
+}
+
+/// Trims these shards' streams of what was acknowledged; a shard that fails stays listed.
+async fn trim(dist: &Dist, shards: &mut std::collections::BTreeSet<u64>) {
+    let mut failed = std::collections::BTreeSet::new();
+    for &shard in shards.iter() {
+        if let Err(e) = dist.trim(shard).await {
+            tracing::debug!(error = %e, "trimming a change stream failed");
+            failed.insert(shard);
+        }
+    }
+    *shards = failed;
 }
 
 /// One read of every shard stream into the store.
@@ -929,38 +1010,36 @@ async fn store_pass(
     consumer: &str,
     pending: bool,
 ) -> Pass {
-    let (mut reachable, mut again, mut stuck) = (true, false, false);
+    let (mut again, mut stuck) = (false, false);
     // Every shard is read first and the lot stored in one transaction: one commit per pass,
     // and a license changed several times in the pass is written once.
-    // Per shard read: each entry's id, and its license (`None`: unusable, acknowledged).
-    let mut read: Vec<(u64, Vec<EntryKey>)> = Vec::new();
-    let mut entries: Vec<Entry> = Vec::new();
-    for shard in 0..dist.shards() {
-        match dist.read(shard, consumer, pending, 256).await {
-            Ok(e) if e.is_empty() => {}
-            Ok(e) => {
-                let ids = e
-                    .iter()
-                    .map(|(id, c)| (id.clone(), c.as_ref().map(|c| c.gid)))
-                    .collect();
-                read.push((shard, ids));
-                entries.extend(e);
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, "reading a change stream failed");
-                reachable = false;
-                tokio::time::sleep(Duration::from_millis(250)).await;
-            }
-        }
+    let (read, failed) = dist.read_all(consumer, pending, STREAM_READ_COUNT).await;
+    let reachable = failed.is_none();
+    if let Some(e) = failed {
+        tracing::debug!(error = %e, "reading the change streams failed");
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    let any = !read.is_empty();
-    if !any {
-        return Pass {
-            any,
-            reachable,
-            again,
-            stuck,
-        };
+    let mut pass = Pass {
+        any: !read.is_empty(),
+        full: read.iter().any(|(_, e)| e.len() >= STREAM_READ_COUNT),
+        reachable,
+        again,
+        stuck,
+        acked: Vec::new(),
+    };
+    if read.is_empty() {
+        return pass;
+    }
+    // Per shard: each entry's id and license (`None`: unusable, acknowledged all the same).
+    let mut ids: Vec<(u64, Vec<EntryKey>)> = Vec::new();
+    let mut entries: Vec<Entry> = Vec::new();
+    for (shard, e) in read {
+        let keys = e
+            .iter()
+            .map(|(id, c)| (id.clone(), c.as_ref().map(|c| c.gid)))
+            .collect();
+        ids.push((shard, keys));
+        entries.extend(e);
     }
     let (store, d) = (store.clone(), dist.clone());
     let written = tokio::task::spawn_blocking(move || {
@@ -987,19 +1066,24 @@ async fn store_pass(
                 tracing::error!(keys = ?stored.failed, "stream entries of these keys could not be stored");
                 stuck = true;
             }
-            for (shard, ids) in &read {
-                let ids: Vec<&str> = ids
-                    .iter()
-                    .filter(|(_, gid)| gid.is_none_or(|g| !stored.failed.contains(&g)))
-                    .map(|(id, _)| id.as_str())
-                    .collect();
-                if let Err(e) = dist.ack(*shard, &ids).await {
+            let acks: Vec<(u64, Vec<&str>)> = ids
+                .iter()
+                .map(|(shard, ids)| {
+                    let ids = ids
+                        .iter()
+                        .filter(|(_, gid)| gid.is_none_or(|g| !stored.failed.contains(&g)))
+                        .map(|(id, _)| id.as_str())
+                        .collect();
+                    (*shard, ids)
+                })
+                .collect();
+            match dist.ack(&acks).await {
+                Ok(()) => pass.acked = acks.iter().map(|(shard, _)| *shard).collect(),
+                Err(e) => {
                     // Unacknowledged entries are read again on the next pass (this consumer's
                     // pending ones); writing them again is harmless.
                     tracing::warn!(error = %e, "acknowledging stream entries failed");
                     again = true;
-                } else if let Err(e) = dist.trim(*shard).await {
-                    tracing::debug!(error = %e, "trimming a change stream failed");
                 }
             }
         }
@@ -1016,12 +1100,9 @@ async fn store_pass(
     if stuck {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    Pass {
-        any,
-        reachable,
-        again,
-        stuck,
-    }
+    pass.again = again;
+    pass.stuck = stuck;
+    pass
 }
 
 /// A stream entry's id and license.
@@ -1031,6 +1112,8 @@ type EntryKey = (String, Option<i64>);
 struct Pass {
     /// Entries were read.
     any: bool,
+    /// A shard had at least as many entries as a read takes: read again without waiting.
+    full: bool,
     /// Redis answered every read.
     reachable: bool,
     /// Entries read were not stored or not acknowledged: read this consumer's pending
@@ -1038,6 +1121,8 @@ struct Pass {
     again: bool,
     /// Some keys' entries could not be stored (the rest were): leave them to the claim.
     stuck: bool,
+    /// The shards whose entries were acknowledged (to be trimmed).
+    acked: Vec<u64>,
 }
 
 /// Parses a channel message `<global id> <version>`.

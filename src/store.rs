@@ -2213,27 +2213,149 @@ fn shared_snapshot(
             vals![e, gid],
         )?;
     }
-    db.exec(
-        "DELETE FROM activations WHERE key_global_id = ?1",
-        vals![gid],
-    )?;
-    for m in &snap.machines {
-        upsert_machine(db, seal, gid, m)?;
+    // Most snapshots differ from what the store holds by a machine or two: only the rows that
+    // differ are written (a license's rows rewritten whole cost the consumer most of its time
+    // in distributed mode, more the more machines it has).
+    let stored: Vec<MachineRow> = db
+        .query(
+            "SELECT floating, machine_code, kind, ip, proxy_ip, time, friendly_name, floating_expires
+             FROM activations WHERE key_global_id = ?1 ORDER BY seq",
+            vals![gid],
+        )?
+        .iter()
+        .map(|r| {
+            Ok(MachineRow {
+                floating: r.i64(0)? != 0,
+                code: r.text(1)?,
+                kind: r.i64(2)?,
+                ip: r.text(3)?,
+                proxy_ip: r.text(4)?,
+                time: r.i64(5)?,
+                friendly_name: r.text(6)?,
+                floating_expires: r.i64(7)?,
+            })
+        })
+        .collect::<Result<_>>()?;
+    let next: Vec<MachineRow> = snap
+        .machines
+        .iter()
+        .map(|m| MachineRow::of(seal, m))
+        .collect();
+    match row_changes(&stored, &next) {
+        Some(RowChanges { remove, write }) => {
+            for r in remove.iter().map(|&i| &stored[i]) {
+                db.exec(
+                    "DELETE FROM activations WHERE key_global_id = ?1 AND floating = ?2 AND machine_code = ?3",
+                    vals![gid, r.floating, &r.code],
+                )?;
+            }
+            for i in write {
+                upsert_row(db, seal, gid, &snap.machines[i], &next[i])?;
+            }
+        }
+        None => {
+            db.exec(
+                "DELETE FROM activations WHERE key_global_id = ?1",
+                vals![gid],
+            )?;
+            for (m, row) in snap.machines.iter().zip(&next) {
+                upsert_row(db, seal, gid, m, row)?;
+            }
+        }
     }
     Ok(true)
 }
 
+/// A machine's row in `activations` as stored (personal fields sealed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct MachineRow {
+    floating: bool,
+    code: String,
+    kind: i64,
+    ip: String,
+    proxy_ip: String,
+    time: i64,
+    friendly_name: String,
+    floating_expires: i64,
+}
+
+impl MachineRow {
+    /// The row `m` is stored as, under the keyring's current key (sealing is deterministic).
+    fn of(seal: &Seal, m: &Machine) -> MachineRow {
+        MachineRow {
+            floating: m.is_floating(),
+            code: seal.text(&m.machine_code),
+            kind: m.kind.as_i64(),
+            ip: seal.text(&m.ip),
+            proxy_ip: m.proxy_ip.to_string(),
+            time: m.time,
+            friendly_name: seal.text(&m.friendly_name),
+            floating_expires: m.floating_expires,
+        }
+    }
+}
+
+/// Row changes that turn a license's stored rows into `next` (both in list order):
+/// `remove` indexes `stored`, `write` (upserts) indexes `next`.
+#[derive(Debug, PartialEq, Eq)]
+struct RowChanges {
+    remove: Vec<usize>,
+    write: Vec<usize>,
+}
+
+/// The rows to delete and upsert so the store holds `next` in its order, or `None` when
+/// upserts cannot give that order and the license's rows are to be rewritten whole. An
+/// upserted existing row keeps its place; a new one goes last. So the rows both hold must
+/// keep their order, and the new ones must come after them. A row stored under an older key
+/// or in plaintext is a different row here: it goes, and its machine is written anew.
+fn row_changes(stored: &[MachineRow], next: &[MachineRow]) -> Option<RowChanges> {
+    let at: std::collections::HashMap<(bool, &str), usize> = stored
+        .iter()
+        .enumerate()
+        .map(|(i, r)| ((r.floating, r.code.as_str()), i))
+        .collect();
+    let mut kept = vec![false; stored.len()];
+    let mut new_keys = std::collections::HashSet::new();
+    let (mut write, mut last) = (Vec::new(), None);
+    for (i, r) in next.iter().enumerate() {
+        match at.get(&(r.floating, r.code.as_str())) {
+            Some(&j) => {
+                if !new_keys.is_empty() || last.is_some_and(|l| j <= l) {
+                    return None;
+                }
+                last = Some(j);
+                kept[j] = true;
+                if stored[j] != *r {
+                    write.push(i);
+                }
+            }
+            None => {
+                if !new_keys.insert((r.floating, r.code.as_str())) {
+                    return None;
+                }
+                write.push(i);
+            }
+        }
+    }
+    let remove = (0..stored.len()).filter(|&j| !kept[j]).collect();
+    Some(RowChanges { remove, write })
+}
+
 fn upsert_machine(db: &mut Db, seal: &Seal, gid: i64, m: &Machine) -> Result<()> {
-    let code = seal.text(&m.machine_code);
+    upsert_row(db, seal, gid, m, &MachineRow::of(seal, m))
+}
+
+/// Upserts `m`, whose stored form is `row`.
+fn upsert_row(db: &mut Db, seal: &Seal, gid: i64, m: &Machine, row: &MachineRow) -> Result<()> {
     let others: Vec<db::Value> = seal
         .forms(&m.machine_code)
         .into_iter()
-        .filter(|f| *f != db::Value::from(&code))
+        .filter(|f| *f != db::Value::from(&row.code))
         .collect();
     if seal.0.is_some() && !others.is_empty() {
         // The same machine stored in another form (plaintext from before encryption, or an
         // older key not yet rotated away) goes, so the upsert below finds no twin.
-        let mut args: Vec<db::Value> = vals![gid, m.is_floating()].to_vec();
+        let mut args: Vec<db::Value> = vals![gid, row.floating].to_vec();
         let cond = any_of("machine_code", others.len(), 3);
         args.extend(others);
         db.exec(
@@ -2249,14 +2371,14 @@ fn upsert_machine(db: &mut Db, seal: &Seal, gid: i64, m: &Machine) -> Result<()>
         UPSERT_MACHINE,
         vals![
             gid,
-            m.is_floating(),
-            code,
-            m.kind.as_i64(),
-            seal.text(&m.ip),
+            row.floating,
+            &row.code,
+            row.kind,
+            &row.ip,
             &*m.proxy_ip,
-            m.time,
-            seal.text(&m.friendly_name),
-            m.floating_expires
+            row.time,
+            &row.friendly_name,
+            row.floating_expires
         ],
     )?;
     Ok(())
@@ -2941,6 +3063,20 @@ mod tests {
                 }
             );
             assert_eq!(held(store, g1), v5.machines);
+            // Only the rows that differ are written, and the list keeps the snapshot's order:
+            // a reordered list is rewritten whole, a changed machine keeps its place.
+            let mut c2 = m("c", "192.0.2.9");
+            c2.time = 2;
+            for (version, machines) in [
+                (7, vec![m("b", "192.0.2.2"), m("c", "192.0.2.3")]),
+                (8, vec![m("c", "192.0.2.3"), m("b", "192.0.2.2")]),
+                (9, vec![c2, m("b", "192.0.2.2"), m("f", "192.0.2.6")]),
+                (10, vec![m("f", "192.0.2.6")]),
+            ] {
+                let s = snap(version, machines);
+                assert_eq!(pass(store, vec![(g1, Some(s.clone()))]), written(1));
+                assert_eq!(held(store, g1), s.machines, "version {version}");
+            }
             // Nothing can be written: an error.
             let keys = [SharedEntry {
                 gid: g2,
@@ -2951,6 +3087,84 @@ mod tests {
                 .apply_shared_snapshots(&keys, |_| Some(v6.clone()))
                 .is_err());
         });
+    }
+
+    /// The row changes that bring a license's stored rows to a snapshot: by key (floating,
+    /// stored machine code), keeping the order upserts can give, else `None` (rewrite whole).
+    #[test]
+    fn row_changes_keep_the_order_or_give_up() {
+        let row = |code: &str, floating: bool, ip: &str| MachineRow {
+            floating,
+            code: code.into(),
+            kind: i64::from(floating),
+            ip: ip.into(),
+            proxy_ip: "10.0.0.1".into(),
+            time: 1,
+            friendly_name: String::new(),
+            floating_expires: 0,
+        };
+        let (a, b, c) = (
+            row("a", false, "1"),
+            row("b", false, "1"),
+            row("c", false, "1"),
+        );
+        let changes = |remove: &[usize], write: &[usize]| {
+            Some(RowChanges {
+                remove: remove.to_vec(),
+                write: write.to_vec(),
+            })
+        };
+        let cases: Vec<(Vec<MachineRow>, Vec<MachineRow>, Option<RowChanges>)> = vec![
+            (vec![], vec![], changes(&[], &[])),
+            (vec![], vec![a.clone(), b.clone()], changes(&[], &[0, 1])),
+            (
+                vec![a.clone()],
+                vec![a.clone(), b.clone()],
+                changes(&[], &[1]),
+            ),
+            (
+                vec![a.clone(), b.clone()],
+                vec![b.clone()],
+                changes(&[0], &[]),
+            ),
+            (
+                vec![a.clone(), b.clone()],
+                vec![b.clone(), c.clone()],
+                changes(&[0], &[1]),
+            ),
+            // A changed field: upserted in place.
+            (
+                vec![a.clone(), b.clone()],
+                vec![row("a", false, "2"), b.clone()],
+                changes(&[], &[0]),
+            ),
+            // The same code as a floating seat is another row.
+            (
+                vec![a.clone()],
+                vec![a.clone(), row("a", true, "1")],
+                changes(&[], &[1]),
+            ),
+            // Reordered, or a new machine before a kept one: upserts cannot give that order.
+            (vec![a.clone(), b.clone()], vec![b.clone(), a.clone()], None),
+            (vec![a.clone()], vec![c.clone(), a.clone()], None),
+            // A row stored in another form (another key, plaintext) is not the same row.
+            (
+                vec![row("old-a", false, "1"), b.clone()],
+                vec![a.clone(), b.clone()],
+                None,
+            ),
+            (
+                vec![a.clone(), row("old-b", false, "1")],
+                vec![a.clone(), b.clone()],
+                changes(&[1], &[1]),
+            ),
+            // A machine listed twice (never made by the domain): rewritten whole.
+            (vec![], vec![a.clone(), a.clone()], None),
+            (vec![a.clone()], vec![a.clone(), a.clone()], None),
+        ];
+        for (stored, next, want) in cases {
+            assert_eq!(row_changes(&stored, &next), want, "{stored:?} -> {next:?}");
+        }
     }
 
     #[test]
