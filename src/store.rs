@@ -1681,8 +1681,9 @@ impl Store {
     /// the newest that can be read (`snapshot(i)`, decoded only for it) is written: its
     /// snapshot replaces the license's activations if its version is newer than the stored
     /// one. Licenses go in global-id order, so nodes storing at the same time lock their rows
-    /// in one order. All in one transaction; if that fails, license by license, so that one
-    /// that cannot be stored does not hold back the rest. An error only if none could be.
+    /// in one order. All in one transaction of a few statements (`shared_snapshots`); if that
+    /// fails, license by license, so that one that cannot be stored does not hold back the
+    /// rest. An error only if none could be.
     pub fn apply_shared_snapshots(
         &mut self,
         entries: &[SharedEntry],
@@ -1701,13 +1702,7 @@ impl Store {
             }
         }
         let seal = &self.seal;
-        let all = self.db.transaction(|db| {
-            let mut n = 0;
-            for (gid, s) in &picks {
-                n += usize::from(shared_snapshot(db, seal, *gid, s)?);
-            }
-            Ok(n)
-        });
+        let all = self.db.transaction(|db| shared_snapshots(db, seal, &picks));
         let e = match all {
             Ok(written) => {
                 return Ok(SharedStored {
@@ -1719,11 +1714,11 @@ impl Store {
         };
         tracing::warn!(error = %e, "storing stream entries failed; trying key by key");
         let (mut written, mut failed, mut last) = (0, Vec::new(), e);
-        for (gid, s) in &picks {
-            match self.db.transaction(|db| shared_snapshot(db, seal, *gid, s)) {
-                Ok(w) => written += usize::from(w),
+        for pick in picks.chunks(1) {
+            match self.db.transaction(|db| shared_snapshots(db, seal, pick)) {
+                Ok(w) => written += w,
                 Err(e) => {
-                    failed.push(*gid);
+                    failed.push(pick[0].0);
                     last = e;
                 }
             }
@@ -2194,76 +2189,197 @@ pub struct SharedStored {
 
 /// Replaces a key's activations (and, for a trial-activation key, its `Expires`) with a
 /// snapshot if it is newer than the stored version; false if it is not.
-fn shared_snapshot(
+/// Licenses per statement in `shared_snapshots` (two to ten arguments each, well under both
+/// engines' limits).
+const SHARED_CHUNK: usize = 200;
+
+/// Writes these snapshots (one per license, in global-id order), each only if its version is
+/// newer than the stored one; returns how many were. A handful of statements whatever the
+/// number of licenses: against PostgreSQL each statement is a round trip, and a statement per
+/// row left the consumer of a node busy signing at a few hundred licenses a second. Only the
+/// rows that differ from what the store holds are written (`row_changes`); a license whose
+/// order upserts cannot give is rewritten whole.
+fn shared_snapshots(
     db: &mut Db,
     seal: &Seal,
-    gid: i64,
-    snap: &crate::dist::Snapshot,
-) -> Result<bool> {
-    let newer = db.exec(
-        "UPDATE license_keys SET shared_version = ?1 WHERE global_id = ?2 AND shared_version < ?1",
-        vals![snap.version as i64, gid],
-    )?;
-    if newer == 0 {
-        return Ok(false);
+    picks: &[(i64, crate::dist::Snapshot)],
+) -> Result<usize> {
+    // `n` pieces of SQL, the `i`th made by `piece(i)`, joined by `sep`.
+    let list = |n: usize, sep: &str, piece: &dyn Fn(usize) -> String| {
+        (0..n).map(piece).collect::<Vec<_>>().join(sep)
+    };
+    // The version fence: the licenses whose stored version is older.
+    let mut newer = std::collections::HashSet::new();
+    for chunk in picks.chunks(SHARED_CHUNK) {
+        let values = list(chunk.len(), ", ", &|i| {
+            format!(
+                "(CAST(?{} AS BIGINT), CAST(?{} AS BIGINT))",
+                2 * i + 1,
+                2 * i + 2
+            )
+        });
+        let args: Vec<db::Value> = chunk
+            .iter()
+            .flat_map(|(gid, s)| [db::Value::from(*gid), db::Value::from(s.version as i64)])
+            .collect();
+        let sql = format!(
+            "WITH v (gid, ver) AS (VALUES {values})
+             UPDATE license_keys SET shared_version = v.ver FROM v
+             WHERE license_keys.global_id = v.gid AND license_keys.shared_version < v.ver
+             RETURNING license_keys.global_id"
+        );
+        for r in db.query(&sql, &args)? {
+            newer.insert(r.i64(0)?);
+        }
     }
-    if let Some(e) = snap.expires {
-        db.exec(
-            "UPDATE license_keys SET expires = ?1 WHERE global_id = ?2",
-            vals![e, gid],
+    let picks: Vec<&(i64, crate::dist::Snapshot)> = picks
+        .iter()
+        .filter(|(gid, _)| newer.contains(gid))
+        .collect();
+    for (gid, s) in &picks {
+        if let Some(e) = s.expires {
+            db.exec(
+                "UPDATE license_keys SET expires = ?1 WHERE global_id = ?2",
+                vals![e, *gid],
+            )?;
+        }
+    }
+    // What the store holds of them, in list order, with each row's place.
+    let mut stored: std::collections::HashMap<i64, Vec<(MachineRow, i64)>> = Default::default();
+    for chunk in picks.chunks(SHARED_CHUNK) {
+        let keys = any_of("key_global_id", chunk.len(), 1);
+        let args: Vec<db::Value> = chunk.iter().map(|(gid, _)| db::Value::from(*gid)).collect();
+        db.for_each(
+            &format!(
+                "SELECT key_global_id, floating, machine_code, kind, ip, proxy_ip, time, friendly_name,
+                        floating_expires, seq
+                 FROM activations WHERE {keys} ORDER BY key_global_id, seq"
+            ),
+            &args,
+            |r| {
+                let row = MachineRow {
+                    floating: r.i64(1)? != 0,
+                    code: r.text(2)?,
+                    kind: r.i64(3)?,
+                    ip: r.text(4)?,
+                    proxy_ip: r.text(5)?,
+                    time: r.i64(6)?,
+                    friendly_name: r.text(7)?,
+                    floating_expires: r.i64(8)?,
+                };
+                stored.entry(r.i64(0)?).or_default().push((row, r.i64(9)?));
+                Ok(())
+            },
         )?;
     }
-    // Most snapshots differ from what the store holds by a machine or two: only the rows that
-    // differ are written (a license's rows rewritten whole cost the consumer most of its time
-    // in distributed mode, more the more machines it has).
-    let stored: Vec<MachineRow> = db
-        .query(
-            "SELECT floating, machine_code, kind, ip, proxy_ip, time, friendly_name, floating_expires
-             FROM activations WHERE key_global_id = ?1 ORDER BY seq",
-            vals![gid],
-        )?
-        .iter()
-        .map(|r| {
-            Ok(MachineRow {
-                floating: r.i64(0)? != 0,
-                code: r.text(1)?,
-                kind: r.i64(2)?,
-                ip: r.text(3)?,
-                proxy_ip: r.text(4)?,
-                time: r.i64(5)?,
-                friendly_name: r.text(6)?,
-                floating_expires: r.i64(7)?,
-            })
-        })
-        .collect::<Result<_>>()?;
-    let next: Vec<MachineRow> = snap
-        .machines
-        .iter()
-        .map(|m| MachineRow::of(seal, m))
-        .collect();
-    match row_changes(&stored, &next) {
-        Some(RowChanges { remove, write }) => {
-            for r in remove.iter().map(|&i| &stored[i]) {
-                db.exec(
-                    "DELETE FROM activations WHERE key_global_id = ?1 AND floating = ?2 AND machine_code = ?3",
-                    vals![gid, r.floating, &r.code],
-                )?;
+    // The changes: rows to delete, licenses to empty, rows to upsert (with the place a new
+    // row takes; an existing row keeps its own).
+    let mut deletes: Vec<(i64, &MachineRow)> = Vec::new();
+    let mut emptied: Vec<i64> = Vec::new();
+    let mut upserts: Vec<(i64, MachineRow, i64)> = Vec::new();
+    for (gid, snap) in &picks {
+        let held = stored.get(gid).map_or(&[][..], |v| v.as_slice());
+        let rows: Vec<MachineRow> = held.iter().map(|(r, _)| r.clone()).collect();
+        let next: Vec<MachineRow> = snap
+            .machines
+            .iter()
+            .map(|m| MachineRow::of(seal, m))
+            .collect();
+        match row_changes(&rows, &next) {
+            Some(RowChanges { remove, write }) => {
+                deletes.extend(remove.iter().map(|&j| (*gid, &held[j].0)));
+                let mut last = held.iter().map(|(_, seq)| *seq).max().unwrap_or(0);
+                for i in write {
+                    last += 1;
+                    upserts.push((*gid, next[i].clone(), last));
+                }
             }
-            for i in write {
-                upsert_row(db, seal, gid, &snap.machines[i], &next[i])?;
-            }
-        }
-        None => {
-            db.exec(
-                "DELETE FROM activations WHERE key_global_id = ?1",
-                vals![gid],
-            )?;
-            for (m, row) in snap.machines.iter().zip(&next) {
-                upsert_row(db, seal, gid, m, row)?;
+            None => {
+                emptied.push(*gid);
+                // A machine listed twice (never made by the domain) keeps its first place
+                // and its last values, as upserting the list in turn would leave it.
+                let mut at: std::collections::HashMap<(bool, String), usize> = Default::default();
+                let start = upserts.len();
+                for r in next {
+                    match at.get(&(r.floating, r.code.clone())) {
+                        Some(&k) => upserts[k].1 = r,
+                        None => {
+                            at.insert((r.floating, r.code.clone()), upserts.len());
+                            let seq = (upserts.len() - start) as i64 + 1;
+                            upserts.push((*gid, r, seq));
+                        }
+                    }
+                }
             }
         }
     }
-    Ok(true)
+    for chunk in emptied.chunks(SHARED_CHUNK) {
+        let args: Vec<db::Value> = chunk.iter().map(|g| db::Value::from(*g)).collect();
+        db.exec(
+            &format!(
+                "DELETE FROM activations WHERE {}",
+                any_of("key_global_id", chunk.len(), 1)
+            ),
+            &args,
+        )?;
+    }
+    for chunk in deletes.chunks(SHARED_CHUNK) {
+        let cond = list(chunk.len(), " OR ", &|i| {
+            format!(
+                "(key_global_id = ?{} AND floating = ?{} AND machine_code = ?{})",
+                3 * i + 1,
+                3 * i + 2,
+                3 * i + 3
+            )
+        });
+        let args: Vec<db::Value> = chunk
+            .iter()
+            .flat_map(|(gid, r)| {
+                [
+                    db::Value::from(*gid),
+                    db::Value::from(r.floating),
+                    db::Value::from(&r.code),
+                ]
+            })
+            .collect();
+        db.exec(&format!("DELETE FROM activations WHERE {cond}"), &args)?;
+    }
+    for chunk in upserts.chunks(SHARED_CHUNK / 2) {
+        let values = list(chunk.len(), ", ", &|i| {
+            let p: Vec<String> = (1..=10).map(|k| format!("?{}", 10 * i + k)).collect();
+            format!("({})", p.join(", "))
+        });
+        let args: Vec<db::Value> = chunk
+            .iter()
+            .flat_map(|(gid, r, seq)| {
+                [
+                    db::Value::from(*gid),
+                    db::Value::from(r.floating),
+                    db::Value::from(&r.code),
+                    db::Value::from(r.kind),
+                    db::Value::from(&r.ip),
+                    db::Value::from(&r.proxy_ip),
+                    db::Value::from(r.time),
+                    db::Value::from(&r.friendly_name),
+                    db::Value::from(r.floating_expires),
+                    db::Value::from(*seq),
+                ]
+            })
+            .collect();
+        db.exec(
+            &format!(
+                "INSERT INTO activations (key_global_id, floating, machine_code, kind, ip, proxy_ip, time,
+                                          friendly_name, floating_expires, seq)
+                 VALUES {values}
+                 ON CONFLICT (key_global_id, floating, machine_code) DO UPDATE SET
+                     kind = excluded.kind, ip = excluded.ip, proxy_ip = excluded.proxy_ip,
+                     time = excluded.time, friendly_name = excluded.friendly_name,
+                     floating_expires = excluded.floating_expires"
+            ),
+            &args,
+        )?;
+    }
+    Ok(picks.len())
 }
 
 /// A machine's row in `activations` as stored (personal fields sealed).
@@ -2342,11 +2458,7 @@ fn row_changes(stored: &[MachineRow], next: &[MachineRow]) -> Option<RowChanges>
 }
 
 fn upsert_machine(db: &mut Db, seal: &Seal, gid: i64, m: &Machine) -> Result<()> {
-    upsert_row(db, seal, gid, m, &MachineRow::of(seal, m))
-}
-
-/// Upserts `m`, whose stored form is `row`.
-fn upsert_row(db: &mut Db, seal: &Seal, gid: i64, m: &Machine, row: &MachineRow) -> Result<()> {
+    let row = MachineRow::of(seal, m);
     let others: Vec<db::Value> = seal
         .forms(&m.machine_code)
         .into_iter()
@@ -3077,6 +3189,17 @@ mod tests {
                 assert_eq!(pass(store, vec![(g1, Some(s.clone()))]), written(1));
                 assert_eq!(held(store, g1), s.machines, "version {version}");
             }
+            // A machine listed twice (the domain never makes such a list) keeps its first
+            // place and its last values, as upserting the list in turn would leave it.
+            let twice = snap(
+                11,
+                vec![m("g", "192.0.2.7"), m("h", "192.0.2.8"), m("g", "192.0.2.9")],
+            );
+            assert_eq!(pass(store, vec![(g1, Some(twice))]), written(1));
+            assert_eq!(
+                held(store, g1),
+                vec![m("g", "192.0.2.9"), m("h", "192.0.2.8")]
+            );
             // Nothing can be written: an error.
             let keys = [SharedEntry {
                 gid: g2,
