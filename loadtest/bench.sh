@@ -10,6 +10,9 @@
 # always) on the generator's core, as a Redis of its own would be elsewhere, and every node and
 # CLI call pointed at it (KEYGATE_REDIS__URL). Needs redis-server (`apt-get install
 # redis-server`). Results go to loadtest/results/<time>-redis/.
+# PG=1: the main store in a throw-away PostgreSQL (fsync on) on the generator's core instead of
+# the node's SQLite; with REDIS=1, distributed mode as deployed (several nodes share one store).
+# Needs PostgreSQL's server binaries (`apt-get install postgresql`). Adds -pg to the results.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-10}
@@ -18,7 +21,7 @@ load_cpu=${LOAD_CPU:-1}
 cargo build --release --locked --workspace --bins
 kg=$PWD/target/release/keygate
 lt=$PWD/target/release/keygate-loadtest
-out=$PWD/loadtest/results/$(date -u +%Y%m%dT%H%M%SZ)${REDIS:+-redis}
+out=$PWD/loadtest/results/$(date -u +%Y%m%dT%H%M%SZ)${REDIS:+-redis}${PG:+-pg}
 mkdir -p "$out"
 work=$(mktemp -d)
 pids=()
@@ -41,6 +44,7 @@ cleanup() {
     for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
     pkill -f -- "$work" 2>/dev/null || true
     if [ -n "${redis_pid:-}" ]; then kill "$redis_pid" 2>/dev/null || true; fi
+    stop_postgres
     rm -rf "$work"
 }
 trap cleanup EXIT
@@ -54,6 +58,10 @@ redis_pid=""
 if [ "${REDIS:-}" = 1 ]; then
     start_redis "$work/redis" "$load_cpu"
     echo "distributed mode: every node and CLI call on $KEYGATE_REDIS__URL"
+fi
+if [ "${PG:-}" = 1 ]; then
+    start_postgres "$work/pg" "$load_cpu"
+    echo "main store: PostgreSQL at $KEYGATE_STORE__POSTGRES_URL"
 fi
 
 # Starts a process in the background and waits for the line with its address ($2 = pattern).
@@ -278,8 +286,9 @@ if nginx:
     })
 # kdamonds actually paused for the run (0 without PAUSE_DAMON=1, or without root).
 s["damon_paused"] = int(os.environ.get("DAMON_PAUSED", "0"))
-# 1: distributed mode (REDIS=1).
+# 1: distributed mode (REDIS=1); 1: the main store in PostgreSQL (PG=1).
 s["redis"] = int(bool(os.environ.get("KEYGATE_REDIS__URL")))
+s["postgres"] = int(bool(os.environ.get("KEYGATE_STORE__POSTGRES_URL")))
 json.dump(s, open(os.path.join(out, "summary.json"), "w"), indent=2)
 for k, v in s.items():
     print(f"{k:36} {v:,.3f}")

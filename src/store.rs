@@ -3193,7 +3193,11 @@ mod tests {
             // place and its last values, as upserting the list in turn would leave it.
             let twice = snap(
                 11,
-                vec![m("g", "192.0.2.7"), m("h", "192.0.2.8"), m("g", "192.0.2.9")],
+                vec![
+                    m("g", "192.0.2.7"),
+                    m("h", "192.0.2.8"),
+                    m("g", "192.0.2.9"),
+                ],
             );
             assert_eq!(pass(store, vec![(g1, Some(twice))]), written(1));
             assert_eq!(
