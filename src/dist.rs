@@ -1017,6 +1017,15 @@ async fn store_pass(
     let reachable = failed.is_none();
     if let Some(e) = failed {
         tracing::debug!(error = %e, "reading the change streams failed");
+        if e.to_string().contains("NOGROUP") {
+            // A stream lost its consumer group (its key deleted, then made again by the next
+            // change): on one server a single read covers every shard, so one such stream
+            // would hold back all of them. Creating the missing groups mends it.
+            tracing::warn!(error = %e, "a change stream has no consumer group; creating it");
+            if let Err(e) = dist.ensure_groups().await {
+                tracing::warn!(error = %e, "creating the consumer groups failed");
+            }
+        }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     let mut pass = Pass {
@@ -1077,14 +1086,14 @@ async fn store_pass(
                     (*shard, ids)
                 })
                 .collect();
-            match dist.ack(&acks).await {
-                Ok(()) => pass.acked = acks.iter().map(|(shard, _)| *shard).collect(),
-                Err(e) => {
-                    // Unacknowledged entries are read again on the next pass (this consumer's
-                    // pending ones); writing them again is harmless.
-                    tracing::warn!(error = %e, "acknowledging stream entries failed");
-                    again = true;
-                }
+            // Trimming keeps every unacknowledged entry, so the shards go to it even when
+            // an acknowledgement failed (on a cluster, some shards' may have gone through).
+            pass.acked = acks.iter().map(|(shard, _)| *shard).collect();
+            if let Err(e) = dist.ack(&acks).await {
+                // Unacknowledged entries are read again on the next pass (this consumer's
+                // pending ones); writing them again is harmless.
+                tracing::warn!(error = %e, "acknowledging stream entries failed");
+                again = true;
             }
         }
         Ok(Err(e)) => {
@@ -1121,7 +1130,7 @@ struct Pass {
     again: bool,
     /// Some keys' entries could not be stored (the rest were): leave them to the claim.
     stuck: bool,
-    /// The shards whose entries were acknowledged (to be trimmed).
+    /// The shards whose entries were (or may have been) acknowledged: to be trimmed.
     acked: Vec<u64>,
 }
 

@@ -2187,10 +2187,8 @@ pub struct SharedStored {
     pub failed: Vec<i64>,
 }
 
-/// Replaces a key's activations (and, for a trial-activation key, its `Expires`) with a
-/// snapshot if it is newer than the stored version; false if it is not.
-/// Licenses per statement in `shared_snapshots` (two to ten arguments each, well under both
-/// engines' limits).
+/// Licenses per statement in `shared_snapshots` (one to three arguments each, ten per row
+/// upserted, well under both engines' limits).
 const SHARED_CHUNK: usize = 200;
 
 /// Writes these snapshots (one per license, in global-id order), each only if its version is
@@ -2208,23 +2206,45 @@ fn shared_snapshots(
     let list = |n: usize, sep: &str, piece: &dyn Fn(usize) -> String| {
         (0..n).map(piece).collect::<Vec<_>>().join(sep)
     };
-    // The version fence: the licenses whose stored version is older.
+    // The version fence: the licenses whose stored version is older take the new one (and a
+    // trial-activation key its `Expires`). On PostgreSQL their rows are locked first, in
+    // global-id order (an UPDATE joined to a list locks in whatever order its plan reads), so
+    // nodes storing overlapping licenses at once wait for each other instead of deadlocking.
     let mut newer = std::collections::HashSet::new();
     for chunk in picks.chunks(SHARED_CHUNK) {
+        if db.engine() == db::Engine::Postgres {
+            let args: Vec<db::Value> = chunk.iter().map(|(gid, _)| db::Value::from(*gid)).collect();
+            db.query(
+                &format!(
+                    "SELECT global_id FROM license_keys WHERE {} ORDER BY global_id FOR UPDATE",
+                    any_of("global_id", chunk.len(), 1)
+                ),
+                &args,
+            )?;
+        }
         let values = list(chunk.len(), ", ", &|i| {
             format!(
-                "(CAST(?{} AS BIGINT), CAST(?{} AS BIGINT))",
-                2 * i + 1,
-                2 * i + 2
+                "(CAST(?{} AS BIGINT), CAST(?{} AS BIGINT), CAST(?{} AS BIGINT))",
+                3 * i + 1,
+                3 * i + 2,
+                3 * i + 3
             )
         });
         let args: Vec<db::Value> = chunk
             .iter()
-            .flat_map(|(gid, s)| [db::Value::from(*gid), db::Value::from(s.version as i64)])
+            .flat_map(|(gid, s)| {
+                [
+                    db::Value::from(*gid),
+                    db::Value::from(s.version as i64),
+                    s.expires.map_or(db::Value::Null, db::Value::from),
+                ]
+            })
             .collect();
         let sql = format!(
-            "WITH v (gid, ver) AS (VALUES {values})
-             UPDATE license_keys SET shared_version = v.ver FROM v
+            "WITH v (gid, ver, exp) AS (VALUES {values})
+             UPDATE license_keys SET shared_version = v.ver,
+                 expires = COALESCE(v.exp, license_keys.expires)
+             FROM v
              WHERE license_keys.global_id = v.gid AND license_keys.shared_version < v.ver
              RETURNING license_keys.global_id"
         );
@@ -2236,14 +2256,6 @@ fn shared_snapshots(
         .iter()
         .filter(|(gid, _)| newer.contains(gid))
         .collect();
-    for (gid, s) in &picks {
-        if let Some(e) = s.expires {
-            db.exec(
-                "UPDATE license_keys SET expires = ?1 WHERE global_id = ?2",
-                vals![e, *gid],
-            )?;
-        }
-    }
     // What the store holds of them, in list order, with each row's place.
     let mut stored: std::collections::HashMap<i64, Vec<(MachineRow, i64)>> = Default::default();
     for chunk in picks.chunks(SHARED_CHUNK) {
@@ -3204,6 +3216,15 @@ mod tests {
                 held(store, g1),
                 vec![m("g", "192.0.2.9"), m("h", "192.0.2.8")]
             );
+            // A trial-activation key's snapshot moves its `Expires`; an older one does not.
+            let trial = |version: u64, expires: i64| Snapshot {
+                expires: Some(expires),
+                ..snap(version, vec![m("g", "192.0.2.9")])
+            };
+            assert_eq!(pass(store, vec![(g1, Some(trial(12, 86_400)))]), written(1));
+            assert_eq!(store.key(g1).unwrap().license.expires, 86_400);
+            assert_eq!(pass(store, vec![(g1, Some(trial(12, 7)))]), written(0));
+            assert_eq!(store.key(g1).unwrap().license.expires, 86_400);
             // Nothing can be written: an error.
             let keys = [SharedEntry {
                 gid: g2,
