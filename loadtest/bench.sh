@@ -45,7 +45,7 @@ cleanup() {
     pkill -f -- "$work" 2>/dev/null || true
     if [ -n "${redis_pid:-}" ]; then kill "$redis_pid" 2>/dev/null || true; fi
     stop_postgres
-    rm -rf "$work"
+    rm -rf "$work" ${pg_work:+"$pg_work"}
 }
 trap cleanup EXIT
 
@@ -60,7 +60,9 @@ if [ "${REDIS:-}" = 1 ]; then
     echo "distributed mode: every node and CLI call on $KEYGATE_REDIS__URL"
 fi
 if [ "${PG:-}" = 1 ]; then
-    start_postgres "$work/pg" "$load_cpu"
+    # Outside the work directory, which section 6's sweep of the pinned servers names.
+    pg_work=$(mktemp -d)
+    start_postgres "$pg_work/pg" "$load_cpu"
     echo "main store: PostgreSQL at $KEYGATE_STORE__POSTGRES_URL"
 fi
 
