@@ -2202,10 +2202,6 @@ fn shared_snapshots(
     seal: &Seal,
     picks: &[(i64, crate::dist::Snapshot)],
 ) -> Result<usize> {
-    // `n` pieces of SQL, the `i`th made by `piece(i)`, joined by `sep`.
-    let list = |n: usize, sep: &str, piece: &dyn Fn(usize) -> String| {
-        (0..n).map(piece).collect::<Vec<_>>().join(sep)
-    };
     // The version fence: the licenses whose stored version is older take the new one (and a
     // trial-activation key its `Expires`). On PostgreSQL their rows are locked first, in
     // global-id order (an UPDATE joined to a list locks in whatever order its plan reads), so
@@ -2222,12 +2218,10 @@ fn shared_snapshots(
                 &args,
             )?;
         }
-        let values = list(chunk.len(), ", ", &|i| {
+        let values = numbered(chunk.len(), 3, ", ", |p| {
             format!(
-                "(CAST(?{} AS BIGINT), CAST(?{} AS BIGINT), CAST(?{} AS BIGINT))",
-                3 * i + 1,
-                3 * i + 2,
-                3 * i + 3
+                "(CAST({} AS BIGINT), CAST({} AS BIGINT), CAST({} AS BIGINT))",
+                p[0], p[1], p[2]
             )
         });
         let args: Vec<db::Value> = chunk
@@ -2336,12 +2330,10 @@ fn shared_snapshots(
         )?;
     }
     for chunk in deletes.chunks(SHARED_CHUNK) {
-        let cond = list(chunk.len(), " OR ", &|i| {
+        let cond = numbered(chunk.len(), 3, " OR ", |p| {
             format!(
-                "(key_global_id = ?{} AND floating = ?{} AND machine_code = ?{})",
-                3 * i + 1,
-                3 * i + 2,
-                3 * i + 3
+                "(key_global_id = {} AND floating = {} AND machine_code = {})",
+                p[0], p[1], p[2]
             )
         });
         let args: Vec<db::Value> = chunk
@@ -2357,10 +2349,7 @@ fn shared_snapshots(
         db.exec(&format!("DELETE FROM activations WHERE {cond}"), &args)?;
     }
     for chunk in upserts.chunks(SHARED_CHUNK / 2) {
-        let values = list(chunk.len(), ", ", &|i| {
-            let p: Vec<String> = (1..=10).map(|k| format!("?{}", 10 * i + k)).collect();
-            format!("({})", p.join(", "))
-        });
+        let values = numbered(chunk.len(), 10, ", ", |p| format!("({})", p.join(", ")));
         let args: Vec<db::Value> = chunk
             .iter()
             .flat_map(|(gid, r, seq)| {
@@ -2392,6 +2381,18 @@ fn shared_snapshots(
         )?;
     }
     Ok(picks.len())
+}
+
+/// `n` pieces of SQL joined by `sep`, each made by `piece` from its own `width` placeholders
+/// (`?1` to `?width` for the first, and so on).
+fn numbered(n: usize, width: usize, sep: &str, piece: impl Fn(&[String]) -> String) -> String {
+    (0..n)
+        .map(|i| {
+            let p: Vec<String> = (1..=width).map(|k| format!("?{}", width * i + k)).collect();
+            piece(&p)
+        })
+        .collect::<Vec<_>>()
+        .join(sep)
 }
 
 /// A machine's row in `activations` as stored (personal fields sealed).
