@@ -1010,7 +1010,6 @@ async fn store_pass(
     consumer: &str,
     pending: bool,
 ) -> Pass {
-    let (mut again, mut stuck) = (false, false);
     // Every shard is read first and the lot stored in one transaction: one commit per pass,
     // and a license changed several times in the pass is written once.
     let (read, failed) = dist.read_all(consumer, pending, STREAM_READ_COUNT).await;
@@ -1032,8 +1031,8 @@ async fn store_pass(
         any: !read.is_empty(),
         full: read.iter().any(|(_, e)| e.len() >= STREAM_READ_COUNT),
         reachable,
-        again,
-        stuck,
+        again: false,
+        stuck: false,
         acked: Vec::new(),
     };
     if read.is_empty() {
@@ -1073,7 +1072,7 @@ async fn store_pass(
                 // Left unacknowledged: tried again after the next claim (every 5 s), without
                 // holding back the other keys' entries meanwhile.
                 tracing::error!(keys = ?stored.failed, "stream entries of these keys could not be stored");
-                stuck = true;
+                pass.stuck = true;
             }
             let acks: Vec<(u64, Vec<&str>)> = ids
                 .iter()
@@ -1093,24 +1092,22 @@ async fn store_pass(
                 // Unacknowledged entries are read again on the next pass (this consumer's
                 // pending ones); writing them again is harmless.
                 tracing::warn!(error = %e, "acknowledging stream entries failed");
-                again = true;
+                pass.again = true;
             }
         }
         Ok(Err(e)) => {
             tracing::warn!(error = %e, "writing stream entries to the main store failed");
-            again = true;
+            pass.again = true;
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
         Err(e) => {
             tracing::error!(error = %e, "the store task failed");
-            again = true;
+            pass.again = true;
         }
     }
-    if stuck {
+    if pass.stuck {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    pass.again = again;
-    pass.stuck = stuck;
     pass
 }
 

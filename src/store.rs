@@ -2166,11 +2166,26 @@ fn copy_log_rows_postgres(
 }
 
 /// One activation, inserted or updated in place.
-const UPSERT_MACHINE: &str = "INSERT INTO activations (key_global_id, floating, machine_code, kind, ip, proxy_ip, time, friendly_name, floating_expires, seq)
-     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, (SELECT COALESCE(MAX(seq), 0) + 1 FROM activations WHERE key_global_id = ?1))
-     ON CONFLICT (key_global_id, floating, machine_code) DO UPDATE SET
+/// The columns an activation is inserted with, and what an upsert of an existing one changes
+/// (not its `seq`, its place in the list): shared by the store writer's one-row upsert and the
+/// stream consumer's many-row one.
+macro_rules! activation_upsert {
+    (columns) => {
+        "INSERT INTO activations (key_global_id, floating, machine_code, kind, ip, proxy_ip, time, friendly_name, floating_expires, seq)"
+    };
+    (on_conflict) => {
+        " ON CONFLICT (key_global_id, floating, machine_code) DO UPDATE SET
          kind = excluded.kind, ip = excluded.ip, proxy_ip = excluded.proxy_ip, time = excluded.time,
-         friendly_name = excluded.friendly_name, floating_expires = excluded.floating_expires";
+         friendly_name = excluded.friendly_name, floating_expires = excluded.floating_expires"
+    };
+}
+
+const UPSERT_MACHINE: &str = concat!(
+    activation_upsert!(columns),
+    "
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, (SELECT COALESCE(MAX(seq), 0) + 1 FROM activations WHERE key_global_id = ?1))",
+    activation_upsert!(on_conflict)
+);
 
 /// One stream entry to store (`Store::apply_shared_snapshots`).
 pub struct SharedEntry {
@@ -2250,8 +2265,8 @@ fn shared_snapshots(
         .iter()
         .filter(|(gid, _)| newer.contains(gid))
         .collect();
-    // What the store holds of them, in list order, with each row's place.
-    let mut stored: std::collections::HashMap<i64, Vec<(MachineRow, i64)>> = Default::default();
+    // What the store holds of them, in list order, and each license's highest place.
+    let mut stored: std::collections::HashMap<i64, (Vec<MachineRow>, i64)> = Default::default();
     for chunk in picks.chunks(SHARED_CHUNK) {
         let keys = any_of("key_global_id", chunk.len(), 1);
         let args: Vec<db::Value> = chunk.iter().map(|(gid, _)| db::Value::from(*gid)).collect();
@@ -2273,7 +2288,9 @@ fn shared_snapshots(
                     friendly_name: r.text(7)?,
                     floating_expires: r.i64(8)?,
                 };
-                stored.entry(r.i64(0)?).or_default().push((row, r.i64(9)?));
+                let held = stored.entry(r.i64(0)?).or_default();
+                held.0.push(row);
+                held.1 = held.1.max(r.i64(9)?);
                 Ok(())
             },
         )?;
@@ -2284,17 +2301,17 @@ fn shared_snapshots(
     let mut emptied: Vec<i64> = Vec::new();
     let mut upserts: Vec<(i64, MachineRow, i64)> = Vec::new();
     for (gid, snap) in &picks {
-        let held = stored.get(gid).map_or(&[][..], |v| v.as_slice());
-        let rows: Vec<MachineRow> = held.iter().map(|(r, _)| r.clone()).collect();
+        let (held, mut last) = stored
+            .get(gid)
+            .map_or((&[][..], 0), |(r, seq)| (&r[..], *seq));
         let next: Vec<MachineRow> = snap
             .machines
             .iter()
             .map(|m| MachineRow::of(seal, m))
             .collect();
-        match row_changes(&rows, &next) {
+        match row_changes(held, &next) {
             Some(RowChanges { remove, write }) => {
-                deletes.extend(remove.iter().map(|&j| (*gid, &held[j].0)));
-                let mut last = held.iter().map(|(_, seq)| *seq).max().unwrap_or(0);
+                deletes.extend(remove.iter().map(|&j| (*gid, &held[j])));
                 for i in write {
                     last += 1;
                     upserts.push((*gid, next[i].clone(), last));
@@ -2307,10 +2324,10 @@ fn shared_snapshots(
                 let mut at: std::collections::HashMap<(bool, String), usize> = Default::default();
                 let start = upserts.len();
                 for r in next {
-                    match at.get(&(r.floating, r.code.clone())) {
-                        Some(&k) => upserts[k].1 = r,
-                        None => {
-                            at.insert((r.floating, r.code.clone()), upserts.len());
+                    match at.entry((r.floating, r.code.clone())) {
+                        std::collections::hash_map::Entry::Occupied(k) => upserts[*k.get()].1 = r,
+                        std::collections::hash_map::Entry::Vacant(k) => {
+                            k.insert(upserts.len());
                             let seq = (upserts.len() - start) as i64 + 1;
                             upserts.push((*gid, r, seq));
                         }
@@ -2369,13 +2386,9 @@ fn shared_snapshots(
             .collect();
         db.exec(
             &format!(
-                "INSERT INTO activations (key_global_id, floating, machine_code, kind, ip, proxy_ip, time,
-                                          friendly_name, floating_expires, seq)
-                 VALUES {values}
-                 ON CONFLICT (key_global_id, floating, machine_code) DO UPDATE SET
-                     kind = excluded.kind, ip = excluded.ip, proxy_ip = excluded.proxy_ip,
-                     time = excluded.time, friendly_name = excluded.friendly_name,
-                     floating_expires = excluded.floating_expires"
+                "{} VALUES {values}{}",
+                activation_upsert!(columns),
+                activation_upsert!(on_conflict)
             ),
             &args,
         )?;
@@ -2471,16 +2484,16 @@ fn row_changes(stored: &[MachineRow], next: &[MachineRow]) -> Option<RowChanges>
 }
 
 fn upsert_machine(db: &mut Db, seal: &Seal, gid: i64, m: &Machine) -> Result<()> {
-    let row = MachineRow::of(seal, m);
+    let code = seal.text(&m.machine_code);
     let others: Vec<db::Value> = seal
         .forms(&m.machine_code)
         .into_iter()
-        .filter(|f| *f != db::Value::from(&row.code))
+        .filter(|f| *f != db::Value::from(&code))
         .collect();
     if seal.0.is_some() && !others.is_empty() {
         // The same machine stored in another form (plaintext from before encryption, or an
         // older key not yet rotated away) goes, so the upsert below finds no twin.
-        let mut args: Vec<db::Value> = vals![gid, row.floating].to_vec();
+        let mut args: Vec<db::Value> = vals![gid, m.is_floating()].to_vec();
         let cond = any_of("machine_code", others.len(), 3);
         args.extend(others);
         db.exec(
@@ -2496,14 +2509,14 @@ fn upsert_machine(db: &mut Db, seal: &Seal, gid: i64, m: &Machine) -> Result<()>
         UPSERT_MACHINE,
         vals![
             gid,
-            row.floating,
-            &row.code,
-            row.kind,
-            &row.ip,
+            m.is_floating(),
+            code,
+            m.kind.as_i64(),
+            seal.text(&m.ip),
             &*m.proxy_ip,
-            row.time,
-            &row.friendly_name,
-            row.floating_expires
+            m.time,
+            seal.text(&m.friendly_name),
+            m.floating_expires
         ],
     )?;
     Ok(())
