@@ -486,7 +486,8 @@ impl Dist {
     }
 
     /// Up to `count` entries of each shard for `consumer`: its own pending ones when
-    /// `pending`, else new ones, by shard (only shards with entries). Each entry is (entry id,
+    /// `pending` is given (after each shard's id in it; from the start for a shard not in
+    /// it), else new ones, by shard (only shards with entries). Each entry is (entry id,
     /// the change); the second is `None` for an entry that cannot be used (trimmed or
     /// damaged), which is still to be acknowledged. Snapshots are left sealed and encoded: a
     /// pass decodes only those it writes. One command for every shard on one Redis server;
@@ -495,7 +496,7 @@ impl Dist {
     pub async fn read_all(
         &self,
         consumer: &str,
-        pending: bool,
+        pending: Option<&Sweep>,
         count: usize,
     ) -> (Vec<(u64, Vec<Entry>)>, Option<DistError>) {
         let batches: Vec<Vec<u64>> = match self.conn {
@@ -516,7 +517,7 @@ impl Dist {
         &self,
         shards: &[u64],
         consumer: &str,
-        pending: bool,
+        pending: Option<&Sweep>,
         count: usize,
     ) -> Result<Vec<(u64, Vec<Entry>)>, DistError> {
         let mut conn = self.conn.clone();
@@ -530,8 +531,11 @@ impl Dist {
         for &shard in shards {
             cmd.arg(self.stream_key(shard));
         }
-        for _ in shards {
-            cmd.arg(if pending { "0" } else { ">" });
+        for shard in shards {
+            cmd.arg(match pending {
+                None => ">",
+                Some(after) => after.get(shard).map_or("0", String::as_str),
+            });
         }
         let reply: Value = cmd.query_async(&mut conn).await?;
         // RESP3: {stream: [[id, [field, value, ...]], ...], ...}; RESP2: [[stream, [...]], ...].
@@ -925,39 +929,42 @@ pub async fn store_changes(
     changed: Arc<tokio::sync::Notify>,
     stop: CancellationToken,
 ) {
-    let mut pending = true;
+    // Reading this consumer's pending entries (its own left unacknowledged, and those claimed
+    // from others), from where the last such read ended: `None` while reading new entries.
+    let mut sweep: Option<Sweep> = Some(Sweep::new());
     let mut claimed_at = std::time::Instant::now();
     let mut untrimmed = std::collections::BTreeSet::new();
     let mut trimmed_at = std::time::Instant::now();
     while !stop.is_cancelled() {
         let started = tokio::time::Instant::now();
-        let pass = store_pass(&dist, &store, &consumer, pending).await;
+        let pass = store_pass(&dist, &store, &consumer, sweep.as_ref()).await;
         crate::metrics::redis_up(pass.reachable);
         untrimmed.extend(pass.acked.iter().copied());
-        if pass.again {
-            // Read once more at once; if that fails too, new entries go on and these wait for
-            // the claim below, so entries that cannot be stored do not hold back the rest.
-            pending = !pending;
-        } else if pass.stuck || (pending && !pass.any) {
-            // (Entries of keys that cannot be stored are read again after the next claim,
-            // not in a loop.)
-            pending = false;
-        }
-        if claimed_at.elapsed() > Duration::from_secs(5) {
+        // A sweep that found nothing is over, and new entries are read at once (not after
+        // the idle wait below).
+        let swept = sweep.is_some() && !pass.any && pass.reachable;
+        sweep = next_sweep(sweep, &pass);
+        // (Not right after a sweep ended: new entries are read first.)
+        if !swept && claimed_at.elapsed() > Duration::from_secs(5) {
             claimed_at = std::time::Instant::now();
             for shard in 0..dist.shards() {
-                if dist
+                if let Err(e) = dist
                     .claim_stale(shard, &consumer, Duration::from_secs(30))
                     .await
-                    .is_ok()
                 {
-                    pending = true;
+                    tracing::debug!(error = %e, "claiming stale stream entries failed");
                 }
             }
+            // Also every few seconds without a claim: entries of keys that could not be
+            // stored are tried again.
+            sweep.get_or_insert_with(Sweep::new);
         }
         if trimmed_at.elapsed() >= STREAM_TRIM_EVERY {
             trimmed_at = std::time::Instant::now();
             trim(&dist, &mut untrimmed).await;
+        }
+        if swept {
+            continue;
         }
         let next = if pass.any {
             started + STREAM_BUSY_EVERY
@@ -978,17 +985,54 @@ pub async fn store_changes(
     }
     // Shutting down: carry what the streams hold now into the store before leaving (bounded,
     // and only while Redis answers), so a stopped node leaves the store up to date.
-    // First this consumer's pending entries, if any are known to wait.
-    let mut pass_pending = pending;
+    // First this consumer's pending entries, if a sweep is under way.
+    let mut failed = false;
+    // Within a budget: the service manager's stop timeout (45 s in the shipped units) also
+    // covers the drain before this and the writer's flush after it.
+    let give_up = std::time::Instant::now() + Duration::from_secs(10);
     for _ in 0..64 {
-        let pass = store_pass(&dist, &store, &consumer, pass_pending).await;
-        untrimmed.extend(pass.acked.iter().copied());
-        if !pass.reachable || (!pass.any && !pass_pending) {
+        if std::time::Instant::now() > give_up {
+            tracing::warn!("stopping with stream entries not yet carried into the store");
             break;
         }
-        pass_pending = pass.again && !pass_pending;
+        let pass = store_pass(&dist, &store, &consumer, sweep.as_ref()).await;
+        untrimmed.extend(pass.acked.iter().copied());
+        // A store that fails twice in a row now will not take the rest either: what is left
+        // stays pending, for this node's next start or another node's claim.
+        if !pass.reachable || (pass.again && failed) || (!pass.any && sweep.is_none()) {
+            break;
+        }
+        failed = pass.again;
+        sweep = next_sweep(sweep, &pass);
     }
     trim(&dist, &mut untrimmed).await;
+}
+
+/// Where a sweep of pending entries has got to: the last id read on each shard.
+pub type Sweep = std::collections::BTreeMap<u64, String>;
+
+/// What the consumer reads after `pass`, read with `sweep`:
+/// - new entries read but not stored or acknowledged (`again`): a sweep at once, which reads
+///   them again (they are pending now);
+/// - during a sweep, past what was read, also past entries of keys the store refused
+///   (`stuck`: they stay pending, for the next sweep), so that no run of those holds back the
+///   pending entries behind it;
+/// - a sweep that read nothing, or whose pass failed (the store or Redis), is over: new
+///   entries next, and the rest waits for the next sweep. (Going on through a failing store
+///   would read every pending entry again and again, and each read makes an entry look fresh
+///   to the other nodes, whose claims take only entries idle for 30 s.)
+fn next_sweep(sweep: Option<Sweep>, pass: &Pass) -> Option<Sweep> {
+    match sweep {
+        None if pass.again => Some(Sweep::new()),
+        None => None,
+        Some(_) if !pass.any || pass.again => None,
+        Some(mut at) => {
+            for (shard, id) in &pass.last_read {
+                at.insert(*shard, id.clone());
+            }
+            Some(at)
+        }
+    }
 }
 
 /// Trims these shards' streams of what was acknowledged; a shard that fails stays listed.
@@ -1008,7 +1052,7 @@ async fn store_pass(
     dist: &Shared,
     store: &Arc<parking_lot::Mutex<crate::store::Store>>,
     consumer: &str,
-    pending: bool,
+    pending: Option<&Sweep>,
 ) -> Pass {
     // Every shard is read first and the lot stored in one transaction: one commit per pass,
     // and a license changed several times in the pass is written once.
@@ -1034,6 +1078,10 @@ async fn store_pass(
         again: false,
         stuck: false,
         acked: Vec::new(),
+        last_read: read
+            .iter()
+            .filter_map(|(shard, e)| Some((*shard, e.last()?.0.clone())))
+            .collect(),
     };
     if read.is_empty() {
         return pass;
@@ -1069,7 +1117,7 @@ async fn store_pass(
         Ok(Ok(stored)) => {
             crate::metrics::shared_stored(stored.written);
             if !stored.failed.is_empty() {
-                // Left unacknowledged: tried again after the next claim (every 5 s), without
+                // Left unacknowledged: tried again in the next sweep (every 5 s), without
                 // holding back the other keys' entries meanwhile.
                 tracing::error!(keys = ?stored.failed, "stream entries of these keys could not be stored");
                 pass.stuck = true;
@@ -1089,8 +1137,8 @@ async fn store_pass(
             // an acknowledgement failed (on a cluster, some shards' may have gone through).
             pass.acked = acks.iter().map(|(shard, _)| *shard).collect();
             if let Err(e) = dist.ack(&acks).await {
-                // Unacknowledged entries are read again on the next pass (this consumer's
-                // pending ones); writing them again is harmless.
+                // Unacknowledged entries are read again by a sweep (this consumer's pending
+                // ones); writing them again is harmless.
                 tracing::warn!(error = %e, "acknowledging stream entries failed");
                 pass.again = true;
             }
@@ -1105,7 +1153,9 @@ async fn store_pass(
             pass.again = true;
         }
     }
-    if pass.stuck {
+    // A sweep goes on through refused entries without pausing: it ends when it has read
+    // them all, and new entries wait for that.
+    if pass.stuck && pending.is_none() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     pass
@@ -1122,13 +1172,16 @@ struct Pass {
     full: bool,
     /// Redis answered every read.
     reachable: bool,
-    /// Entries read were not stored or not acknowledged: read this consumer's pending
-    /// entries again (else they would wait for a claim, 30 s on).
+    /// Entries read were not stored (the store failed) or not acknowledged: after new ones,
+    /// a sweep reads them again at once; during a sweep, it ends there (`next_sweep`).
     again: bool,
-    /// Some keys' entries could not be stored (the rest were): leave them to the claim.
+    /// Some keys' entries could not be stored (the rest were): they stay pending, for the
+    /// next sweep.
     stuck: bool,
     /// The shards whose entries were (or may have been) acknowledged: to be trimmed.
     acked: Vec<u64>,
+    /// The last entry id read on each shard that had any.
+    last_read: Vec<(u64, String)>,
 }
 
 /// Parses a channel message `<global id> <version>`.
@@ -1176,6 +1229,60 @@ pub type Shared = Arc<Dist>;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Where the consumer reads next, after each kind of pass (`next_sweep`).
+    #[test]
+    fn sweeps_of_pending_entries_go_on_past_what_they_read_and_end_when_empty() {
+        let pass = |any: bool, again: bool, stuck: bool, last: &[(u64, &str)]| Pass {
+            any,
+            full: false,
+            reachable: true,
+            again,
+            stuck,
+            acked: Vec::new(),
+            last_read: last.iter().map(|(s, id)| (*s, id.to_string())).collect(),
+        };
+        let at =
+            |v: &[(u64, &str)]| -> Sweep { v.iter().map(|(s, id)| (*s, id.to_string())).collect() };
+        let cases: Vec<(Option<Sweep>, Pass, Option<Sweep>)> = vec![
+            // New entries stored: new entries again.
+            (None, pass(true, false, false, &[(0, "5-0")]), None),
+            // New entries not stored or acknowledged: a sweep from the start.
+            (
+                None,
+                pass(true, true, false, &[(0, "5-0")]),
+                Some(Sweep::new()),
+            ),
+            // Nothing new: nothing changes.
+            (None, pass(false, false, false, &[]), None),
+            // A sweep goes on past what it read: stored, or refused (`stuck`).
+            (
+                Some(Sweep::new()),
+                pass(true, false, false, &[(0, "5-0")]),
+                Some(at(&[(0, "5-0")])),
+            ),
+            (
+                Some(at(&[(0, "5-0"), (1, "2-0")])),
+                pass(true, false, true, &[(0, "9-1")]),
+                Some(at(&[(0, "9-1"), (1, "2-0")])),
+            ),
+            // A sweep whose pass failed (the store, or an acknowledgement) is over.
+            (
+                Some(at(&[(0, "5-0")])),
+                pass(true, true, false, &[(0, "7-0")]),
+                None,
+            ),
+            // A sweep that read nothing is over.
+            (
+                Some(at(&[(0, "9-1")])),
+                pass(false, false, false, &[]),
+                None,
+            ),
+        ];
+        for (i, (sweep, p, want)) in cases.into_iter().enumerate() {
+            assert_eq!(next_sweep(sweep, &p), want, "case {i}");
+        }
+    }
 
     #[test]
     fn snapshots_round_trip_and_install_only_when_newer() {

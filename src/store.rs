@@ -384,6 +384,7 @@ impl Store {
             }
         }
         let conn = rusqlite::Connection::open(path)?;
+        conn.set_prepared_statement_cache_capacity(db::SQLITE_STATEMENTS);
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
@@ -1683,7 +1684,8 @@ impl Store {
     /// one. Licenses go in global-id order, so nodes storing at the same time lock their rows
     /// in one order. All in one transaction of a few statements (`shared_snapshots`); if that
     /// fails, license by license, so that one that cannot be stored does not hold back the
-    /// rest. An error only if none could be.
+    /// rest. An error only if none could be and the store does not answer (a store that
+    /// answers but refused every key returns them all as failed).
     pub fn apply_shared_snapshots(
         &mut self,
         entries: &[SharedEntry],
@@ -1723,7 +1725,9 @@ impl Store {
                 }
             }
         }
-        if failed.len() == picks.len() {
+        // Every key failed: the store itself, unless it still answers (then it refused each
+        // of them, and the consumer goes on past them).
+        if failed.len() == picks.len() && self.db.query("SELECT 1", &[]).is_err() {
             return Err(last);
         }
         Ok(SharedStored { written, failed })
@@ -1922,7 +1926,8 @@ fn log_spans(blocks: &[(i64, usize)], logs: &[LogRow]) -> Vec<[i64; 4]> {
 const SPANS_PER_INSERT: usize = 64;
 
 fn insert_log_spans(db: &mut Db, spans: &[[i64; 4]]) -> Result<()> {
-    for chunk in spans.chunks(SPANS_PER_INSERT) {
+    // In power-of-two pieces: a few statement texts (`padded`).
+    for chunk in spans.chunks(SPANS_PER_INSERT).flat_map(pieces) {
         let values: Vec<String> = (0..chunk.len())
             .map(|i| {
                 let p = i * 4;
@@ -2203,8 +2208,35 @@ pub struct SharedStored {
 }
 
 /// Licenses per statement in `shared_snapshots` (one to three arguments each, ten per row
-/// upserted, well under both engines' limits).
-const SHARED_CHUNK: usize = 200;
+/// upserted, well under both engines' limits). A power of two: see `padded`.
+const SHARED_CHUNK: usize = 256;
+
+/// A batched statement's text depends on how many items it lists, and each text is a
+/// statement prepared (and kept) on the connection: one per count would leave hundreds on a
+/// long-lived PostgreSQL connection, and thrash SQLite's statement cache. So a list is padded
+/// to the next power of two by repeating its last item, for statements where a repeated item
+/// changes nothing (`IN` lists, `OR` chains, a `VALUES` list joined on its key), and split
+/// into power-of-two pieces (`pieces`) for inserts, where it would: a few texts per statement.
+fn padded<T>(items: &[T]) -> impl Iterator<Item = &T> {
+    let last = items.last();
+    items
+        .iter()
+        .chain(std::iter::repeat_n(last, items.len().next_power_of_two() - items.len()).flatten())
+}
+
+/// `items` as consecutive slices whose lengths are powers of two, largest first (the binary
+/// digits of its length).
+fn pieces<T>(mut items: &[T]) -> impl Iterator<Item = &[T]> {
+    std::iter::from_fn(move || {
+        if items.is_empty() {
+            return None;
+        }
+        let n = 1 << items.len().ilog2();
+        let (head, rest) = items.split_at(n);
+        items = rest;
+        Some(head)
+    })
+}
 
 /// Writes these snapshots (one per license, in global-id order), each only if its version is
 /// newer than the stored one; returns how many were. A handful of statements whatever the
@@ -2224,31 +2256,32 @@ fn shared_snapshots(
     let mut newer = std::collections::HashSet::new();
     for chunk in picks.chunks(SHARED_CHUNK) {
         if db.engine() == db::Engine::Postgres {
-            let args: Vec<db::Value> = chunk.iter().map(|(gid, _)| db::Value::from(*gid)).collect();
+            let (keys, args) = ids_in("global_id", padded(chunk).map(|(gid, _)| *gid));
             db.query(
                 &format!(
-                    "SELECT global_id FROM license_keys WHERE {} ORDER BY global_id FOR UPDATE",
-                    any_of("global_id", chunk.len(), 1)
+                    "SELECT global_id FROM license_keys WHERE {keys} ORDER BY global_id FOR UPDATE"
                 ),
                 &args,
             )?;
         }
-        let values = numbered(chunk.len(), 3, ", ", |p| {
-            format!(
-                "(CAST({} AS BIGINT), CAST({} AS BIGINT), CAST({} AS BIGINT))",
-                p[0], p[1], p[2]
-            )
-        });
-        let args: Vec<db::Value> = chunk
-            .iter()
-            .flat_map(|(gid, s)| {
+        // A repeated last row joins the same license with the same values: no change.
+        let (values, args) = listed(
+            padded(chunk),
+            ", ",
+            |p| {
+                format!(
+                    "(CAST({} AS BIGINT), CAST({} AS BIGINT), CAST({} AS BIGINT))",
+                    p[0], p[1], p[2]
+                )
+            },
+            |(gid, s)| {
                 [
                     db::Value::from(*gid),
                     db::Value::from(s.version as i64),
                     s.expires.map_or(db::Value::Null, db::Value::from),
                 ]
-            })
-            .collect();
+            },
+        );
         let sql = format!(
             "WITH v (gid, ver, exp) AS (VALUES {values})
              UPDATE license_keys SET shared_version = v.ver,
@@ -2268,8 +2301,7 @@ fn shared_snapshots(
     // What the store holds of them, in list order, and each license's highest place.
     let mut stored: std::collections::HashMap<i64, (Vec<MachineRow>, i64)> = Default::default();
     for chunk in picks.chunks(SHARED_CHUNK) {
-        let keys = any_of("key_global_id", chunk.len(), 1);
-        let args: Vec<db::Value> = chunk.iter().map(|(gid, _)| db::Value::from(*gid)).collect();
+        let (keys, args) = ids_in("key_global_id", padded(chunk).map(|(gid, _)| *gid));
         db.for_each(
             &format!(
                 "SELECT key_global_id, floating, machine_code, kind, ip, proxy_ip, time, friendly_name,
@@ -2337,39 +2369,36 @@ fn shared_snapshots(
         }
     }
     for chunk in emptied.chunks(SHARED_CHUNK) {
-        let args: Vec<db::Value> = chunk.iter().map(|g| db::Value::from(*g)).collect();
-        db.exec(
-            &format!(
-                "DELETE FROM activations WHERE {}",
-                any_of("key_global_id", chunk.len(), 1)
-            ),
-            &args,
-        )?;
+        let (keys, args) = ids_in("key_global_id", padded(chunk).copied());
+        db.exec(&format!("DELETE FROM activations WHERE {keys}"), &args)?;
     }
     for chunk in deletes.chunks(SHARED_CHUNK) {
-        let cond = numbered(chunk.len(), 3, " OR ", |p| {
-            format!(
-                "(key_global_id = {} AND floating = {} AND machine_code = {})",
-                p[0], p[1], p[2]
-            )
-        });
-        let args: Vec<db::Value> = chunk
-            .iter()
-            .flat_map(|(gid, r)| {
+        let (cond, args) = listed(
+            padded(chunk),
+            " OR ",
+            |p| {
+                format!(
+                    "(key_global_id = {} AND floating = {} AND machine_code = {})",
+                    p[0], p[1], p[2]
+                )
+            },
+            |(gid, r)| {
                 [
                     db::Value::from(*gid),
                     db::Value::from(r.floating),
                     db::Value::from(&r.code),
                 ]
-            })
-            .collect();
+            },
+        );
         db.exec(&format!("DELETE FROM activations WHERE {cond}"), &args)?;
     }
-    for chunk in upserts.chunks(SHARED_CHUNK / 2) {
-        let values = numbered(chunk.len(), 10, ", ", |p| format!("({})", p.join(", ")));
-        let args: Vec<db::Value> = chunk
-            .iter()
-            .flat_map(|(gid, r, seq)| {
+    // Not padded: a row listed twice in one upsert is an error on PostgreSQL.
+    for chunk in upserts.chunks(SHARED_CHUNK / 2).flat_map(pieces) {
+        let (values, args) = listed(
+            chunk.iter(),
+            ", ",
+            |p| format!("({})", p.join(", ")),
+            |(gid, r, seq)| {
                 [
                     db::Value::from(*gid),
                     db::Value::from(r.floating),
@@ -2382,8 +2411,8 @@ fn shared_snapshots(
                     db::Value::from(r.floating_expires),
                     db::Value::from(*seq),
                 ]
-            })
-            .collect();
+            },
+        );
         db.exec(
             &format!(
                 "{} VALUES {values}{}",
@@ -2396,16 +2425,30 @@ fn shared_snapshots(
     Ok(picks.len())
 }
 
-/// `n` pieces of SQL joined by `sep`, each made by `piece` from its own `width` placeholders
-/// (`?1` to `?width` for the first, and so on).
-fn numbered(n: usize, width: usize, sep: &str, piece: impl Fn(&[String]) -> String) -> String {
-    (0..n)
+/// `any_of` for these ids, with its arguments.
+fn ids_in(column: &str, ids: impl Iterator<Item = i64>) -> (String, Vec<db::Value>) {
+    let args: Vec<db::Value> = ids.map(db::Value::from).collect();
+    (any_of(column, args.len(), 1), args)
+}
+
+/// A list of `items` in SQL, and its arguments: each item's `W` values (`values`) in order,
+/// and a piece of SQL per item made by `piece` from its own `W` placeholders (`?1` to `?W`
+/// for the first, and so on), joined by `sep`.
+fn listed<T, const W: usize>(
+    items: impl Iterator<Item = T>,
+    sep: &str,
+    piece: impl Fn(&[String]) -> String,
+    values: impl Fn(T) -> [db::Value; W],
+) -> (String, Vec<db::Value>) {
+    let args: Vec<db::Value> = items.flat_map(values).collect();
+    let sql = (0..args.len() / W)
         .map(|i| {
-            let p: Vec<String> = (1..=width).map(|k| format!("?{}", width * i + k)).collect();
+            let p: Vec<String> = (1..=W).map(|k| format!("?{}", W * i + k)).collect();
             piece(&p)
         })
         .collect::<Vec<_>>()
-        .join(sep)
+        .join(sep);
+    (sql, args)
 }
 
 /// A machine's row in `activations` as stored (personal fields sealed).
@@ -2616,6 +2659,111 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         let pg = TempPostgres::start();
         f(&mut Store::connect_postgres(&pg.url()).unwrap());
+    }
+
+    /// `padded` repeats the last item up to the next power of two; `pieces` splits a list
+    /// into power-of-two slices that put it back together.
+    #[test]
+    fn batched_lists_come_in_powers_of_two() {
+        assert_eq!(padded::<u32>(&[]).count(), 0);
+        for n in 1..=300usize {
+            let items: Vec<usize> = (0..n).collect();
+            let p: Vec<usize> = padded(&items).copied().collect();
+            assert_eq!(p.len(), n.next_power_of_two(), "{n}");
+            assert_eq!(&p[..n], &items[..]);
+            assert!(p[n..].iter().all(|&x| x == n - 1), "{n}");
+            let parts: Vec<&[usize]> = pieces(&items).collect();
+            assert!(parts.iter().all(|s| s.len().is_power_of_two()), "{n}");
+            assert!(parts.windows(2).all(|w| w[0].len() > w[1].len()), "{n}");
+            assert_eq!(parts.concat(), items, "{n}");
+        }
+        assert_eq!(pieces::<u8>(&[]).count(), 0);
+    }
+
+    /// Passes of many sizes (so every batched statement in many lengths) store every license
+    /// they carry, and leave only a few statement texts prepared on the connection: padded
+    /// to powers of two, not one per length.
+    #[test]
+    fn passes_of_every_size_store_everything_in_a_few_statements() {
+        on_both_engines("shared-sizes", |store| {
+            use crate::dist::Snapshot;
+            let t = store.create_tenant("t", b"k", "<x/>", 1).unwrap();
+            let p = store.create_product(t, "p", None, None, 1).unwrap();
+            let gids: Vec<i64> = (0..300)
+                .map(|i| {
+                    store
+                        .create_key(&NewKey {
+                            product_id: p,
+                            key: format!("K{i}"),
+                            max_no_of_machines: 10,
+                            ..Default::default()
+                        })
+                        .unwrap()
+                        .1
+                })
+                .collect();
+            let m = |code: String| Machine {
+                machine_code: code,
+                kind: MachineKind::NodeLocked,
+                ip: "192.0.2.1".into(),
+                proxy_ip: "10.0.0.1".into(),
+                time: 1,
+                friendly_name: String::new(),
+                floating_expires: 0,
+            };
+            let prepared = |store: &Store| match &store.db {
+                Db::Postgres(pg) => pg.prepared(),
+                Db::Sqlite(_) => 0,
+            };
+            let before = prepared(store);
+            let sizes = [
+                1, 2, 3, 5, 7, 9, 31, 64, 65, 100, 129, 200, 255, 256, 257, 300,
+            ];
+            for (round, &n) in sizes.iter().enumerate() {
+                let version = round as u64 + 1;
+                // Each round keeps one machine, drops the other and adds one (a delete and an
+                // upsert per license); every third round empties some licenses' lists (deletes
+                // only), and some rounds put the new machine first, which upserts cannot (the
+                // licenses that held machines are emptied and written whole).
+                let snaps: Vec<Snapshot> = (0..n)
+                    .map(|i| Snapshot {
+                        version,
+                        expires: None,
+                        machines: if round % 3 == 2 && i % 2 == 0 {
+                            Vec::new()
+                        } else if round % 4 == 1 {
+                            vec![m(format!("r{round}-{i}")), m(format!("keep{i}"))]
+                        } else {
+                            vec![m(format!("keep{i}")), m(format!("r{round}-{i}"))]
+                        },
+                    })
+                    .collect();
+                let keys: Vec<SharedEntry> = (0..n)
+                    .map(|i| SharedEntry {
+                        gid: gids[i],
+                        version,
+                    })
+                    .collect();
+                let got = store
+                    .apply_shared_snapshots(&keys, |i| Some(snaps[i].clone()))
+                    .unwrap();
+                assert_eq!(
+                    got,
+                    SharedStored {
+                        written: n,
+                        failed: Vec::new()
+                    },
+                    "{n} licenses"
+                );
+                for (i, s) in snaps.iter().enumerate() {
+                    let held = store.key(gids[i]).unwrap().license.machines;
+                    assert_eq!(held, s.machines, "license {i} of {n}");
+                }
+            }
+            // Six statements, each in at most nine lengths (1 to 256).
+            let made = prepared(store) - before;
+            assert!(made <= 6 * 9, "{made} statements prepared for the passes");
+        });
     }
 
     /// Runs `f` with the activation upsert prepared on a fresh SQLite store (foreign keys
@@ -3239,15 +3387,22 @@ mod tests {
             assert_eq!(store.key(g1).unwrap().license.expires, 86_400);
             assert_eq!(pass(store, vec![(g1, Some(trial(12, 7)))]), written(0));
             assert_eq!(store.key(g1).unwrap().license.expires, 86_400);
-            // Nothing can be written: an error.
+            // Nothing can be written, but the store answers: every key comes back as failed
+            // (refused), not as an error (which says the store is down).
             let keys = [SharedEntry {
                 gid: g2,
                 version: 6,
             }];
             let v6 = snap(6, vec![]);
-            assert!(store
-                .apply_shared_snapshots(&keys, |_| Some(v6.clone()))
-                .is_err());
+            assert_eq!(
+                store
+                    .apply_shared_snapshots(&keys, |_| Some(v6.clone()))
+                    .unwrap(),
+                SharedStored {
+                    written: 0,
+                    failed: vec![g2]
+                }
+            );
         });
     }
 

@@ -166,10 +166,19 @@ pub enum Db {
     Postgres(Box<Pg>),
 }
 
+/// Prepared statements kept per PostgreSQL connection, at most (each holds memory in the
+/// server's backend too).
+const PG_STATEMENTS: usize = 256;
+
+/// SQLite's prepared-statement cache per connection (rusqlite keeps 16 by default; the
+/// store's statements, with the batched ones in their few sizes, number about a hundred).
+pub const SQLITE_STATEMENTS: usize = 128;
+
 pub struct Pg {
     /// Always `Some` until drop.
     client: Option<postgres::Client>,
-    /// Prepared statements by their (rewritten) text: the store's SQL is a small fixed set.
+    /// Prepared statements by their (rewritten) text: the store's SQL is a small set (its
+    /// batched statements come in a few sizes), kept below `PG_STATEMENTS`.
     statements: HashMap<String, postgres::Statement>,
 }
 
@@ -195,6 +204,12 @@ impl Pg {
         }
     }
 
+    /// Statements prepared and kept on this connection (tests).
+    #[cfg(test)]
+    pub fn prepared(&self) -> usize {
+        self.statements.len()
+    }
+
     pub fn client(&mut self) -> &mut postgres::Client {
         self.client.as_mut().expect("the client lives until drop")
     }
@@ -205,6 +220,11 @@ impl Pg {
         }
         let pg_sql = placeholders_for_postgres(sql);
         let st = self.client().prepare(&pg_sql)?;
+        if self.statements.len() >= PG_STATEMENTS {
+            // A bound, not a working set: dropped statements are closed on the server, and
+            // the next use of each prepares it again.
+            self.statements.clear();
+        }
         self.statements.insert(sql.to_owned(), st.clone());
         Ok(st)
     }

@@ -842,42 +842,93 @@ fn cpu_ticks(pid: u32) -> u64 {
     fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
 }
 
+/// Polls `done` every 100 ms until it holds, at most 20 s (then fails with `what`); returns
+/// how long it took.
+async fn within_20s(what: &str, mut done: impl FnMut() -> bool) -> Duration {
+    let started = std::time::Instant::now();
+    while !done() {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "not within 20 s: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    started.elapsed()
+}
+
+/// A node in distributed mode with a PostgreSQL main store whose trigger refuses the
+/// version-fence updates of the licenses `refuse` names (`refusal`), and two keys `a` (at most
+/// `max_a` machines) and `b`; `redis_config` is appended to the `[redis]` section.
+struct Refusing {
+    pg: TempPostgres,
+    redis: TempRedis,
+    dir: TempDir,
+    seed: Seed,
+    keys: [(String, i64); 2],
+}
+
+impl Refusing {
+    fn start(tag: &str, redis_config: &str, max_a: &str) -> Refusing {
+        let pg = TempPostgres::start();
+        let redis = TempRedis::start();
+        let dir = TempDir::new(tag);
+        use_postgres(&dir.0, &pg.url());
+        add_config(
+            &dir.0,
+            &format!("\n[redis]\nurl = \"{}\"\n{redis_config}", redis.url()),
+        );
+        let seed = Seed::new(&dir.0);
+        let keys = [max_a, "10"].map(|max| {
+            let key = seed.key(&dir.0, &["--max-machines", max]);
+            let gid = seed.global_id(&dir.0, &key);
+            (key, gid)
+        });
+        Refusing {
+            pg,
+            redis,
+            dir,
+            seed,
+            keys,
+        }
+    }
+
+    /// The store refuses these licenses (global ids, comma-separated) from now on.
+    fn refuse(&self, gids: &str) {
+        pg_batch(&self.pg.url(), &refusal(gids));
+    }
+}
+
+/// SQL that makes the main store refuse the version-fence updates of `gids`: a trigger, whose
+/// function a second call replaces.
+fn refusal(gids: &str) -> String {
+    format!(
+        "CREATE OR REPLACE FUNCTION refuse() RETURNS trigger AS $$ BEGIN
+           IF NEW.global_id IN ({gids}) AND NEW.shared_version <> OLD.shared_version THEN
+             RAISE EXCEPTION 'refused for the test';
+           END IF;
+           RETURN NEW; END $$ LANGUAGE plpgsql;
+         CREATE OR REPLACE TRIGGER refuse BEFORE UPDATE ON license_keys
+           FOR EACH ROW EXECUTE FUNCTION refuse()"
+    )
+}
+
 /// The main store refuses one key's writes (a trigger here): the stream consumer stores the
 /// other keys' changes meanwhile, does not spin on the refused ones, and stores them once
-/// the store takes them again (after its next claim of pending entries, within seconds).
+/// the store takes them again (in its next sweep of pending entries, within seconds).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_the_store_refuses_holds_back_no_other_and_goes_in_later() {
-    let pg = TempPostgres::start();
-    let redis = TempRedis::start();
-    let dir = TempDir::new("dist-refuse");
-    use_postgres(&dir.0, &pg.url());
-    add_config(&dir.0, &format!("\n[redis]\nurl = \"{}\"\n", redis.url()));
-    let seed = Seed::new(&dir.0);
-    let (a, b) = (
-        seed.key(&dir.0, &["--max-machines", "10"]),
-        seed.key(&dir.0, &["--max-machines", "10"]),
-    );
-    let (ga, gb) = (seed.global_id(&dir.0, &a), seed.global_id(&dir.0, &b));
-    let pg_url = pg.url();
-    pg_batch(
-        &pg_url,
-        &format!(
-            "CREATE FUNCTION refuse() RETURNS trigger AS $$ BEGIN
-               IF NEW.global_id = {ga} AND NEW.shared_version <> OLD.shared_version THEN
-                 RAISE EXCEPTION 'refused for the test';
-               END IF;
-               RETURN NEW; END $$ LANGUAGE plpgsql;
-             CREATE TRIGGER refuse BEFORE UPDATE ON license_keys
-               FOR EACH ROW EXECUTE FUNCTION refuse()"
-        ),
-    );
+    let t = Refusing::start("dist-refuse", "", "10");
+    let (dir, seed) = (&t.dir, &t.seed);
+    let [(a, ga), (b, gb)] = t.keys.clone();
+    let pg_url = t.pg.url();
+    t.refuse(&ga.to_string());
     let node = Server::start(&dir.0, &[]);
     let codes = |prefix: &str, n: usize| -> BTreeSet<String> {
         (0..n).map(|i| format!("{prefix}-{i}")).collect()
     };
     for i in 0..3 {
         for (key, prefix) in [(&a, "a"), (&b, "b")] {
-            let (s, body) = activate_status(&node, &seed, key, &format!("{prefix}-{i}")).await;
+            let (s, body) = activate_status(&node, seed, key, &format!("{prefix}-{i}")).await;
             assert_eq!(s, 200, "{body}");
         }
     }
@@ -891,7 +942,7 @@ async fn a_key_the_store_refuses_holds_back_no_other_and_goes_in_later() {
     );
     // Later changes of the other key still go in, and the consumer does not spin meanwhile.
     let before = cpu_ticks(node.pid());
-    assert_eq!(activate_status(&node, &seed, &b, "b-3").await.0, 200);
+    assert_eq!(activate_status(&node, seed, &b, "b-3").await.0, 200);
     wait_until("a later change of the other key", || async {
         store_machines(&pg_url, gb) == codes("b", 4)
     })
@@ -908,16 +959,84 @@ async fn a_key_the_store_refuses_holds_back_no_other_and_goes_in_later() {
     );
     // The store takes the key again: its entries go in at the next retry.
     pg_batch(&pg_url, "DROP TRIGGER refuse ON license_keys");
-    let started = std::time::Instant::now();
-    while store_machines(&pg_url, ga) != codes("a", 3) {
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "the refused key's entries never reached the store"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    println!(
-        "the refused key's entries stored {:?} after the store took them again",
-        started.elapsed()
-    );
+    let took = within_20s("the refused key's entries reach the store", || {
+        store_machines(&pg_url, ga) == codes("a", 3)
+    })
+    .await;
+    println!("the refused key's entries stored {took:?} after the store took them again");
+}
+
+/// This consumer's pending entries on the one shard stream of a node with `redis.shards = 1`.
+fn pending_entries(url: &str) -> u64 {
+    let url = url.to_owned();
+    std::thread::spawn(move || {
+        let mut c = redis::Client::open(url).unwrap().get_connection().unwrap();
+        let v: redis::Value = redis::cmd("XPENDING")
+            .arg("kg:{s0}:changes")
+            .arg("kg-store")
+            .query(&mut c)
+            .unwrap_or(redis::Value::Nil);
+        match v {
+            redis::Value::Array(a) => match a.first() {
+                Some(redis::Value::Int(n)) => *n as u64,
+                _ => 0,
+            },
+            _ => 0,
+        }
+    })
+    .join()
+    .unwrap()
+}
+
+/// More refused entries than one read takes (300 of one key, a read takes 256), with another
+/// key's pending entries behind them on the same stream: the consumer's sweeps of pending
+/// entries go on past the refused ones, so the other key's entries go in as soon as the store
+/// takes them (within a sweep or two, every 5 s), and the refused key's once it takes those.
+/// (Before, every sweep read the first 256 pending entries, all refused, and stopped there.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_run_of_refused_entries_holds_back_no_pending_entry_behind_it() {
+    let t = Refusing::start("dist-refused-run", "shards = 1\n", "400");
+    let (dir, seed, redis) = (&t.dir, &t.seed, &t.redis);
+    let [(a, ga), (b, gb)] = t.keys.clone();
+    let pg_url = t.pg.url();
+    t.refuse(&format!("{ga}, {gb}"));
+    let node = Server::start(&dir.0, &[]);
+    let codes = |prefix: &str, n: usize| -> BTreeSet<String> {
+        (0..n).map(|i| format!("{prefix}-{i}")).collect()
+    };
+    // 300 entries of key a, then 3 of key b, all refused and left pending.
+    let bodies = |key: &str, prefix: &str, n: usize| -> Vec<(String, String)> {
+        (0..n)
+            .map(|i| {
+                let m = format!("{prefix}-{i}");
+                (m.clone(), activate(seed, key, &m))
+            })
+            .collect()
+    };
+    let accepted = activate_each(node.connect(Protocol::Http1).await, bodies(&a, "a", 300)).await;
+    assert_eq!(accepted.len(), 300);
+    let accepted = activate_each(node.connect(Protocol::Http1).await, bodies(&b, "b", 3)).await;
+    assert_eq!(accepted.len(), 3);
+    let redis_url = redis.url();
+    within_20s("the consumer reads the 303 entries", || {
+        pending_entries(&redis_url) >= 303
+    })
+    .await;
+    assert!(store_machines(&pg_url, ga).is_empty());
+    assert!(store_machines(&pg_url, gb).is_empty());
+    // The store takes key b again (not a): b's entries, behind 300 of a's, go in.
+    t.refuse(&ga.to_string());
+    let took = within_20s(
+        "the entries behind the refused ones reach the store",
+        || store_machines(&pg_url, gb) == codes("b", 3),
+    )
+    .await;
+    println!("entries behind 300 refused ones stored {took:?} after the store took them");
+    assert!(store_machines(&pg_url, ga).is_empty(), "a is still refused");
+    // And key a's, once the store takes them too; nothing is left pending.
+    pg_batch(&pg_url, "DROP TRIGGER refuse ON license_keys");
+    within_20s("the refused key's entries reach the store", || {
+        store_machines(&pg_url, ga) == codes("a", 300) && pending_entries(&redis_url) == 0
+    })
+    .await;
 }
