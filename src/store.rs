@@ -2064,62 +2064,81 @@ fn walk_log(db: &mut Db, w: &LogWalk, cond: &str, args: &[db::Value]) -> Result<
 const LOG_ROWS_PER_INSERT: usize = 32;
 const LOG_COLUMNS: usize = 11;
 
-/// `INSERT INTO request_log ... VALUES (?, ...), (?, ...)` for `rows` rows.
+/// `INSERT INTO request_log ... VALUES (?, ...), (NULL, ?, ...)` for `rows` rows: the first
+/// row's id is bound, the others' are left to SQLite (`insert_log_rows_sqlite` says why).
 fn log_insert_sql(rows: usize) -> String {
-    let one = format!("({})", ["?"; LOG_COLUMNS].join(", "));
+    let rest = ["?"; LOG_COLUMNS - 1].join(", ");
+    let mut values = vec![format!("(?, {rest})")];
+    values.extend(std::iter::repeat_n(format!("(NULL, {rest})"), rows - 1));
     format!(
         "INSERT INTO request_log (id, {LOG_COLUMNS_SQL}) VALUES {}",
-        vec![one; rows].join(", ")
+        values.join(", ")
     )
 }
 
-/// SQLite: rows go in 32 at a time, one statement step per 32 rows instead of per row.
+/// SQLite: rows go in 32 at a time, one statement step per 32 rows instead of per row
+/// (more would take the bound texts past the connection's lookaside memory into malloc).
+///
+/// Only each statement's first row names its id. SQLite gives the others the table's
+/// highest id plus one, which is the id the block assigned them: the block's ids are above
+/// every id ever stored (`take_log_ids`) and consecutive. That keeps SQLite on its append
+/// path: after an insert it forgets the cursor's key, so an explicit id is looked up from
+/// the table's root again (about 1,000 instructions a row), while a new id is read off the
+/// last cell. The last id is checked against the block after each statement.
 fn insert_log_rows_sqlite(
     conn: &rusqlite::Connection,
     blocks: &[(i64, usize)],
     logs: &[LogRow],
 ) -> Result<()> {
     let ids: Vec<i64> = log_ids(blocks).collect();
-    let mut chunks = logs.chunks_exact(LOG_ROWS_PER_INSERT);
+    let full = logs.len() / LOG_ROWS_PER_INSERT * LOG_ROWS_PER_INSERT;
+    // Full statements, then the rest in power-of-two pieces (a few statement texts). One
+    // prepared statement per size and batch: taking one from the cache and giving it back
+    // hashes its text (about 6,000 instructions for the longest).
+    let sizes = std::iter::repeat_n(LOG_ROWS_PER_INSERT, full / LOG_ROWS_PER_INSERT)
+        .chain(pieces(&logs[full..]).map(<[LogRow]>::len));
+    let mut st: Option<(usize, rusqlite::CachedStatement<'_>)> = None;
     let mut at = 0;
-    if logs.len() >= LOG_ROWS_PER_INSERT {
-        let mut st = conn.prepare_cached(&log_insert_sql(LOG_ROWS_PER_INSERT))?;
-        for chunk in chunks.by_ref() {
-            bind_log_rows(&mut st, &ids[at..], chunk)?;
-            st.raw_execute()?;
-            at += chunk.len();
+    for n in sizes {
+        let st = match &mut st {
+            Some((size, st)) if *size == n => st,
+            slot => &mut slot.insert((n, conn.prepare_cached(&log_insert_sql(n))?)).1,
+        };
+        bind_log_rows(st, ids[at], &logs[at..at + n])?;
+        st.raw_execute()?;
+        let last = ids[at] + n as i64 - 1;
+        if ids[at + n - 1] != last || conn.last_insert_rowid() != last {
+            return Err(StoreError::Invalid(format!(
+                "request-log ids out of step: row {} took id {}, its block gave {}",
+                at + n,
+                conn.last_insert_rowid(),
+                ids[at + n - 1]
+            )));
         }
-    }
-    let rest = chunks.remainder();
-    if !rest.is_empty() {
-        let mut st = conn.prepare_cached(&log_insert_sql(1))?;
-        for row in rest {
-            bind_log_rows(&mut st, &ids[at..], std::slice::from_ref(row))?;
-            st.raw_execute()?;
-            at += 1;
-        }
+        at += n;
     }
     Ok(())
 }
 
 fn bind_log_rows(
     st: &mut rusqlite::CachedStatement<'_>,
-    ids: &[i64],
+    first_id: i64,
     rows: &[LogRow],
 ) -> rusqlite::Result<()> {
-    for (i, (l, id)) in rows.iter().zip(ids).enumerate() {
-        let base = i * LOG_COLUMNS;
-        st.raw_bind_parameter(base + 1, id)?;
-        st.raw_bind_parameter(base + 2, l.tenant_id)?;
-        st.raw_bind_parameter(base + 3, l.product_id)?;
-        st.raw_bind_parameter(base + 4, l.key_id)?;
-        st.raw_bind_parameter(base + 5, &l.client_ip)?;
-        st.raw_bind_parameter(base + 6, &l.proxy_ip)?;
-        st.raw_bind_parameter(base + 7, l.time)?;
-        st.raw_bind_parameter(base + 8, &l.machine_code)?;
-        st.raw_bind_parameter(base + 9, &l.friendly_name)?;
-        st.raw_bind_parameter(base + 10, l.state)?;
-        st.raw_bind_parameter(base + 11, l.floating_expires)?;
+    st.raw_bind_parameter(1, first_id)?;
+    for (i, l) in rows.iter().enumerate() {
+        // The first row's ten values follow its id; every other row has ten.
+        let base = 1 + i * (LOG_COLUMNS - 1);
+        st.raw_bind_parameter(base + 1, l.tenant_id)?;
+        st.raw_bind_parameter(base + 2, l.product_id)?;
+        st.raw_bind_parameter(base + 3, l.key_id)?;
+        st.raw_bind_parameter(base + 4, &l.client_ip)?;
+        st.raw_bind_parameter(base + 5, &l.proxy_ip)?;
+        st.raw_bind_parameter(base + 6, l.time)?;
+        st.raw_bind_parameter(base + 7, &l.machine_code)?;
+        st.raw_bind_parameter(base + 8, &l.friendly_name)?;
+        st.raw_bind_parameter(base + 9, l.state)?;
+        st.raw_bind_parameter(base + 10, l.floating_expires)?;
     }
     Ok(())
 }
@@ -2887,6 +2906,55 @@ mod tests {
             .write_batch_once(Some(id), None, &[], &written[..3])
             .unwrap());
         assert_eq!(store.log_row_count().unwrap(), written.len() as i64 + 3);
+    }
+
+    /// SQLite numbers all but each statement's first row (`insert_log_rows_sqlite`): the rows
+    /// still take their block's ids, and after the newest rows are deleted the next batch's
+    /// ids stay above every id used before, as the spans need.
+    #[test]
+    fn request_log_ids_follow_their_blocks_and_are_never_reused() {
+        on_both_engines("log-ids", |store| {
+            let ids = |store: &mut Store| -> Vec<i64> {
+                let mut ids: Vec<i64> = store
+                    .log_rows(None, 1000)
+                    .unwrap()
+                    .into_iter()
+                    .map(|(id, _)| id)
+                    .collect();
+                ids.reverse();
+                ids
+            };
+            store
+                .write_batch(&[], &(0..70).map(walk_row).collect::<Vec<_>>())
+                .unwrap();
+            let first = ids(store);
+            assert_eq!(first.len(), 70);
+            assert!(first.windows(2).all(|w| w[1] == w[0] + 1), "{first:?}");
+            let top = first[69];
+            store
+                .db
+                .exec(
+                    "DELETE FROM request_log WHERE id > ?1",
+                    &[(first[29]).into()],
+                )
+                .unwrap();
+            let batch: Vec<LogRow> = (100..133).map(walk_row).collect();
+            store.write_batch(&[], &batch).unwrap();
+            let now = ids(store);
+            assert_eq!(now[..30], first[..30]);
+            let new = &now[30..];
+            assert_eq!(new.len(), 33);
+            assert!(new[0] > top, "an id was used again: {} after {top}", new[0]);
+            assert!(new.windows(2).all(|w| w[1] == w[0] + 1), "{new:?}");
+            let read: Vec<LogRow> = store
+                .log_rows(None, 33)
+                .unwrap()
+                .into_iter()
+                .rev()
+                .map(|(_, r)| r)
+                .collect();
+            assert!(read == batch, "rows differ");
+        });
     }
 
     /// A request-log row of tenant 1, 2 or none, with one of three products (or none).
