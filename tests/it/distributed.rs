@@ -286,9 +286,14 @@ async fn a_block_reaches_every_node_at_once_and_losing_redis_degrades_then_recov
     samples.sort();
     let (p50, max) = (samples[samples.len() / 2], samples[samples.len() - 1]);
     println!("block/unblock reached all three nodes: p50 {p50:?}, max (p99 of 20) {max:?}");
-    assert!(p50 < Duration::from_millis(100), "p50 {p50:?}");
+    // Polling alone would put the median near half the sync interval (500 ms); the bounds
+    // leave room for a loaded CI machine (alone: p50 16 ms, max 34 ms).
     assert!(
-        max < Duration::from_millis(500),
+        p50 < Duration::from_millis(300),
+        "p50 {p50:?}: not through pub/sub"
+    );
+    assert!(
+        max < Duration::from_secs(1),
         "max {max:?}: slower than pub/sub should be"
     );
     let (_, m) = nodes[2].admin_get("/metrics");
@@ -786,7 +791,9 @@ async fn floating_seats_are_shared_and_stopped_nodes_leave_the_store_current() {
             ("ProductId", &seed.product.to_string()),
             ("Key", &key),
             ("MachineCode", machine),
-            ("FloatingTimeInterval", "2"),
+            // Leases end on whole seconds, so a 3 s one lasts at least 2 s: time for the
+            // refusal on the other node below, on a slow machine too.
+            ("FloatingTimeInterval", "3"),
         ])
     };
     let post = |node: usize, body: String| {
@@ -801,7 +808,7 @@ async fn floating_seats_are_shared_and_stopped_nodes_leave_the_store_current() {
     let (s, body) = post(1, float("f2")).await;
     assert_eq!(s, 400, "one floating seat, held on the other node: {body}");
     // The lease runs out; the seat is free on the other node.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    tokio::time::sleep(Duration::from_millis(3500)).await;
     let (s, body) = post(1, float("f2")).await;
     assert_eq!(s, 200, "{body}");
     let (s, _) = post(0, float("f3")).await;

@@ -67,7 +67,14 @@ async fn every_scenario_runs_against_a_real_node() {
             assert_eq!(ok + bad, out.requests, "{label}: {:?}", out.by_status);
             match name.as_str() {
                 "unknown-key" => assert_eq!(bad, out.requests, "{label}"),
-                "mix" => assert!(ok > 0 && bad > 0, "{label}: {:?}", out.by_status),
+                // A fixed-rate run always sends the same iterations, some of them unknown
+                // keys (3 % of the mix); a closed-loop one as many as the machine manages,
+                // which on a slow one may hold none.
+                "mix" => assert!(
+                    ok > 0 && (bad > 0 || matches!(mode, Mode::Max)),
+                    "{label}: {:?}",
+                    out.by_status
+                ),
                 _ => assert_eq!(ok, out.requests, "{label}: {:?}", out.by_status),
             }
             if let Mode::Rate(r) = mode {
