@@ -245,6 +245,19 @@ async fn serve(cfg: Config, signing_backlog: Arc<AtomicBool>) -> anyhow::Result<
         ),
         request_metrics: crate::metrics::RequestMetrics::new(),
     });
+    // Handlers raise a starved idle writer when they queue a row; this does it between
+    // requests (a writer starved on a quiet node would otherwise wait about a second), four
+    // times per flush interval so that overdue rows are seen soon after they are due.
+    let watched = writer.sender();
+    let every = Duration::from_millis((cfg.store.flush_interval_ms / 4).max(10));
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            watched.nudge();
+        }
+    });
     let housekeeping_ctx = ctx.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(60));
