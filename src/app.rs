@@ -140,7 +140,8 @@ async fn serve(cfg: Config, signing_backlog: Arc<AtomicBool>) -> anyhow::Result<
             )
             .await
             .map_err(|e| anyhow::anyhow!("cannot connect to redis: {e}"))?
-            .with_keyring(cfg.keyring()?);
+            .with_keyring(cfg.keyring()?)
+            .with_requeue_after(Duration::from_millis(cfg.redis.requeue_refused_after_ms));
             d.ensure_groups().await?;
             let d = Arc::new(d);
             let newer = crate::dist::sync_all(&d, &state).await?;

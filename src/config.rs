@@ -34,6 +34,10 @@ pub struct RedisCfg {
     /// Streams the changes are spread over (and hash tags): more lets more nodes share the
     /// work of writing them to the main store. Every node must use the same number.
     pub shards: u64,
+    /// A key whose stream entries the main store refuses: once its oldest waiting entry is
+    /// this old, its newest is appended again at the end of the stream and the rest are
+    /// acknowledged, so that the stream can be trimmed past them.
+    pub requeue_refused_after_ms: u64,
 }
 
 impl Default for RedisCfg {
@@ -43,6 +47,7 @@ impl Default for RedisCfg {
             cluster: false,
             ca_file: None,
             shards: 16,
+            requeue_refused_after_ms: 60_000,
         }
     }
 }
@@ -425,6 +430,9 @@ impl Config {
         }
         if !(1..=1024).contains(&self.redis.shards) {
             p.push("redis.shards must be between 1 and 1024".into());
+        }
+        if !(1_000..=86_400_000).contains(&self.redis.requeue_refused_after_ms) {
+            p.push("redis.requeue_refused_after_ms must be between 1000 and 86400000".into());
         }
         if let Some(url) = &self.redis.url {
             if redis::parse_redis_url(url).is_none() {

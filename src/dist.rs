@@ -231,6 +231,9 @@ pub struct Dist {
     /// With encryption at rest on, snapshots (machine codes, IPs, friendly names) are sealed
     /// in Redis too, with the same keys as the main store.
     ring: Option<Arc<crate::store::cipher::Keyring>>,
+    /// How long a key's refused entries may hold back trimming before its newest is moved to
+    /// the end of the stream (`store_pass`).
+    requeue_after: Duration,
 }
 
 /// One Redis server (reconnecting manager) or a Redis Cluster (slot-routing connection). Both
@@ -343,7 +346,15 @@ impl Dist {
             shards: shards.max(1),
             cas: redis::Script::new(CAS_LUA),
             ring: None,
+            requeue_after: Duration::from_secs(60),
         })
+    }
+
+    /// Moves the entries of a key the main store keeps refusing to the end of its stream once
+    /// the oldest is this old (`redis.requeue_refused_after_ms`).
+    pub fn with_requeue_after(mut self, after: Duration) -> Dist {
+        self.requeue_after = after;
+        self
     }
 
     /// Seals snapshots in Redis with these keys (encryption at rest).
@@ -568,6 +579,27 @@ impl Dist {
             }
         }
         Ok(out)
+    }
+
+    /// Appends a copy of this entry to the end of its shard's stream (the entry itself is
+    /// then acknowledged by the caller), as the compare-and-set appends it.
+    pub async fn requeue(&self, shard: u64, c: &StreamChange) -> Result<(), DistError> {
+        let mut conn = self.conn.clone();
+        let _: Value = redis::cmd("XADD")
+            .arg(self.stream_key(shard))
+            .arg("MAXLEN")
+            .arg("~")
+            .arg("1000000")
+            .arg("*")
+            .arg("g")
+            .arg(c.gid)
+            .arg("v")
+            .arg(c.version)
+            .arg("s")
+            .arg(&c.snapshot)
+            .query_async(&mut conn)
+            .await?;
+        Ok(())
     }
 
     /// Acknowledges entries, by shard: one pipeline on one Redis server, shard by shard on a
@@ -1100,34 +1132,46 @@ async fn store_pass(
     let (store, d) = (store.clone(), dist.clone());
     let written = tokio::task::spawn_blocking(move || {
         let dist = d;
-        let changes: Vec<&StreamChange> = entries.iter().filter_map(|(_, c)| c.as_ref()).collect();
-        let keys: Vec<crate::store::SharedEntry> = changes
-            .iter()
-            .map(|c| crate::store::SharedEntry {
-                gid: c.gid,
-                version: c.version,
-            })
-            .collect();
-        let mut s = store.lock();
-        s.reconnect_if_broken()?;
-        s.apply_shared_snapshots(&keys, |i| dist.entry_snapshot(changes[i]))
+        let stored = {
+            let changes: Vec<&StreamChange> =
+                entries.iter().filter_map(|(_, c)| c.as_ref()).collect();
+            let keys: Vec<crate::store::SharedEntry> = changes
+                .iter()
+                .map(|c| crate::store::SharedEntry {
+                    gid: c.gid,
+                    version: c.version,
+                })
+                .collect();
+            let mut s = store.lock();
+            s.reconnect_if_broken()
+                .and_then(|()| s.apply_shared_snapshots(&keys, |i| dist.entry_snapshot(changes[i])))
+        };
+        // The entries come back: a refused key's newest may be requeued.
+        (entries, stored)
     })
-    .await;
+    .await
+    .map(|(entries, stored)| stored.map(|stored| (entries, stored)));
     match written {
-        Ok(Ok(stored)) => {
+        Ok(Ok((entries, stored))) => {
             crate::metrics::shared_stored(stored.written);
+            let mut requeued = std::collections::BTreeSet::new();
             if !stored.failed.is_empty() {
                 // Left unacknowledged: tried again in the next sweep (every 5 s), without
                 // holding back the other keys' entries meanwhile.
                 tracing::error!(keys = ?stored.failed, "stream entries of these keys could not be stored");
                 pass.stuck = true;
+                if pending.is_some() {
+                    requeued = requeue_refused(dist, &entries, &ids, &stored.failed).await;
+                }
             }
             let acks: Vec<(u64, Vec<&str>)> = ids
                 .iter()
                 .map(|(shard, ids)| {
                     let ids = ids
                         .iter()
-                        .filter(|(_, gid)| gid.is_none_or(|g| !stored.failed.contains(&g)))
+                        .filter(|(_, gid)| {
+                            gid.is_none_or(|g| !stored.failed.contains(&g) || requeued.contains(&g))
+                        })
                         .map(|(id, _)| id.as_str())
                         .collect();
                     (*shard, ids)
@@ -1159,6 +1203,57 @@ async fn store_pass(
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     pass
+}
+
+/// The refused keys (of `failed`) whose oldest entry read in this sweep is older than
+/// `Dist::requeue_after`: their newest entry (highest version) is appended again at the end
+/// of its stream, and the keys returned, so that their entries read here are acknowledged.
+/// Otherwise a key the store refuses for long would keep every entry after its oldest in
+/// Redis (trimming stops at the oldest unacknowledged entry), personal data included; the
+/// copy is tried again like any new entry. A key whose copy could not be appended stays as
+/// it was.
+async fn requeue_refused(
+    dist: &Dist,
+    entries: &[Entry],
+    ids: &[(u64, Vec<EntryKey>)],
+    failed: &[i64],
+) -> std::collections::BTreeSet<i64> {
+    let now_ms = crate::http::unix_now_ms().max(0) as u64;
+    let mut requeued = std::collections::BTreeSet::new();
+    for &gid in failed {
+        let Some((shard, oldest)) = ids.iter().find_map(|(shard, keys)| {
+            let oldest = keys.iter().find(|(_, g)| *g == Some(gid))?;
+            Some((*shard, oldest.0.as_str()))
+        }) else {
+            continue;
+        };
+        let written_ms = oldest
+            .split_once('-')
+            .and_then(|(ms, _)| ms.parse::<u64>().ok())
+            .unwrap_or(now_ms);
+        if now_ms.saturating_sub(written_ms) < dist.requeue_after.as_millis() as u64 {
+            continue;
+        }
+        let Some(newest) = entries
+            .iter()
+            .filter_map(|(_, c)| c.as_ref())
+            .filter(|c| c.gid == gid)
+            .max_by_key(|c| c.version)
+        else {
+            continue;
+        };
+        match dist.requeue(shard, newest).await {
+            Ok(()) => {
+                requeued.insert(gid);
+            }
+            Err(e) => tracing::warn!(error = %e, gid, "requeueing a refused key's entry failed"),
+        }
+    }
+    if !requeued.is_empty() {
+        crate::metrics::shared_requeued(requeued.len());
+        tracing::warn!(keys = ?requeued, "refused keys' newest entries moved to the end of their streams, so that the streams can be trimmed");
+    }
+    requeued
 }
 
 /// A stream entry's id and license.

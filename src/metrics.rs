@@ -45,6 +45,7 @@ pub const SHARED_CONFLICTS_TOTAL: &str = "keygate_redis_cas_conflicts_total";
 pub const SHARED_UNAVAILABLE_TOTAL: &str = "keygate_redis_unavailable_total";
 pub const SHARED_APPLIED_TOTAL: &str = "keygate_redis_snapshots_applied_total";
 pub const SHARED_STORED_TOTAL: &str = "keygate_redis_stream_entries_stored_total";
+pub const SHARED_REQUEUED_TOTAL: &str = "keygate_redis_stream_entries_requeued_total";
 pub const REDIS_UP: &str = "keygate_redis_up";
 pub const CONTROL_PROPAGATION_SECONDS: &str = "keygate_control_propagation_seconds";
 pub const REDIS_CAS_DURATION_SECONDS: &str = "keygate_redis_cas_duration_seconds";
@@ -192,6 +193,12 @@ pub fn shared_applied(source: &'static str, n: usize) {
 /// entries of one license in a pass, the newest).
 pub fn shared_stored(n: usize) {
     metrics::counter!(SHARED_STORED_TOTAL).increment(n as u64);
+}
+
+/// Distributed mode: refused keys' newest stream entries appended again at the end of their
+/// streams, so that a key the main store keeps refusing does not stop the streams' trimming.
+pub fn shared_requeued(n: usize) {
+    metrics::counter!(SHARED_REQUEUED_TOTAL).increment(n as u64);
 }
 
 /// Distributed mode: from a control-plane change's announcement (the CLI, through Redis) to

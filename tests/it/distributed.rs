@@ -995,6 +995,97 @@ fn pending_entries(url: &str) -> u64 {
     .unwrap()
 }
 
+/// The entries on the one shard stream of a node with `redis.shards = 1`: (id, global id).
+fn stream_entries(url: &str) -> Vec<(String, Option<i64>)> {
+    let url = url.to_owned();
+    std::thread::spawn(move || {
+        let mut c = redis::Client::open(url).unwrap().get_connection().unwrap();
+        let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+            .arg("kg:{s0}:changes")
+            .arg("-")
+            .arg("+")
+            .query(&mut c)
+            .unwrap();
+        entries
+            .into_iter()
+            .map(|(id, fields)| {
+                let gid = fields
+                    .iter()
+                    .find(|(k, _)| k == "g")
+                    .and_then(|(_, v)| v.parse().ok());
+                (id, gid)
+            })
+            .collect()
+    })
+    .join()
+    .unwrap()
+}
+
+/// A key the store keeps refusing does not stop its stream from being trimmed: once its
+/// oldest waiting entry is older than `redis.requeue_refused_after_ms`, a sweep appends its
+/// newest entry again at the end of the stream and acknowledges the rest, and trimming takes
+/// everything before the copy (the other key's stored entries too). The copy is tried like a
+/// new entry, and the key's newest state goes in once the store takes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_refused_for_long_goes_to_the_end_of_its_stream_which_is_trimmed_past_it() {
+    let t = Refusing::start(
+        "dist-requeue",
+        "shards = 1\nrequeue_refused_after_ms = 1000\n",
+        "10",
+    );
+    let (dir, seed, redis) = (&t.dir, &t.seed, &t.redis);
+    let [(a, ga), (b, gb)] = t.keys.clone();
+    let (pg_url, redis_url) = (t.pg.url(), redis.url());
+    t.refuse(&ga.to_string());
+    let node = Server::start(&dir.0, &[]);
+    let codes = |prefix: &str, n: usize| -> BTreeSet<String> {
+        (0..n).map(|i| format!("{prefix}-{i}")).collect()
+    };
+    for i in 0..4 {
+        let (s, body) = activate_status(&node, seed, &a, &format!("a-{i}")).await;
+        assert_eq!(s, 200, "{body}");
+    }
+    for i in 0..3 {
+        let (s, body) = activate_status(&node, seed, &b, &format!("b-{i}")).await;
+        assert_eq!(s, 200, "{body}");
+    }
+    within_20s("the other key's entries reach the store", || {
+        store_machines(&pg_url, gb) == codes("b", 3)
+    })
+    .await;
+    let first_a = stream_entries(&redis_url)
+        .into_iter()
+        .find(|(_, g)| *g == Some(ga))
+        .expect("key a's entries wait on the stream")
+        .0;
+    // Within a sweep or two (every 5 s): one entry left, a copy of a's newest, pending.
+    let took = within_20s(
+        "the stream is trimmed past the refused key's entries",
+        || {
+            let left = stream_entries(&redis_url);
+            left.len() == 1
+                && left[0].1 == Some(ga)
+                && left[0].0 != first_a
+                && pending_entries(&redis_url) == 1
+        },
+    )
+    .await;
+    println!("the stream was trimmed past the refused entries {took:?} after b's were stored");
+    let (_, m) = node.admin_get("/metrics");
+    assert!(
+        m.lines()
+            .any(|l| l.starts_with("keygate_redis_stream_entries_requeued_total ")),
+        "the requeue counter"
+    );
+    assert!(store_machines(&pg_url, ga).is_empty(), "a is still refused");
+    // The store takes the key: the copy carries its newest state, all four machines.
+    pg_batch(&pg_url, "DROP TRIGGER refuse ON license_keys");
+    within_20s("the refused key's newest state reaches the store", || {
+        store_machines(&pg_url, ga) == codes("a", 4) && pending_entries(&redis_url) == 0
+    })
+    .await;
+}
+
 /// More refused entries than one read takes (300 of one key, a read takes 256), with another
 /// key's pending entries behind them on the same stream: the consumer's sweeps of pending
 /// entries go on past the refused ones, so the other key's entries go in as soon as the store
