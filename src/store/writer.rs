@@ -284,9 +284,9 @@ impl WriterSender {
     }
 
     /// What a handler's `log` does for an idle writer, without a row: raises it if it is
-    /// starved (`WriterStats::nudge_if_starved`). The server calls it every flush interval,
-    /// so a writer starved while no requests come (another process busy on its core) is
-    /// raised as soon as it would be under load.
+    /// starved (`WriterStats::nudge_if_starved`). The server calls it four times per flush
+    /// interval, so a writer starved while no requests come (another process busy on its
+    /// core) is raised as soon as it would be under load.
     pub fn nudge(&self) {
         if self.stats.writer_idle.load(Ordering::Relaxed) {
             self.stats.nudge_if_starved();
