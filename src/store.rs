@@ -2091,20 +2091,18 @@ fn insert_log_rows_sqlite(
     logs: &[LogRow],
 ) -> Result<()> {
     let ids: Vec<i64> = log_ids(blocks).collect();
-    let full = logs.len() / LOG_ROWS_PER_INSERT * LOG_ROWS_PER_INSERT;
     // Full statements, then the rest in power-of-two pieces (a few statement texts). One
     // prepared statement per size and batch: taking one from the cache and giving it back
     // hashes its text (about 6,000 instructions for the longest).
-    let sizes = std::iter::repeat_n(LOG_ROWS_PER_INSERT, full / LOG_ROWS_PER_INSERT)
-        .chain(pieces(&logs[full..]).map(<[LogRow]>::len));
     let mut st: Option<(usize, rusqlite::CachedStatement<'_>)> = None;
     let mut at = 0;
-    for n in sizes {
+    for rows in logs.chunks(LOG_ROWS_PER_INSERT).flat_map(pieces) {
+        let n = rows.len();
         let st = match &mut st {
             Some((size, st)) if *size == n => st,
             slot => &mut slot.insert((n, conn.prepare_cached(&log_insert_sql(n))?)).1,
         };
-        bind_log_rows(st, ids[at], &logs[at..at + n])?;
+        bind_log_rows(st, ids[at], rows)?;
         st.raw_execute()?;
         let last = ids[at] + n as i64 - 1;
         if ids[at + n - 1] != last || conn.last_insert_rowid() != last {
